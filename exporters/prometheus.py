@@ -1,0 +1,254 @@
+"""The Prometheus exporter: a custom collector that builds every family from a ledger snapshot.
+
+It never touches hardware, so a scrape costs the same whatever the GPUs are doing, and any number of
+scrapes may run at once (each works on its own snapshot). The metric names here are the contract the
+dashboards and recording rules use; ``tests/golden/`` holds the exposition they must keep producing.
+A series that cannot be read is absent, never zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from wattledger.agent.ledger import Ledger, LedgerSnapshot
+
+P = "wattledger_"
+_GPU = ["gpu", "uuid"]
+
+
+def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
+    """Last-value gauges read straight from each GPU's newest sample."""
+    simple = (
+        ("gpu_power_watts", "power_watts", "Instantaneous board power draw (nvidia-smi power.draw.instant)."),
+        ("gpu_power_average_watts", "power_average_watts",
+         "Board power averaged by the driver over the trailing second (nvidia-smi power.draw.average)."),
+        ("gpu_power_limit_watts", "power_limit_watts", "Enforced board power limit (nvidia-smi enforced.power.limit)."),
+        ("gpu_memory_used_bytes", "memory_used_bytes", "GPU memory in use (nvidia-smi memory.used)."),
+        ("gpu_memory_total_bytes", "memory_total_bytes", "GPU memory size (nvidia-smi memory.total)."),
+        ("gpu_memory_reserved_bytes", "memory_reserved_bytes",
+         "GPU memory reserved by the driver and firmware (nvidia-smi memory.reserved)."),
+        ("gpu_sm_occupancy_ratio", "sm_occupancy_ratio",
+         "Resident warps over the maximum, averaged over the last sample interval (GPM)."),
+    )
+    for metric, attribute, doc in simple:
+        family = GaugeMetricFamily(P + metric, doc, labels=_GPU)
+        for gpu in snapshot.gpus:
+            value = getattr(gpu.last, attribute) if gpu.up and gpu.last else None
+            if value is not None:
+                family.add_metric([str(gpu.info.index), gpu.info.uuid], value)
+        yield family
+
+    temperature = GaugeMetricFamily(P + "gpu_temperature_celsius",
+                                    "Die (sensor=gpu) and HBM (sensor=memory) temperature.",
+                                    labels=_GPU + ["sensor"])
+    clock = GaugeMetricFamily(P + "gpu_clock_hertz", "Current SM and memory clock.", labels=_GPU + ["clock"])
+    throttle_active = GaugeMetricFamily(P + "gpu_throttle_active",
+                                        "1 for each clock-event reason active at the newest sample.",
+                                        labels=_GPU + ["reason"])
+    for gpu in snapshot.gpus:
+        if not (gpu.up and gpu.last):
+            continue
+        s, ids = gpu.last, [str(gpu.info.index), gpu.info.uuid]
+        for sensor, value in (("gpu", s.temperature_gpu_celsius), ("memory", s.temperature_memory_celsius)):
+            if value is not None:
+                temperature.add_metric(ids + [sensor], value)
+        for name, value in (("sm", s.sm_clock_hertz), ("memory", s.memory_clock_hertz)):
+            if value is not None:
+                clock.add_metric(ids + [name], value)
+        for reason in sorted(s.throttle_reasons or ()):
+            throttle_active.add_metric(ids + [reason], 1.0)
+    yield temperature
+    yield clock
+    yield throttle_active
+
+
+def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
+    energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU, from the hardware counter; "
+                                 "kept monotonic across driver resets.", labels=_GPU)
+    busy = CounterMetricFamily(P + "gpu_busy_seconds", "Seconds the engine was busy, integrated at the sample "
+                               "rate: rate() is the exact mean utilization over any window.", labels=_GPU + ["engine"])
+    throttle = CounterMetricFamily(P + "gpu_throttle_seconds", "Seconds the clocks were held back, by reason.",
+                                   labels=_GPU + ["reason"])
+    pcie_tx = CounterMetricFamily(P + "gpu_pcie_transmit_bytes", "Bytes sent over PCIe by the GPU.", labels=_GPU)
+    pcie_rx = CounterMetricFamily(P + "gpu_pcie_receive_bytes", "Bytes received over PCIe by the GPU.", labels=_GPU)
+    nvlink_tx = CounterMetricFamily(P + "gpu_nvlink_transmit_bytes", "Bytes sent over NVLink, all links.",
+                                    labels=_GPU)
+    nvlink_rx = CounterMetricFamily(P + "gpu_nvlink_receive_bytes", "Bytes received over NVLink, all links.",
+                                    labels=_GPU)
+    ecc = CounterMetricFamily(P + "gpu_ecc_errors", "Volatile ECC errors since the agent started.",
+                              labels=_GPU + ["type"])
+    histogram = HistogramMetricFamily(P + "gpu_utilization_ratio", "Per-sample utilization by engine: the "
+                                      "bursts a scrape-time gauge misses.", labels=_GPU + ["engine"])
+    for gpu in snapshot.gpus:
+        ids = [str(gpu.info.index), gpu.info.uuid]
+        if "energy" in gpu.seen:
+            energy.add_metric(ids, gpu.energy.total)
+        for engine, seconds in gpu.busy_seconds.items():
+            busy.add_metric(ids + [engine], seconds)
+        for reason, seconds in sorted(gpu.throttle_seconds.items()):
+            throttle.add_metric(ids + [reason], seconds)
+        for family, counter, key in (
+            (pcie_tx, gpu.pcie_transmit, "pcie_transmit"),
+            (pcie_rx, gpu.pcie_receive, "pcie_receive"),
+            (nvlink_tx, gpu.nvlink_transmit, "nvlink_transmit"),
+            (nvlink_rx, gpu.nvlink_receive, "nvlink_receive"),
+        ):
+            if key in gpu.seen:
+                family.add_metric(ids, counter.total)
+        if "ecc" in gpu.seen:
+            ecc.add_metric(ids + ["corrected"], gpu.ecc_corrected.total)
+            ecc.add_metric(ids + ["uncorrected"], gpu.ecc_uncorrected.total)
+        for engine, hist in gpu.histograms.items():
+            histogram.add_metric(ids + [engine], hist.cumulative(), hist.total)
+    yield from (energy, busy, throttle, pcie_tx, pcie_rx, nvlink_tx, nvlink_rx, ecc, histogram)
+
+    xid = CounterMetricFamily(P + "gpu_xid_errors", "XID errors reported by the driver, by code.",
+                              labels=_GPU + ["xid"])
+    uuids = {g.info.index: g.info.uuid for g in snapshot.gpus}
+    for (index, code), count in sorted(snapshot.xid_counts.items()):
+        xid.add_metric([str(index), uuids.get(index, ""), str(code)], count)
+    yield xid
+
+    mig_used = GaugeMetricFamily(P + "mig_memory_used_bytes", "Memory used in one MIG instance.",
+                                 labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
+    mig_total = GaugeMetricFamily(P + "mig_memory_total_bytes", "Memory size of one MIG instance.",
+                                  labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
+    mig_sm = GaugeMetricFamily(P + "mig_sm_activity_ratio", "SM activity in one MIG instance (GPM).",
+                               labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
+    for gpu in snapshot.gpus:
+        for mig in (gpu.last.mig_instances or ()) if gpu.up and gpu.last else ():
+            labels = [str(gpu.info.index), gpu.info.uuid, str(mig.gpu_instance_id), str(mig.compute_instance_id),
+                      mig.uuid]
+            for family, value in ((mig_used, mig.memory_used_bytes), (mig_total, mig.memory_total_bytes),
+                                  (mig_sm, mig.sm_activity_ratio)):
+                if value is not None:
+                    family.add_metric(labels, value)
+    yield from (mig_used, mig_total, mig_sm)
+
+
+def _host(snapshot: LedgerSnapshot) -> Iterator[Metric]:
+    host = snapshot.host
+    cpu = CounterMetricFamily(P + "host_cpu_busy_seconds", "CPU time spent busy, all cores (not idle, not iowait).")
+    if snapshot.host_cpu_busy_seconds is not None:
+        cpu.add_metric([], snapshot.host_cpu_busy_seconds)
+    yield cpu
+    core = CounterMetricFamily(P + "host_cpu_core_busy_seconds", "CPU time spent busy, per core.", labels=["core"])
+    for index, seconds in sorted(snapshot.host_cpu_core_busy_seconds.items()):
+        core.add_metric([str(index)], seconds)
+    yield core
+    for metric, attribute, doc in (
+        ("host_cpu_count", "cpu_count", "Logical CPUs."),
+        ("host_memory_total_bytes", "memory_total_bytes", "Host DRAM size (MemTotal)."),
+        ("host_memory_used_bytes", "memory_used_bytes", "Host DRAM in use (MemTotal - MemAvailable)."),
+        ("host_memory_available_bytes", "memory_available_bytes", "Host DRAM available (MemAvailable)."),
+        ("host_memory_locked_bytes", "memory_locked_bytes", "Host DRAM locked with mlock (Mlocked)."),
+    ):
+        family = GaugeMetricFamily(P + metric, doc)
+        value = getattr(host, attribute) if host is not None else None
+        if value is not None:
+            family.add_metric([], value)
+        yield family
+    energy = CounterMetricFamily(P + "host_energy_joules", "RAPL energy by zone (package-N, dram-N), "
+                                 "wraparound unwrapped.", labels=["zone"])
+    for zone, joules in sorted(snapshot.host_energy_joules.items()):
+        energy.add_metric([zone], joules)
+    yield energy
+
+
+def _workloads(snapshot: LedgerSnapshot) -> Iterator[Metric]:
+    tokens = CounterMetricFamily(P + "workload_tokens", "Tokens reported by each workload, by kind.",
+                                 labels=["workload", "kind"])
+    for (name, kind), count in sorted(snapshot.workload_tokens.items()):
+        tokens.add_metric([name, kind], count)
+    energy = CounterMetricFamily(P + "workload_energy_joules", "GPU energy used while the workload held the GPU, "
+                                 "idle gaps included.", labels=["workload", "gpu"])
+    for (name, gpu), joules in sorted(snapshot.workload_energy_joules.items()):
+        energy.add_metric([name, str(gpu)], joules)
+    active = CounterMetricFamily(P + "workload_active_seconds", "Seconds the workload held the GPU.",
+                                 labels=["workload", "gpu"])
+    for (name, gpu), seconds in sorted(snapshot.workload_active_seconds.items()):
+        active.add_metric([name, str(gpu)], seconds)
+    yield from (tokens, energy, active)
+
+    gpu_memory = GaugeMetricFamily(P + "workload_gpu_memory_used_bytes", "GPU memory held by the workload's "
+                                   "processes.", labels=["workload", "gpu"])
+    for (name, gpu), used in sorted(snapshot.workload_gpu_memory_bytes.items()):
+        gpu_memory.add_metric([name, str(gpu)], used)
+    yield gpu_memory
+    resident = GaugeMetricFamily(P + "workload_resident_bytes", "Resident memory of the workload's processes.",
+                                 labels=["workload"])
+    cpu = CounterMetricFamily(P + "workload_cpu_seconds", "CPU time of the workload's processes.",
+                              labels=["workload"])
+    locked = GaugeMetricFamily(P + "workload_locked_bytes", "mlock()ed memory of the workload's processes (VmLck).",
+                               labels=["workload"])
+    pinned = GaugeMetricFamily(P + "workload_pinned_bytes", "Pinned memory of the workload's processes (VmPin).",
+                               labels=["workload"])
+    for name, figures in sorted(snapshot.workload_processes.items()):
+        resident.add_metric([name], figures.resident_bytes)
+        cpu.add_metric([name], figures.cpu_seconds)
+        locked.add_metric([name], figures.locked_bytes)
+        pinned.add_metric([name], figures.pinned_bytes)
+    yield from (resident, cpu, locked, pinned)
+
+
+def _self(snapshot: LedgerSnapshot, version: str) -> Iterator[Metric]:
+    success = GaugeMetricFamily(P + "probe_success", "1 if the probe's last read succeeded.", labels=["probe"])
+    duration = GaugeMetricFamily(P + "probe_duration_seconds", "How long the probe's last read took.",
+                                 labels=["probe"])
+    for name, stats in sorted(snapshot.probes.items()):
+        success.add_metric([name], 1.0 if stats.success else 0.0)
+        duration.add_metric([name], stats.duration_seconds)
+    yield success
+    yield duration
+    age = GaugeMetricFamily(P + "sample_age_seconds", "Seconds since the sampler last recorded a sample.")
+    if snapshot.sample_age_seconds is not None:
+        age.add_metric([], snapshot.sample_age_seconds)
+    yield age
+    yield CounterMetricFamily(P + "sampler_overruns", "Ticks that ended after the next deadline.",
+                              value=snapshot.overruns)
+    build = GaugeMetricFamily(P + "build_info", "The running wattledger version and GPU backend (value 1).",
+                              labels=["version", "backend"])
+    build.add_metric([version, snapshot.backend or "none"], 1.0)
+    yield build
+
+
+class LedgerCollector(Collector):
+    """Builds the wattledger families from a ledger at scrape time."""
+
+    def __init__(self, ledger: Ledger, version: str, snapshot_hook: Callable[[LedgerSnapshot], None] | None = None):
+        self._ledger = ledger
+        self._version = version
+        self._snapshot_hook = snapshot_hook
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._ledger.snapshot()
+        info = GaugeMetricFamily(P + "gpu_info", "Static facts about each GPU (value 1).",
+                                 labels=_GPU + ["model_name", "driver_version", "simulated"])
+        up = GaugeMetricFamily(P + "gpu_up", "1 while the GPU answers, 0 while it is lost.", labels=_GPU)
+        for gpu in snapshot.gpus:
+            i = gpu.info
+            info.add_metric([str(i.index), i.uuid, i.model_name, i.driver_version, "true" if i.simulated else "false"],
+                            1.0)
+            up.add_metric([str(i.index), i.uuid], 1.0 if gpu.up else 0.0)
+        yield info
+        yield up
+        yield from _gauge_fields(snapshot)
+        yield from _gpu_counters(snapshot)
+        yield from _host(snapshot)
+        yield from _workloads(snapshot)
+        yield from _self(snapshot, self._version)
+
+
+def make_registry(ledger: Ledger, version: str) -> CollectorRegistry:
+    """A fresh registry holding only the wattledger collector (never the global default registry)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LedgerCollector(ledger, version))
+    return registry

@@ -1,0 +1,126 @@
+"""Activity sources for the mock GPU: what each simulated device is doing, and when.
+
+Overlapping activities on one device combine field by field with ``max``: a GPU is busy when any
+kernel runs, and its SM/tensor/DRAM load is that of the heaviest thing running.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+
+from wattledger.probes.base import Activity, ActivitySegment
+
+NS_PER_S = 1_000_000_000
+
+
+def combine(activities: Sequence[Activity]) -> Activity:
+    """Field-wise maximum of activities that overlap in time."""
+    if len(activities) == 1:
+        return activities[0]
+    return Activity(
+        gpu=max(a.gpu for a in activities),
+        sm=max(a.sm for a in activities),
+        tensor=max(a.tensor for a in activities),
+        dram=max(a.dram for a in activities),
+        pcie_transmit_bytes_per_second=max(a.pcie_transmit_bytes_per_second for a in activities),
+        pcie_receive_bytes_per_second=max(a.pcie_receive_bytes_per_second for a in activities),
+    )
+
+
+def flatten(
+    intervals: Iterable[tuple[int, int, Activity]], start_ns: int, end_ns: int
+) -> list[ActivitySegment]:
+    """Non-overlapping segments of [start_ns, end_ns) where something is active, in time order.
+
+    ``intervals`` are ``(start_ns, end_ns, activity)`` and may overlap; gaps stay out of the result
+    (they are idle).
+    """
+    clipped = [
+        (max(s, start_ns), min(e, end_ns), a) for s, e, a in intervals if s < end_ns and e > start_ns
+    ]
+    clipped = [c for c in clipped if c[0] < c[1]]
+    if not clipped:
+        return []
+    if len(clipped) == 1:
+        s, e, a = clipped[0]
+        return [ActivitySegment(s, e, a)]
+    edges = sorted({t for s, e, _ in clipped for t in (s, e)})
+    out: list[ActivitySegment] = []
+    for lo, hi in zip(edges, edges[1:]):
+        active = [a for s, e, a in clipped if s <= lo and e >= hi]
+        if active:
+            merged = combine(active)
+            if out and out[-1].end_ns == lo and out[-1].activity == merged:
+                out[-1] = ActivitySegment(out[-1].start_ns, hi, merged)
+            else:
+                out.append(ActivitySegment(lo, hi, merged))
+    return out
+
+
+class ScriptedTimeline:
+    """A fixed script of activity per GPU, for tests and demos.
+
+    Times are seconds from ``origin_ns`` (the mock's clock reading when the script starts).
+    ``gpus=None`` means every GPU.
+    """
+
+    def __init__(self, origin_ns: int = 0):
+        self.origin_ns = origin_ns
+        self._starts: list[int] = []
+        self._entries: list[tuple[int, int, Activity, frozenset[int] | None]] = []
+        self._longest_ns = 0
+        self._allocations: dict[int, int] = {}
+
+    def add(self, start_s: float, end_s: float, activity: Activity, gpus: Sequence[int] | None = None) -> "ScriptedTimeline":
+        start = self.origin_ns + round(start_s * NS_PER_S)
+        end = self.origin_ns + round(end_s * NS_PER_S)
+        if end <= start:
+            raise ValueError("an activity must end after it starts")
+        where = bisect.bisect_right(self._starts, start)
+        self._starts.insert(where, start)
+        self._entries.insert(where, (start, end, activity, None if gpus is None else frozenset(gpus)))
+        self._longest_ns = max(self._longest_ns, end - start)
+        return self
+
+    def bursts(
+        self,
+        start_s: float,
+        end_s: float,
+        period_s: float,
+        busy_s: float,
+        activity: Activity,
+        gpus: Sequence[int] | None = None,
+    ) -> "ScriptedTimeline":
+        """``activity`` for ``busy_s`` at the start of every ``period_s`` from start_s to end_s."""
+        if not 0 < busy_s <= period_s:
+            raise ValueError("busy_s must be in (0, period_s]")
+        t = start_s
+        while t < end_s - 1e-12:
+            self.add(t, min(t + busy_s, end_s), activity, gpus)
+            t += period_s
+        return self
+
+    def allocate(self, gpu: int, memory_bytes: int) -> "ScriptedTimeline":
+        """Declare ``memory_bytes`` held on ``gpu`` (the mock's memory.used)."""
+        self._allocations[gpu] = memory_bytes
+        return self
+
+    def segments(self, gpu: int, start_ns: int, end_ns: int) -> list[ActivitySegment]:
+        lo = bisect.bisect_left(self._starts, start_ns - self._longest_ns)
+        hi = bisect.bisect_left(self._starts, end_ns)
+        candidates = (
+            (s, e, a) for s, e, a, gpus in self._entries[lo:hi] if gpus is None or gpu in gpus
+        )
+        return flatten(candidates, start_ns, end_ns)
+
+    def allocated_bytes(self, gpu: int) -> int:
+        return self._allocations.get(gpu, 0)
+
+    def mean_busy_ratio(self, gpu: int, start_ns: int, end_ns: int, field: str = "gpu") -> float:
+        """The exact time-weighted mean of one activity field: the truth tests compare against."""
+        total = sum(
+            (seg.end_ns - seg.start_ns) * getattr(seg.activity, field)
+            for seg in self.segments(gpu, start_ns, end_ns)
+        )
+        return total / (end_ns - start_ns)

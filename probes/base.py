@@ -1,0 +1,261 @@
+"""What every probe returns, and the two protocols the rest of wattledger depends on.
+
+Samples are frozen dataclasses whose field names carry their units. Units are converted once, in the
+probe that reads the hardware, to SI base units: watts, joules, bytes, hertz, degrees Celsius, seconds,
+and ratios from 0 to 1. ``None`` always means "not available on this device or not readable now";
+it is never replaced by 0 or a sentinel.
+
+Timestamps are ``monotonic_ns``: ``time.monotonic_ns()`` on Linux, which is CLOCK_MONOTONIC and so the
+same clock in every process on the host. Workloads reporting spans from another process use it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+# Engines whose busy time the ledger integrates. "gpu" and "memory_controller" are NVML's classic
+# utilization rates; "sm", "tensor" and "dram" are GPM activity ratios (Hopper and newer, or the mock).
+ENGINES: tuple[str, ...] = ("gpu", "memory_controller", "sm", "tensor", "dram")
+
+# Clock-event (throttle) reasons, as exported in the `reason` label.
+THROTTLE_REASONS: tuple[str, ...] = (
+    "gpu_idle",
+    "applications_clocks_setting",
+    "sw_power_cap",
+    "hw_slowdown",
+    "sync_boost",
+    "sw_thermal_slowdown",
+    "hw_thermal_slowdown",
+    "hw_power_brake_slowdown",
+    "display_clock_setting",
+)
+
+
+class ProbeUnavailable(Exception):
+    """A probe cannot run on this machine at all (library missing, no permission, no device).
+
+    The message is one line that says what and why; the agent runs without that probe and prints it.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """Static facts about one GPU, read once when the backend opens it."""
+
+    index: int
+    uuid: str
+    model_name: str  # nvidia-smi --query-gpu=name
+    driver_version: str  # nvidia-smi --query-gpu=driver_version
+    memory_total_bytes: int | None  # nvidia-smi --query-gpu=memory.total (MiB there)
+    power_limit_default_watts: float | None  # nvidia-smi --query-gpu=power.default_limit
+    simulated: bool = False
+    pci_bus_id: str | None = None
+    mig_enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """One compute process on a GPU (nvidia-smi --query-compute-apps=pid,used_memory)."""
+
+    pid: int
+    memory_used_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class MigInstance:
+    """One MIG instance on a GPU with MIG mode enabled."""
+
+    gpu_instance_id: int
+    compute_instance_id: int
+    uuid: str
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    sm_activity_ratio: float | None = None  # GPM, where the driver supports it per instance
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One reading of one GPU.
+
+    Cumulative fields (``*_total`` / energy / byte counters / throttle seconds) are the hardware's own
+    counters as read: they may reset (driver reload) and the ledger turns them into monotonic counters.
+    """
+
+    index: int
+    uuid: str
+    monotonic_ns: int
+    up: bool = True  # False: the device is lost or being re-acquired; every other field is None
+    # Fraction of the sample period in which a kernel ran (nvidia-smi utilization.gpu / 100).
+    utilization_gpu_ratio: float | None = None
+    # Fraction of time the memory controller was busy (nvidia-smi utilization.memory / 100).
+    utilization_memory_controller_ratio: float | None = None
+    # GPM activity (Hopper+): SM busy, SM occupancy, any tensor pipe busy, DRAM bandwidth used.
+    sm_activity_ratio: float | None = None
+    sm_occupancy_ratio: float | None = None
+    tensor_activity_ratio: float | None = None
+    dram_activity_ratio: float | None = None
+    memory_used_bytes: int | None = None  # nvidia-smi memory.used
+    memory_total_bytes: int | None = None  # nvidia-smi memory.total
+    memory_reserved_bytes: int | None = None  # nvidia-smi memory.reserved (v2 memory info only)
+    power_watts: float | None = None  # instantaneous (nvidia-smi power.draw.instant)
+    power_average_watts: float | None = None  # trailing 1 s mean (nvidia-smi power.draw.average)
+    energy_joules: float | None = None  # counter since driver load (total_energy_consumption)
+    power_limit_watts: float | None = None  # enforced limit (nvidia-smi enforced.power.limit)
+    sm_clock_hertz: float | None = None  # nvidia-smi clocks.sm (MHz there)
+    memory_clock_hertz: float | None = None  # nvidia-smi clocks.mem (MHz there)
+    temperature_gpu_celsius: float | None = None  # nvidia-smi temperature.gpu
+    temperature_memory_celsius: float | None = None  # nvidia-smi temperature.memory (HBM)
+    pcie_transmit_bytes: int | None = None  # counter
+    pcie_receive_bytes: int | None = None  # counter
+    nvlink_transmit_bytes: int | None = None  # counter, summed over links
+    nvlink_receive_bytes: int | None = None  # counter, summed over links
+    pcie_transmit_bytes_per_second: float | None = None  # GPM rate
+    pcie_receive_bytes_per_second: float | None = None  # GPM rate
+    nvlink_transmit_bytes_per_second: float | None = None  # GPM rate
+    nvlink_receive_bytes_per_second: float | None = None  # GPM rate
+    # Active clock-event reasons (nvidia-smi clocks_event_reasons.*), names from THROTTLE_REASONS.
+    throttle_reasons: frozenset[str] | None = None
+    # Cumulative time per reason, in seconds, where the driver keeps such counters.
+    throttle_seconds: dict[str, float] | None = None
+    ecc_corrected_errors: int | None = None  # volatile count (nvidia-smi ecc.errors.corrected.volatile.total)
+    ecc_uncorrected_errors: int | None = None  # volatile (ecc.errors.uncorrected.volatile.total)
+    processes: tuple[GpuProcess, ...] | None = None  # refreshed about once a second
+    mig_instances: tuple[MigInstance, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    """One registered workload process, read from /proc/PID."""
+
+    pid: int
+    rss_bytes: int | None  # VmRSS
+    cpu_seconds: float | None  # utime + stime
+    locked_bytes: int | None  # VmLck: mlock()ed memory
+    pinned_bytes: int | None  # VmPin: pages pinned by drivers (RDMA, some pinned host buffers)
+    root_pid: int | None = None  # the watched process this one is (or descends from)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """One reading of the host."""
+
+    monotonic_ns: int
+    cpu_busy_seconds: float | None = None  # counter: all cores, non-idle, non-iowait time
+    cpu_busy_seconds_per_core: tuple[float, ...] | None = None
+    cpu_count: int | None = None
+    memory_total_bytes: int | None = None  # MemTotal
+    memory_used_bytes: int | None = None  # MemTotal - MemAvailable
+    memory_available_bytes: int | None = None  # MemAvailable
+    memory_locked_bytes: int | None = None  # Mlocked: mlock()ed pages, machine-wide
+    # RAPL energy per zone ("package-0", "dram-0", ...), joules, wraparound already unwrapped: these
+    # only go down if the probe itself restarts.
+    rapl_energy_joules: dict[str, float] | None = None
+    processes: tuple[ProcessSample, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FieldStatus:
+    """Whether one field or probe works on a device, and why not (for `wattledger devices`)."""
+
+    name: str
+    supported: bool
+    reason: str | None = None
+
+
+@runtime_checkable
+class GpuBackend(Protocol):
+    """Reads GPUs. Every call happens on the sampler thread."""
+
+    name: str  # "nvml", "mock" or "replay"
+    simulated: bool
+
+    def devices(self) -> list[GpuInfo]:
+        """The GPUs this backend reads, in index order."""
+        ...
+
+    def sample(self) -> list[GpuSample]:
+        """One reading of every device. A lost device gives a sample with ``up=False``."""
+        ...
+
+    def field_status(self, index: int) -> list[FieldStatus]:
+        """Which fields work on a device, after at least one ``sample()``."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class HostBackend(Protocol):
+    """Reads the host: CPU, DRAM, RAPL energy and registered workload processes."""
+
+    name: str
+
+    def sample(self) -> HostSample:
+        ...
+
+    def watch_process(self, pid: int) -> None:
+        """Report this process (and its descendants) in ``HostSample.processes`` from now on."""
+        ...
+
+    def unwatch_process(self, pid: int) -> None:
+        ...
+
+    def field_status(self) -> list[FieldStatus]:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What a GPU is doing over a stretch of time: the input to the mock GPU's physics.
+
+    Each ratio is a time fraction from 0 to 1. ``gpu`` is the fraction of time any kernel runs (what
+    NVML's utilization.gpu reports), ``sm`` the fraction of SMs busy, ``tensor`` the tensor pipes,
+    ``dram`` the HBM bandwidth used.
+    """
+
+    gpu: float = 0.0
+    sm: float = 0.0
+    tensor: float = 0.0
+    dram: float = 0.0
+    pcie_transmit_bytes_per_second: float = 0.0
+    pcie_receive_bytes_per_second: float = 0.0
+
+
+IDLE = Activity()
+
+
+@dataclass(frozen=True, slots=True)
+class ActivitySegment:
+    """``activity`` holds on [start_ns, end_ns)."""
+
+    start_ns: int
+    end_ns: int
+    activity: Activity
+
+
+class ActivitySource(Protocol):
+    """Tells the mock GPU what each device was doing."""
+
+    def segments(self, gpu: int, start_ns: int, end_ns: int) -> list[ActivitySegment]:
+        """Non-overlapping segments covering [start_ns, end_ns) in order; gaps are idle."""
+        ...
+
+    def allocated_bytes(self, gpu: int) -> int:
+        """GPU memory the workloads have declared on this device, in bytes."""
+        ...
+
+
+@dataclass(slots=True)
+class ProbeStats:
+    """Self-metrics of one probe, kept by the sampler."""
+
+    success: bool = False
+    duration_seconds: float = 0.0
+    failures_total: int = 0
+    last_error: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)

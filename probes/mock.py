@@ -1,0 +1,419 @@
+"""A simulated GPU for CPU-only machines and tests: deterministic physics behind the GpuBackend protocol.
+
+Physics, per device (constants in ``mock_presets``; the assumptions are labelled there):
+
+- demand power = idle + (limit - idle) * f(activity), f a weighted sum of SM, tensor and DRAM activity;
+  the board draws min(demand, enforced limit). While clipped, the ``sw_power_cap`` reason is set and the
+  SM clock drops in proportion.
+- an energy counter in integer millijoules that only advances every 100 ms, as real counters do (the
+  H100 updates its counter about every 100 ms: Yang et al., arXiv 2312.02741);
+- a trailing 1 s boxcar average power, as ``nvmlDeviceGetPowerUsage`` reports on Ampere and newer;
+- utilization.gpu as the busy fraction since the previous sample (at most the trailing second), as a
+  driver whose utilization sample period matched the sampler's would report it;
+- SM/tensor/DRAM ratios as exact means between two samples, as GPM computes them;
+- a first-order lag from power to die temperature;
+- memory used = what the activity source says workloads declared.
+
+Activity between samples is integrated exactly (it is piecewise constant), so ``true_energy_joules``
+is the ground truth the tests compare the exported counter against.
+
+The backend can run ``delay_s`` behind its clock: workloads report spans when they end, so a mock
+driven by spans simulates slightly in the past, where every span is already known. Samples carry the
+simulated time, and the ledger attributes energy by those timestamps, so nothing is skewed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from uuid import NAMESPACE_URL, uuid5
+
+from wattledger.probes.base import (
+    IDLE,
+    Activity,
+    ActivitySegment,
+    ActivitySource,
+    FieldStatus,
+    GpuInfo,
+    GpuSample,
+    ProbeUnavailable,
+)
+from wattledger.probes.mock_presets import (
+    POWER_WEIGHT_DRAM,
+    POWER_WEIGHT_SM,
+    POWER_WEIGHT_TENSOR,
+    MockPreset,
+    preset as lookup_preset,
+)
+
+NS_PER_S = 1_000_000_000
+ENERGY_COUNTER_PERIOD_NS = 100_000_000  # the counter advances in 100 ms steps
+FIRST_UTILIZATION_WINDOW_NS = NS_PER_S // 6  # NVML's shortest sample period
+MAX_UTILIZATION_WINDOW_NS = NS_PER_S
+BOXCAR_NS = NS_PER_S
+HISTORY_NS = 2 * NS_PER_S  # history kept for the trailing windows
+
+
+# Fields a fault may turn unsupported, by GpuSample field name.
+FAULTABLE_FIELDS = (
+    "utilization_gpu_ratio",
+    "utilization_memory_controller_ratio",
+    "sm_activity_ratio",
+    "tensor_activity_ratio",
+    "dram_activity_ratio",
+    "memory_used_bytes",
+    "power_watts",
+    "power_average_watts",
+    "energy_joules",
+    "sm_clock_hertz",
+    "temperature_gpu_celsius",
+    "temperature_memory_celsius",
+    "pcie_transmit_bytes",
+    "pcie_receive_bytes",
+    "throttle_reasons",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A scheduled fault. Times are seconds of simulated time after the backend starts.
+
+    kinds: ``field_unsupported`` (``field`` reads as unsupported from ``at_s`` on), ``gpu_lost``
+    (down from ``at_s`` to ``until_s``), ``energy_reset`` (the counter restarts from 0 at ``at_s``, as
+    after a driver reload), ``init_failure`` (the backend refuses to open, as NVML init failing).
+    """
+
+    kind: str
+    at_s: float = 0.0
+    gpu: int | None = None  # None: every GPU
+    until_s: float | None = None
+    field: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("field_unsupported", "gpu_lost", "energy_reset", "init_failure"):
+            raise ValueError(f"unknown fault kind {self.kind!r}")
+        if self.kind == "field_unsupported" and self.field not in FAULTABLE_FIELDS:
+            raise ValueError(f"field_unsupported needs field= one of {', '.join(FAULTABLE_FIELDS)}")
+        if self.kind == "gpu_lost" and self.until_s is not None and self.until_s <= self.at_s:
+            raise ValueError("gpu_lost: until_s must come after at_s")
+
+    def applies_to(self, gpu: int) -> bool:
+        return self.gpu is None or self.gpu == gpu
+
+
+def parse_fault(text: str) -> Fault:
+    """Parse ``kind[:key=value...]``, e.g. ``gpu_lost:gpu=0:at=10:until=20`` or
+    ``field_unsupported:field=power_watts:at=5``. Raises ValueError with a one-line reason."""
+    kind, *pairs = text.strip().split(":")
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in ("gpu", "at", "until", "field"):
+            raise ValueError(f"bad fault option {pair!r} in {text!r}: use gpu=, at=, until=, field=")
+        values[key] = value
+    try:
+        return Fault(
+            kind=kind,
+            at_s=float(values.get("at", 0.0)),
+            gpu=int(values["gpu"]) if "gpu" in values else None,
+            until_s=float(values["until"]) if "until" in values else None,
+            field=values.get("field"),
+        )
+    except ValueError as err:
+        raise ValueError(f"bad fault {text!r}: {err}") from None
+
+
+def power_demand_watts(spec: MockPreset, activity: Activity) -> float:
+    """What the board would draw for this activity with no power limit."""
+    load = POWER_WEIGHT_SM * activity.sm + POWER_WEIGHT_TENSOR * activity.tensor + POWER_WEIGHT_DRAM * activity.dram
+    return spec.idle_power_watts + (spec.power_limit_watts - spec.idle_power_watts) * load
+
+
+@dataclass(slots=True)
+class _Piece:
+    """A stretch of simulated time with constant activity and power."""
+
+    start_ns: int
+    end_ns: int
+    activity: Activity
+    power_watts: float
+    energy_before_joules: float  # true energy at start_ns
+
+
+class _SimulatedGpu:
+    """The physics of one device."""
+
+    def __init__(self, index: int, spec: MockPreset, start_ns: int, enforced_limit_watts: float):
+        self.index = index
+        self.spec = spec
+        self.enforced_limit_watts = enforced_limit_watts
+        self.now_ns = start_ns
+        self.true_energy_joules = 0.0
+        self.counter_base_joules = 0.0  # true energy when the counter last reset
+        self.temperature_celsius = spec.ambient_celsius + spec.celsius_per_watt * spec.idle_power_watts
+        self.pcie_transmit_bytes = 0.0
+        self.pcie_receive_bytes = 0.0
+        self.power_capped_seconds = 0.0
+        self.history: deque[_Piece] = deque()
+        self.last_sample_ns = start_ns
+        self.last_sample_totals = (0.0, 0.0, 0.0)  # integrated sm, tensor, dram seconds at last sample
+        self.integrated = [0.0, 0.0, 0.0]
+        self.has_sampled = False
+
+    def power_watts(self, activity: Activity) -> float:
+        return min(power_demand_watts(self.spec, activity), self.enforced_limit_watts)
+
+    def advance(self, to_ns: int, segments: list[ActivitySegment]) -> None:
+        """Integrate from now to ``to_ns``; ``segments`` cover that span (gaps idle)."""
+        t = self.now_ns
+        for seg in segments:
+            if seg.start_ns > t:
+                self._run(t, seg.start_ns, IDLE)
+            self._run(max(t, seg.start_ns), seg.end_ns, seg.activity)
+            t = max(t, seg.end_ns)
+        if t < to_ns:
+            self._run(t, to_ns, IDLE)
+        self.now_ns = max(self.now_ns, to_ns)
+        horizon = self.now_ns - HISTORY_NS
+        while self.history and self.history[0].end_ns < horizon:
+            self.history.popleft()
+
+    def _run(self, start_ns: int, end_ns: int, activity: Activity) -> None:
+        if end_ns <= start_ns:
+            return
+        dt = (end_ns - start_ns) / NS_PER_S
+        demand = power_demand_watts(self.spec, activity)
+        power = min(demand, self.enforced_limit_watts)
+        last = self.history[-1] if self.history else None
+        if last is not None and last.end_ns == start_ns and last.activity == activity:
+            last.end_ns = end_ns  # same state continues: extend instead of adding a piece
+        else:
+            self.history.append(_Piece(start_ns, end_ns, activity, power, self.true_energy_joules))
+        self.true_energy_joules += power * dt
+        if demand > self.enforced_limit_watts:
+            self.power_capped_seconds += dt
+        self.pcie_transmit_bytes += activity.pcie_transmit_bytes_per_second * dt
+        self.pcie_receive_bytes += activity.pcie_receive_bytes_per_second * dt
+        self.integrated[0] += activity.sm * dt
+        self.integrated[1] += activity.tensor * dt
+        self.integrated[2] += activity.dram * dt
+        # First-order lag toward the steady temperature for this power: exact for constant power.
+        steady = self.spec.ambient_celsius + self.spec.celsius_per_watt * power
+        decay = math.exp(-dt / self.spec.thermal_time_constant_seconds)
+        self.temperature_celsius = steady + (self.temperature_celsius - steady) * decay
+
+    def energy_at(self, ns: int) -> float:
+        """True energy (J) at time ``ns`` within the kept history."""
+        for piece in reversed(self.history):
+            if piece.start_ns <= ns:
+                span_ns = min(ns, piece.end_ns) - piece.start_ns
+                return piece.energy_before_joules + piece.power_watts * span_ns / NS_PER_S
+        return self.history[0].energy_before_joules if self.history else self.true_energy_joules
+
+    def mean_over(self, start_ns: int, field: str) -> float:
+        """Time-weighted mean of an activity field over [start_ns, now)."""
+        span = self.now_ns - start_ns
+        if span <= 0:
+            return 0.0
+        total = 0.0
+        for piece in reversed(self.history):
+            if piece.end_ns <= start_ns:
+                break
+            overlap = piece.end_ns - max(piece.start_ns, start_ns)
+            total += overlap * getattr(piece.activity, field)
+        return total / span
+
+    def current_activity(self) -> Activity:
+        return self.history[-1].activity if self.history else IDLE
+
+
+class MockGpuBackend:
+    """Simulated GPUs behind the GpuBackend protocol. Deterministic for a given clock and source."""
+
+    name = "mock"
+    simulated = True
+
+    def __init__(
+        self,
+        count: int = 1,
+        preset: str = "h100-sxm-80gb",
+        activity: ActivitySource | None = None,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+        faults: Sequence[Fault] = (),
+        delay_s: float = 0.0,
+        power_limit_watts: float | None = None,
+    ):
+        if not 1 <= count <= 64:
+            raise ValueError("the mock simulates 1 to 64 GPUs")
+        self.spec = lookup_preset(preset)
+        if any(f.kind == "init_failure" for f in faults):
+            raise ProbeUnavailable("NVML failed to initialise (simulated init_failure fault)")
+        limit = self.spec.power_limit_watts if power_limit_watts is None else power_limit_watts
+        if not 0 < limit <= self.spec.power_limit_watts:
+            raise ValueError(f"power limit must be in (0, {self.spec.power_limit_watts:g}] W for {preset}")
+        self._clock_ns = clock_ns
+        self._delay_ns = round(delay_s * NS_PER_S)
+        self._source = activity
+        self._faults = tuple(faults)
+        self._fired: set[int] = set()
+        start = self._sim_now()
+        self._start_ns = start
+        self._gpus = [_SimulatedGpu(i, self.spec, start, limit) for i in range(count)]
+        self._unsupported: dict[int, set[str]] = {i: set() for i in range(count)}
+        self._infos = [
+            GpuInfo(
+                index=i,
+                uuid="GPU-" + str(uuid5(NAMESPACE_URL, f"wattledger-mock/{preset}/{i}")),
+                model_name=self.spec.model_name,
+                driver_version="simulated",
+                memory_total_bytes=self.spec.memory_total_bytes,
+                power_limit_default_watts=self.spec.power_limit_watts,
+                simulated=True,
+                pci_bus_id=f"00000000:{0x18 + i:02X}:00.0",
+            )
+            for i in range(count)
+        ]
+
+    def _sim_now(self) -> int:
+        return self._clock_ns() - self._delay_ns
+
+    def set_activity_source(self, source: ActivitySource) -> None:
+        self._source = source
+
+    def devices(self) -> list[GpuInfo]:
+        return list(self._infos)
+
+    def true_energy_joules(self, index: int) -> float:
+        """Ground truth: the exact simulated energy of a device since the backend started."""
+        return self._gpus[index].true_energy_joules
+
+    def simulated_now_ns(self) -> int:
+        return self._gpus[0].now_ns
+
+    def _apply_faults(self, now_ns: int) -> None:
+        elapsed_s = (now_ns - self._start_ns) / NS_PER_S
+        for number, fault in enumerate(self._faults):
+            if number in self._fired or fault.at_s > elapsed_s:
+                continue
+            if fault.kind == "field_unsupported":
+                for gpu in self._gpus:
+                    if fault.applies_to(gpu.index):
+                        self._unsupported[gpu.index].add(fault.field)
+                self._fired.add(number)
+            elif fault.kind == "energy_reset":
+                for gpu in self._gpus:
+                    if fault.applies_to(gpu.index):
+                        gpu.counter_base_joules = gpu.energy_at(self._start_ns + round(fault.at_s * NS_PER_S))
+                self._fired.add(number)
+
+    def _is_lost(self, index: int, now_ns: int) -> bool:
+        elapsed_s = (now_ns - self._start_ns) / NS_PER_S
+        return any(
+            f.kind == "gpu_lost" and f.applies_to(index) and f.at_s <= elapsed_s
+            and (f.until_s is None or elapsed_s < f.until_s)
+            for f in self._faults
+        )
+
+    def sample(self) -> list[GpuSample]:
+        now = self._sim_now()
+        samples = []
+        for gpu, info in zip(self._gpus, self._infos):
+            if now > gpu.now_ns:
+                segments = self._source.segments(gpu.index, gpu.now_ns, now) if self._source else []
+                gpu.advance(now, segments)
+            self._apply_faults(now)
+            if self._is_lost(gpu.index, now):
+                gpu.has_sampled = False  # GPM-style ratios restart after the device comes back
+                samples.append(GpuSample(index=gpu.index, uuid=info.uuid, monotonic_ns=gpu.now_ns, up=False))
+                continue
+            samples.append(self._read(gpu, info))
+        return samples
+
+    def _read(self, gpu: _SimulatedGpu, info: GpuInfo) -> GpuSample:
+        spec = self.spec
+        now = gpu.now_ns
+        # The counter holds the energy at the last 100 ms boundary, in whole millijoules.
+        boundary = now - now % ENERGY_COUNTER_PERIOD_NS
+        counter_mj = math.floor((gpu.energy_at(boundary) - gpu.counter_base_joules) * 1000.0)
+        window_start = max(now - BOXCAR_NS, self._start_ns)
+        average_power = (
+            (gpu.true_energy_joules - gpu.energy_at(window_start)) * NS_PER_S / (now - window_start)
+            if now > window_start else gpu.power_watts(IDLE)
+        )
+        activity = gpu.current_activity()
+        demand = power_demand_watts(spec, activity)
+        capped = demand > gpu.enforced_limit_watts
+        if activity.gpu == 0.0:
+            sm_clock = spec.sm_clock_idle_hertz
+        elif capped:
+            headroom = (gpu.enforced_limit_watts - spec.idle_power_watts) / (demand - spec.idle_power_watts)
+            sm_clock = spec.sm_clock_idle_hertz + (spec.sm_clock_max_hertz - spec.sm_clock_idle_hertz) * headroom
+        else:
+            sm_clock = spec.sm_clock_max_hertz
+        reasons = set()
+        if activity.gpu == 0.0:
+            reasons.add("gpu_idle")
+        if capped:
+            reasons.add("sw_power_cap")
+        window = now - gpu.last_sample_ns if gpu.has_sampled and now > gpu.last_sample_ns else FIRST_UTILIZATION_WINDOW_NS
+        util_start = max(now - min(window, MAX_UTILIZATION_WINDOW_NS), self._start_ns)
+        if gpu.has_sampled and now > gpu.last_sample_ns:
+            span_s = (now - gpu.last_sample_ns) / NS_PER_S
+            sm, tensor, dram = ((cur - old) / span_s for cur, old in zip(gpu.integrated, gpu.last_sample_totals))
+        else:
+            sm = tensor = dram = None  # GPM needs two samples
+        gpu.last_sample_ns = now
+        gpu.last_sample_totals = tuple(gpu.integrated)
+        gpu.has_sampled = True
+        allocated = self._source.allocated_bytes(gpu.index) if self._source else 0
+        temperature = round(gpu.temperature_celsius, 1)
+        values = dict(
+            utilization_gpu_ratio=gpu.mean_over(util_start, "gpu"),
+            utilization_memory_controller_ratio=gpu.mean_over(util_start, "dram"),
+            sm_activity_ratio=sm,
+            sm_occupancy_ratio=None if sm is None else 0.5 * sm,  # ASSUMPTION: half the warp slots
+            tensor_activity_ratio=tensor,
+            dram_activity_ratio=dram,
+            memory_used_bytes=min(allocated, spec.memory_total_bytes - spec.memory_reserved_bytes),
+            memory_total_bytes=spec.memory_total_bytes,
+            memory_reserved_bytes=spec.memory_reserved_bytes,
+            power_watts=gpu.power_watts(activity),
+            power_average_watts=average_power,
+            energy_joules=counter_mj / 1000.0,
+            power_limit_watts=gpu.enforced_limit_watts,
+            sm_clock_hertz=sm_clock,
+            memory_clock_hertz=spec.memory_clock_hertz,
+            temperature_gpu_celsius=temperature,
+            temperature_memory_celsius=round(
+                temperature + spec.hbm_offset_celsius * (activity.dram if activity.dram else 0.25), 1
+            ),
+            pcie_transmit_bytes=int(gpu.pcie_transmit_bytes),
+            pcie_receive_bytes=int(gpu.pcie_receive_bytes),
+            throttle_reasons=frozenset(reasons),
+            throttle_seconds={"sw_power_cap": gpu.power_capped_seconds},
+            ecc_corrected_errors=0,
+            ecc_uncorrected_errors=0,
+        )
+        for name in self._unsupported[gpu.index]:
+            values[name] = None
+        return GpuSample(index=gpu.index, uuid=info.uuid, monotonic_ns=now, **values)
+
+    def field_status(self, index: int) -> list[FieldStatus]:
+        unsupported = self._unsupported[index]
+        statuses = [
+            FieldStatus(name, name not in unsupported, "simulated field_unsupported fault" if name in unsupported else None)
+            for name in FAULTABLE_FIELDS
+        ]
+        statuses += [
+            FieldStatus("processes", False, "the mock does not simulate process lists"),
+            FieldStatus("nvlink", False, "the mock simulates a single PCIe GPU"),
+            FieldStatus("mig", False, "the mock does not simulate MIG"),
+            FieldStatus("xid_events", False, "the mock does not simulate XID events"),
+        ]
+        return statuses
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,139 @@
+"""The replay backend: plays a recorded sample file (see ``records``) at real or accelerated speed.
+
+A trace recorded on a GPU node with ``wattledger agent --record FILE`` can then drive tests and demos
+on any machine. Sample times are moved onto this machine's clock: a sample recorded ``t`` seconds into
+the trace is served ``t / speed`` seconds after the replay starts, stamped with that time. Counters are
+served as recorded, so at ``speed`` > 1 the energy rates come out ``speed`` times higher: this is a
+replay of the trace, not a rescaling of it. With ``loop`` the trace starts again at its end (the
+counters then go back, which the ledger treats like a driver reset).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from wattledger.probes import records
+from wattledger.probes.base import FieldStatus, GpuInfo, GpuSample, ProbeUnavailable
+
+NS_PER_S = 1_000_000_000
+
+
+class ReplayGpuBackend:
+    """Serves the newest recorded sample of each GPU whose (scaled) time has come."""
+
+    name = "replay"
+
+    def __init__(
+        self,
+        path: str | Path,
+        speed: float = 1.0,
+        loop: bool = False,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ):
+        if not speed > 0:
+            raise ValueError("replay speed must be positive")
+        self.path = Path(path)
+        self._speed = speed
+        self._loop = loop
+        self._clock_ns = clock_ns
+        self._infos, self.simulated, self._timelines = _load(self.path)
+        self._fields_seen = {
+            index: {f for s in samples for f in _present_fields(s)} for index, (_, samples) in self._timelines.items()
+        }
+        first = min((times[0] for times, _ in self._timelines.values() if times), default=0)
+        last = max((times[-1] for times, _ in self._timelines.values() if times), default=0)
+        self._trace_start_ns = first
+        self._trace_length_ns = max(1, last - first)
+        self._started_ns = clock_ns()
+
+    def devices(self) -> list[GpuInfo]:
+        return list(self._infos)
+
+    @property
+    def finished(self) -> bool:
+        """True once a non-looping replay has served its last sample."""
+        return not self._loop and self._trace_offset_ns()[1] > self._trace_length_ns
+
+    def _trace_offset_ns(self) -> tuple[int, int]:
+        elapsed = self._clock_ns() - self._started_ns
+        offset = int(elapsed * self._speed)
+        if self._loop:
+            return offset // (self._trace_length_ns + 1), offset % (self._trace_length_ns + 1)
+        return 0, offset
+
+    def sample(self) -> list[GpuSample]:
+        now = self._clock_ns()
+        _, offset = self._trace_offset_ns()
+        at = self._trace_start_ns + offset
+        out = []
+        for info in self._infos:
+            times, samples = self._timelines.get(info.index, ([], []))
+            position = bisect.bisect_right(times, at) - 1
+            if position < 0:
+                # Nothing recorded this early: the device is reported as not yet answering.
+                out.append(GpuSample(index=info.index, uuid=info.uuid, monotonic_ns=now, up=False))
+                continue
+            out.append(dataclasses.replace(samples[position], monotonic_ns=now))
+        return out
+
+    def field_status(self, index: int) -> list[FieldStatus]:
+        seen = self._fields_seen.get(index, set())
+        return [
+            FieldStatus(name, name in seen, None if name in seen else "absent from the recording")
+            for name in _SAMPLE_VALUE_FIELDS
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+_SAMPLE_VALUE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(GpuSample) if f.name not in ("index", "uuid", "monotonic_ns", "up")
+)
+
+
+def _present_fields(sample: GpuSample) -> set[str]:
+    return {name for name in _SAMPLE_VALUE_FIELDS if getattr(sample, name) is not None}
+
+
+def _load(path: Path) -> tuple[list[GpuInfo], bool, dict[int, tuple[list[int], list[GpuSample]]]]:
+    """Read a sample file; ProbeUnavailable with the line at fault if it cannot be played."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ProbeUnavailable(f"cannot read replay file {path}: {err.strerror or err}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ProbeUnavailable(f"replay file {path} is empty")
+    try:
+        head = records.parse_line(lines[0], 1)
+        if head.get("type") != "header" or head.get("format") != records.FORMAT_NAME:
+            raise records.RecordError("line 1: not a wattledger-samples header")
+        if head.get("version") != records.FORMAT_VERSION:
+            raise records.RecordError(f"line 1: format version {head.get('version')!r} is not supported")
+        infos = [records.gpu_info_from_record(g) for g in head.get("gpus", [])]
+        timelines: dict[int, tuple[list[int], list[GpuSample]]] = {i.index: ([], []) for i in infos}
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                record = records.parse_line(line, number)
+            except records.RecordError:
+                if number == len(lines):
+                    break  # a last line cut short by a crash while recording: play what came before
+                raise
+            if record["type"] != "gpu":
+                continue
+            sample = records.gpu_sample_from_record(record)
+            times, samples = timelines.setdefault(sample.index, ([], []))
+            if times and sample.monotonic_ns < times[-1]:
+                raise records.RecordError(f"line {number}: samples go back in time")
+            times.append(sample.monotonic_ns)
+            samples.append(sample)
+    except records.RecordError as err:
+        raise ProbeUnavailable(f"cannot replay {path}: {err}") from None
+    if not any(times for times, _ in timelines.values()):
+        raise ProbeUnavailable(f"replay file {path} holds no GPU samples")
+    return infos, bool(head.get("simulated", False)), timelines

@@ -1,0 +1,64 @@
+"""Settings: sources, precedence, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from wattledger.agent.config import AgentConfig, ConfigError, build_config, parse_duration_seconds
+
+
+@pytest.mark.parametrize("text, seconds", [("100ms", 0.1), ("0.5s", 0.5), ("2", 2.0), ("2m", 120.0),
+                                           ("1h", 3600.0), (" 10ms ", 0.01), ("1e-2", 0.01)])
+def test_durations(text, seconds):
+    assert parse_duration_seconds(text) == pytest.approx(seconds)
+
+
+@given(st.text(max_size=20))
+def test_duration_parser_returns_a_finite_non_negative_number_or_a_value_error(text):
+    try:
+        value = parse_duration_seconds(text)
+    except ValueError as err:
+        assert "\n" not in str(err)
+    else:
+        assert value >= 0 and value == value
+
+
+def test_precedence_is_flags_then_environment_then_file(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\nport = 1111\ninterval = "50ms"\nbackend = "mock"\nmock_gpus = 3\n')
+    config = build_config({"port": 3333}, {"WATTLEDGER_PORT": "2222", "WATTLEDGER_MOCK_GPUS": "4"}, str(path))
+    assert (config.port, config.interval_seconds, config.backend, config.mock_gpus) == (3333, 0.05, "mock", 4)
+
+
+def test_defaults():
+    config = build_config({}, {})
+    assert config == AgentConfig()
+    assert config.port not in (9100, 9400, 9835)
+
+
+@pytest.mark.parametrize("flags, environ, message", [
+    ({"interval": "5ms"}, {}, "at least 10ms"),
+    ({"interval": "fast"}, {}, "not a duration"),
+    ({"port": 70000}, {}, "port"),
+    ({"backend": "cuda"}, {}, "backend"),
+    ({"backend": "replay"}, {}, "--replay FILE"),
+    ({}, {"WATTLEDGER_MOCK_GPUS": "many"}, "environment: mock_gpus"),
+    ({}, {"WATTLEDGER_COLOUR": "blue"}, "unknown setting 'WATTLEDGER_COLOUR'"),
+    ({"mock_faults": ["explode"]}, {}, "mock-fault"),
+    ({"token": "short"}, {}, "16 characters"),
+    ({"record": "/no/such/dir/x.jsonl"}, {}, "does not exist"),
+])
+def test_bad_settings_give_one_line_errors(flags, environ, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        build_config(flags, environ)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_config_files(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("port = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        build_config({}, {}, str(broken))
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_config({}, {}, str(tmp_path / "missing.toml"))
