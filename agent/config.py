@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wattledger.agent.accounting import DEFAULT_MAX_WORKLOADS, DEFAULT_NAME_PATTERN
-from wattledger.agent.sampler import DEFAULT_INTERVAL_SECONDS, MIN_INTERVAL_SECONDS
+from wattledger.agent.sampler import DEFAULT_HOST_INTERVAL_SECONDS, DEFAULT_INTERVAL_SECONDS, MIN_INTERVAL_SECONDS
 from wattledger.probes.mock import parse_fault
 from wattledger.probes.mock_presets import PRESETS
 
@@ -34,6 +34,7 @@ class AgentConfig:
     address: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     interval_seconds: float = DEFAULT_INTERVAL_SECONDS
+    host_interval_seconds: float = DEFAULT_HOST_INTERVAL_SECONDS
     backend: str = "auto"
     mock_gpus: int = 1
     mock_preset: str = "h100-sxm-80gb"
@@ -71,7 +72,7 @@ def _coerce(name: str, value: object, source: str):
     """Convert a raw setting to its field's type, with a one-line error naming where it came from."""
     kind = _FIELDS[name].type
     try:
-        if name in ("interval_seconds", "mock_delay_seconds"):
+        if name in ("interval_seconds", "host_interval_seconds", "mock_delay_seconds"):
             return value if isinstance(value, float) else parse_duration_seconds(str(value))
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -124,7 +125,7 @@ def _key_to_field(key: str) -> str | None:
     key = key.replace("-", "_").replace(".", "_")
     if key in _FIELDS:
         return key
-    aliases = {"interval": "interval_seconds", "path_procfs": "procfs", "path_sysfs": "sysfs",
+    aliases = {"interval": "interval_seconds", "host_interval": "host_interval_seconds", "path_procfs": "procfs", "path_sysfs": "sysfs",
                "mock_delay": "mock_delay_seconds"}
     return aliases.get(key)
 
@@ -162,6 +163,8 @@ def validate(config: AgentConfig) -> None:
                           f"{config.interval_seconds * 1000:g}ms")
     if config.interval_seconds > 60:
         raise ConfigError("interval must be at most 60s")
+    if not MIN_INTERVAL_SECONDS <= config.host_interval_seconds <= 60:
+        raise ConfigError("host-interval must be 10ms to 60s")
     if config.backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
     if config.backend == "replay" and not config.replay:

@@ -213,18 +213,19 @@ class _SimulatedGpu:
                 return piece.energy_before_joules + piece.power_watts * span_ns / NS_PER_S
         return self.history[0].energy_before_joules if self.history else self.true_energy_joules
 
-    def mean_over(self, start_ns: int, field: str) -> float:
-        """Time-weighted mean of an activity field over [start_ns, now)."""
+    def busy_means(self, start_ns: int) -> tuple[float, float]:
+        """Time-weighted means of the ``gpu`` and ``dram`` activity over [start_ns, now)."""
         span = self.now_ns - start_ns
         if span <= 0:
-            return 0.0
-        total = 0.0
+            return 0.0, 0.0
+        gpu_total = dram_total = 0.0
         for piece in reversed(self.history):
             if piece.end_ns <= start_ns:
                 break
             overlap = piece.end_ns - max(piece.start_ns, start_ns)
-            total += overlap * getattr(piece.activity, field)
-        return total / span
+            gpu_total += overlap * piece.activity.gpu
+            dram_total += overlap * piece.activity.dram
+        return gpu_total / span, dram_total / span
 
     def current_activity(self) -> Activity:
         return self.history[-1].activity if self.history else IDLE
@@ -324,8 +325,9 @@ class MockGpuBackend:
             if now > gpu.now_ns:
                 segments = self._source.segments(gpu.index, gpu.now_ns, now) if self._source else []
                 gpu.advance(now, segments)
-            self._apply_faults(now)
-            if self._is_lost(gpu.index, now):
+            if self._faults:
+                self._apply_faults(now)
+            if self._faults and self._is_lost(gpu.index, now):
                 gpu.has_sampled = False  # GPM-style ratios restart after the device comes back
                 samples.append(GpuSample(index=gpu.index, uuid=info.uuid, monotonic_ns=gpu.now_ns, up=False))
                 continue
@@ -360,6 +362,7 @@ class MockGpuBackend:
             reasons.add("sw_power_cap")
         window = now - gpu.last_sample_ns if gpu.has_sampled and now > gpu.last_sample_ns else FIRST_UTILIZATION_WINDOW_NS
         util_start = max(now - min(window, MAX_UTILIZATION_WINDOW_NS), self._start_ns)
+        utilization_gpu, utilization_dram = gpu.busy_means(util_start)
         if gpu.has_sampled and now > gpu.last_sample_ns:
             span_s = (now - gpu.last_sample_ns) / NS_PER_S
             sm, tensor, dram = ((cur - old) / span_s for cur, old in zip(gpu.integrated, gpu.last_sample_totals))
@@ -371,8 +374,8 @@ class MockGpuBackend:
         allocated = self._source.allocated_bytes(gpu.index) if self._source else 0
         temperature = round(gpu.temperature_celsius, 1)
         values = dict(
-            utilization_gpu_ratio=gpu.mean_over(util_start, "gpu"),
-            utilization_memory_controller_ratio=gpu.mean_over(util_start, "dram"),
+            utilization_gpu_ratio=utilization_gpu,
+            utilization_memory_controller_ratio=utilization_dram,
             sm_activity_ratio=sm,
             sm_occupancy_ratio=None if sm is None else 0.5 * sm,  # ASSUMPTION: half the warp slots
             tensor_activity_ratio=tensor,

@@ -1,0 +1,153 @@
+"""Assembles the agent: backends, accounting, ledger, sampler, exporters and the HTTP server.
+
+``Agent`` is what ``wattledger agent`` runs, and what tests and the benchmark command start
+in-process. Opening the GPU backend follows ``backend``: ``nvml`` (real GPUs), ``mock`` (simulated),
+``replay`` (a recorded file) or ``auto`` (NVML when it initialises, otherwise the mock, saying so).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from wattledger.agent import version
+from wattledger.agent.accounting import Accounting
+from wattledger.agent.config import AgentConfig
+from wattledger.agent.ledger import Ledger
+from wattledger.agent.sampler import Sampler
+from wattledger.agent.span_activity import SpanActivitySource
+from wattledger.exporters.jsonl import JsonlRecorder
+from wattledger.exporters.prometheus import make_registry
+from wattledger.probes.base import GpuBackend, HostBackend, ProbeUnavailable
+from wattledger.probes.host import open_host_backend
+from wattledger.probes.mock import MockGpuBackend, parse_fault
+from wattledger.probes.replay import ReplayGpuBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenedGpuBackend:
+    backend: GpuBackend | None
+    notes: list[str]  # one line each: what was chosen and why (printed at startup)
+
+
+def open_gpu_backend(config: AgentConfig, clock_ns: Callable[[], int] = time.monotonic_ns) -> OpenedGpuBackend:
+    """The GPU backend the config asks for; ``backend=None`` when there is no GPU data to read."""
+    notes: list[str] = []
+    if config.backend in ("auto", "nvml"):
+        from wattledger.probes.nvml import NvmlBackend  # only this path needs pynvml
+
+        try:
+            return OpenedGpuBackend(NvmlBackend(clock_ns=clock_ns), notes)
+        except ProbeUnavailable as err:
+            if config.backend == "nvml":
+                notes.append(f"no GPU data: {err}; running the host probes only")
+                return OpenedGpuBackend(None, notes)
+            notes.append(f"{err}; using the mock GPU backend instead (SIMULATED figures)")
+    if config.backend == "replay":
+        backend = ReplayGpuBackend(config.replay, speed=config.replay_speed, loop=config.replay_loop,
+                                   clock_ns=clock_ns)
+        label = " (recorded from SIMULATED GPUs)" if backend.simulated else ""
+        notes.append(f"replaying {config.replay} at {config.replay_speed:g}x{label}")
+        return OpenedGpuBackend(backend, notes)
+    faults = [parse_fault(text) for text in config.mock_faults]
+    try:
+        backend = MockGpuBackend(config.mock_gpus, config.mock_preset, clock_ns=clock_ns, faults=faults,
+                                 delay_s=config.mock_delay_seconds)
+    except ProbeUnavailable as err:
+        notes.append(f"no GPU data: {err}; running the host probes only")
+        return OpenedGpuBackend(None, notes)
+    notes.append(f"SIMULATED: mock GPU backend, {config.mock_gpus} x {backend.spec.model_name} "
+                 f"(preset {config.mock_preset}); every GPU figure is simulated")
+    return OpenedGpuBackend(backend, notes)
+
+
+class Agent:
+    """A running agent. ``start()`` begins sampling and serving; ``stop()`` ends both and flushes."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        gpu: GpuBackend | None = None,
+        host: HostBackend | None = None,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+        serve_http: bool = True,
+    ):
+        self.config = config
+        self._clock_ns = clock_ns
+        self.notes: list[str] = []
+        if gpu is None:
+            opened = open_gpu_backend(config, clock_ns)
+            gpu, self.notes = opened.backend, opened.notes
+        self.gpu = gpu
+        if host is None:
+            try:
+                host = open_host_backend(config.procfs, config.sysfs)
+            except ProbeUnavailable as err:
+                self.notes.append(f"no host data: {err}")
+        self.host = host
+        gpu_indices = [info.index for info in gpu.devices()] if gpu is not None else []
+        self.accounting = Accounting(gpu_indices, clock_ns=clock_ns, max_workloads=config.max_workloads,
+                                     name_pattern=config.workload_name_pattern)
+        if isinstance(gpu, MockGpuBackend):
+            gpu.set_activity_source(SpanActivitySource(self.accounting))
+        if host is not None:
+            self.accounting.add_process_listener(self._on_workload_process)
+        self.ledger = Ledger(self.accounting, clock_ns=clock_ns)
+        self.sampler = Sampler(self.ledger, gpu, host, config.interval_seconds,
+                               host_interval_seconds=config.host_interval_seconds)
+        self.registry = make_registry(self.ledger, version.VERSION)
+        self.recorder: JsonlRecorder | None = None
+        if config.record:
+            self.recorder = JsonlRecorder(config.record, gpu.name if gpu else None, bool(gpu and gpu.simulated),
+                                          gpu.devices() if gpu else [], config.interval_seconds)
+            self.sampler.add_sink(self.recorder.write_samples)
+            self.accounting.add_span_listener(self.recorder.write_span)
+        self._serve_http = serve_http
+        self.server = None
+
+    @property
+    def simulated(self) -> bool:
+        return bool(self.gpu is not None and self.gpu.simulated)
+
+    def _on_workload_process(self, workload: str, old_pid: int | None, new_pid: int | None) -> None:
+        if old_pid is not None:
+            self.host.unwatch_process(old_pid)
+        if new_pid is not None:
+            self.host.watch_process(new_pid)
+
+    def healthy(self) -> bool:
+        return self.sampler.is_alive()
+
+    def start(self) -> None:
+        """Start sampling, then serving (raises ServerStartError if the port cannot be bound)."""
+        self.sampler.start()
+        if self._serve_http:
+            from wattledger.agent.http_api import make_app, serve
+
+            app = make_app(self.accounting, self.registry, self.healthy, bearer_token=self.config.token,
+                           clock_ns=self._clock_ns)
+            try:
+                self.server = serve(app, self.config.address, self.config.port)
+            except Exception:
+                self.sampler.stop()
+                raise
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"{self.server.url}/metrics" if self.server is not None else None
+
+    def stop(self) -> None:
+        """Stop serving and sampling; flush the recording; release the hardware."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.sampler.stop()
+        if self.recorder is not None:
+            self.recorder.close()
+        for backend in (self.gpu, self.host):
+            if backend is not None:
+                backend.close()

@@ -1,0 +1,219 @@
+"""The ``wattledger`` command as a user runs it: real processes, real HTTP on loopback, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+WATTLEDGER = [sys.executable, "-m", "wattledger.agent.cli"]
+
+
+def start_agent(*args: str, env: dict | None = None, printed: list | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``wattledger agent`` and return it with its metrics URL once it is serving.
+
+    The lines it printed up to then are appended to ``printed``."""
+    process = subprocess.Popen(
+        WATTLEDGER + ["agent", "--address", "127.0.0.1", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 20
+    lines = printed if printed is not None else []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"metrics at (http://\S+/metrics)", line)
+        if match:
+            return process, match.group(1)
+    process.kill()
+    raise AssertionError(f"agent did not start: {lines} {process.stderr.read()}")
+
+
+def get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.status, response.read().decode()
+
+
+def post(url: str, body: dict) -> int:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status
+
+
+def metrics_containing(url: str, needle: str) -> str | None:
+    text = get(url)[1]
+    return text if needle in text else None
+
+
+def wait_for(predicate, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_version():
+    result = subprocess.run(WATTLEDGER + ["--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and re.fullmatch(r"wattledger \S+\n", result.stdout)
+
+
+def test_agent_on_the_mock_serves_records_and_stops_cleanly(tmp_path):
+    record = tmp_path / "trace.jsonl"
+    printed: list[str] = []
+    process, url = start_agent("--backend", "mock", "--mock-gpus", "2", "--record", str(record),
+                               "--mock-delay", "0", printed=printed)
+    try:
+        base = url.rsplit("/", 1)[0]
+        assert get(base + "/healthz") == (200, "ok\n")
+        post(base + "/v1/workloads/start", {"workload": "chat", "gpus": [0]})
+        post(base + "/v1/tokens", {"workload": "chat", "kind": "generated", "count": 128})
+        post(base + "/v1/spans", {"workload": "chat", "kind": "compute", "gpus": [0],
+                                  "start_ns": time.monotonic_ns() - 10**8, "end_ns": time.monotonic_ns()})
+        text = wait_for(lambda: metrics_containing(url, "wattledger_workload_energy_joules_total{"))
+        assert 'simulated="true"' in text
+        assert 'wattledger_workload_tokens_total{kind="generated",workload="chat"} 128.0' in text
+        assert text.count("wattledger_gpu_up{") == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+    assert process.returncode == 0, err
+    assert "SIMULATED" in printed[0]
+    assert "Traceback" not in err
+    lines = record.read_text().splitlines()
+    assert json.loads(lines[0])["type"] == "header"
+    assert any(json.loads(line)["type"] == "span" for line in lines)
+    assert sum(1 for line in lines if json.loads(line)["type"] == "gpu") >= 4
+
+
+def test_sigint_stops_it_too():
+    process, url = start_agent("--backend", "mock")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 0 and "stopped" in out and "Traceback" not in err
+
+
+def test_replay_of_a_recording_serves_the_recorded_gpus(tmp_path):
+    fixture = Path(__file__).parent / "fixtures" / "mock_recording.jsonl"
+    process, url = start_agent("--replay", str(fixture), "--replay-speed", "5", "--replay-loop")
+    try:
+        text = wait_for(lambda: metrics_containing(url, "wattledger_gpu_energy_joules_total{"))
+        assert 'wattledger_build_info{backend="replay"' in text
+        assert 'simulated="true"' in text  # the recording came from the mock, and says so
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["agent", "--interval", "1ms"], "at least 10ms"),
+    (["agent", "--backend", "cuda"], "invalid choice"),
+    (["agent", "--mock-gpus", "0"], "mock-gpus"),
+    (["agent", "--replay", "/no/such/file.jsonl"], "cannot read replay file"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_usage_is_one_line_and_changes_nothing(args, message, tmp_path):
+    result = subprocess.run(WATTLEDGER + args, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode in (1, 2)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors_exit_2():
+    result = subprocess.run(WATTLEDGER + ["agent", "--interval", "1ms"], capture_output=True, text=True)
+    assert result.returncode == 2
+
+
+def test_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(WATTLEDGER + ["agent", "--backend", "mock", "--address", "127.0.0.1", "--port",
+                                              str(port)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_environment_and_config_file_settings(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\nbackend = "mock"\nmock_gpus = 3\n')
+    env = dict(os.environ, WATTLEDGER_MOCK_PRESET="h200-141gb")
+    process, url = start_agent("--config", str(config), env=env)
+    try:
+        text = get(url)[1]
+        assert text.count('model_name="NVIDIA H200"') == 3
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def test_devices_lists_fields_and_says_simulated():
+    result = subprocess.run(WATTLEDGER + ["devices", "--backend", "mock", "--mock-gpus", "2"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("wattledger: SIMULATED")
+    assert "GPU 1: NVIDIA H100 80GB HBM3 [SIMULATED]" in result.stdout
+    assert re.search(r"processes\s+not available: the mock does not simulate", result.stdout)
+    data = json.loads(subprocess.run(WATTLEDGER + ["devices", "--backend", "mock", "--json"], capture_output=True,
+                                     text=True, timeout=30).stdout)
+    assert data["simulated"] is True and data["gpus"][0]["fields"]["power_watts"]["supported"] is True
+
+
+def test_without_nvml_the_agent_runs_host_probes_and_says_why():
+    from wattledger.probes.base import ProbeUnavailable
+    from wattledger.probes.nvml import NvmlBackend
+
+    try:
+        NvmlBackend().close()
+        pytest.skip("this machine has a working NVML")
+    except ProbeUnavailable:
+        pass
+    printed: list[str] = []
+    process, url = start_agent("--backend", "nvml", printed=printed)
+    try:
+        text = get(url)[1]
+        assert "wattledger_host_memory_total_bytes " in text
+        assert "wattledger_gpu_up{" not in text
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert printed[0].startswith("wattledger: no GPU data: NVML")
+
+
+def test_the_agent_never_imports_torch_or_pandas():
+    script = (
+        "import sys, pkgutil, importlib, time\n"
+        "import wattledger.agent, wattledger.probes, wattledger.exporters\n"
+        "for pkg in (wattledger.agent, wattledger.probes, wattledger.exporters):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+        "from wattledger.agent.config import build_config\n"
+        "from wattledger.agent.daemon import Agent\n"
+        "agent = Agent(build_config({'backend': 'mock', 'mock_gpus': 2, 'port': 0, 'address': '127.0.0.1'}, {}))\n"
+        "agent.start(); time.sleep(0.5)\n"
+        "import urllib.request; urllib.request.urlopen(agent.metrics_url).read()\n"
+        "agent.stop()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'matplotlib', 'numpy')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
