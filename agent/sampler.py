@@ -38,6 +38,7 @@ class Sampler:
         clock: Callable[[], float] = time.monotonic,
         host_interval_seconds: float | None = None,
         sinks: Sequence[Callable[[list[GpuSample], HostSample | None], None]] = (),
+        wait: Callable[[float], bool] | None = None,
     ):
         if interval_seconds < MIN_INTERVAL_SECONDS:
             raise ValueError(f"the sampling interval must be at least {MIN_INTERVAL_SECONDS * 1000:g} ms")
@@ -54,6 +55,9 @@ class Sampler:
         self._clock = clock
         self._sinks = list(sinks)
         self._stop = threading.Event()
+        # wait(seconds) sleeps until then or until stop(); returns True once stopped. Tests pass one that
+        # moves a fake clock instead.
+        self._wait = wait if wait is not None else self._stop.wait
         self._thread: threading.Thread | None = None
         self._last_tick_end: float | None = None
         self.fatal_error: BaseException | None = None
@@ -113,7 +117,8 @@ class Sampler:
                 self.ledger.record_overrun()
                 missed = int((now - next_deadline) / self.interval_seconds) + 1
                 next_deadline += missed * self.interval_seconds
-            self._stop.wait(max(0.0, next_deadline - now))
+            if self._wait(max(0.0, next_deadline - now)):
+                return
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="wattledger-sampler", daemon=True)

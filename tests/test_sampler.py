@@ -1,0 +1,102 @@
+"""The sampler loop: fixed deadlines, overruns, probe self-metrics, fatal errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes import FakeClock
+from wattledger.agent.ledger import Ledger
+from wattledger.agent.sampler import Sampler
+from wattledger.probes.base import GpuInfo, GpuSample
+
+
+class ScriptedBackend:
+    """A GPU backend whose reads take scripted (fake) time and may fail."""
+
+    name, simulated = "stub", False
+
+    def __init__(self, clock: FakeClock, read_seconds, failures=()):
+        self.clock, self.read_seconds, self.failures = clock, list(read_seconds), set(failures)
+        self.read_times: list[float] = []
+
+    def devices(self):
+        return [GpuInfo(0, "GPU-a", "Stub", "1", None, None)]
+
+    def sample(self):
+        number = len(self.read_times)
+        self.read_times.append(self.clock.seconds())
+        self.clock.advance(self.read_seconds[number] if number < len(self.read_seconds) else 0.001)
+        if number in self.failures:
+            raise RuntimeError("stub read failed")
+        return [GpuSample(0, "GPU-a", self.clock.ns(), utilization_gpu_ratio=0.5)]
+
+    def field_status(self, index):
+        return []
+
+    def close(self):
+        pass
+
+
+def make_sampler(backend, clock, stop_after_ticks):
+    ledger = Ledger(None, clock_ns=clock.ns)
+    state = {"ticks": 0}
+
+    def wait(seconds):
+        clock.advance(seconds)
+        state["ticks"] += 1
+        return state["ticks"] >= stop_after_ticks
+
+    return Sampler(ledger, backend, None, 0.1, clock=clock.seconds, wait=wait), ledger
+
+
+def test_deadlines_do_not_drift_with_read_time():
+    clock = FakeClock(start_ns=0)
+    backend = ScriptedBackend(clock, [0.03] * 10)
+    sampler, ledger = make_sampler(backend, clock, stop_after_ticks=10)
+    sampler.run()
+    assert backend.read_times == pytest.approx([0.1 * i for i in range(10)])
+    assert ledger.snapshot().overruns == 0
+
+
+def test_a_slow_tick_is_an_overrun_and_the_schedule_skips_ahead():
+    clock = FakeClock(start_ns=0)
+    backend = ScriptedBackend(clock, [0.01, 0.25, 0.01, 0.01])
+    sampler, ledger = make_sampler(backend, clock, stop_after_ticks=4)
+    sampler.run()
+    # Tick 1 ran 0.1-0.35 s: deadlines 0.2 and 0.3 were missed, the next read is at 0.4 (no burst).
+    assert backend.read_times == pytest.approx([0.0, 0.1, 0.4, 0.5])
+    assert ledger.snapshot().overruns == 1
+
+
+def test_probe_failures_show_in_self_metrics_and_do_not_stop_the_loop():
+    clock = FakeClock(start_ns=0)
+    backend = ScriptedBackend(clock, [0.002] * 5, failures={1})
+    sampler, ledger = make_sampler(backend, clock, stop_after_ticks=5)
+    sampler.run()
+    stats = ledger.snapshot().probes["gpu"]
+    assert stats.success and stats.failures_total == 1 and "stub read failed" in stats.last_error
+    assert stats.duration_seconds == pytest.approx(0.002)
+    assert sampler.fatal_error is None and sampler.ticks == 5
+
+
+def test_a_fatal_probe_error_stops_the_loop_for_a_restart():
+    from wattledger.probes.nvml import NvmlFatalError
+
+    clock = FakeClock(start_ns=0)
+    backend = ScriptedBackend(clock, [0.001] * 5)
+    original = backend.sample
+
+    def failing():
+        if len(backend.read_times) == 2:
+            raise NvmlFatalError("NVML library and driver versions differ")
+        return original()
+
+    backend.sample = failing
+    sampler, _ = make_sampler(backend, clock, stop_after_ticks=10)
+    sampler.run()
+    assert isinstance(sampler.fatal_error, NvmlFatalError) and sampler.ticks == 2
+
+
+def test_intervals_below_10ms_are_refused():
+    with pytest.raises(ValueError, match="10 ms"):
+        Sampler(Ledger(None), None, None, 0.005)
