@@ -129,7 +129,7 @@ class Agent:
             from wattledger.agent.http_api import make_app, serve
 
             app = make_app(self.accounting, self.registry, self.healthy, bearer_token=self.config.token,
-                           clock_ns=self._clock_ns)
+                           clock_ns=self._clock_ns, scrape_cache_seconds=self.config.interval_seconds)
             try:
                 self.server = serve(app, self.config.address, self.config.port)
             except Exception:

@@ -27,6 +27,8 @@ from http import HTTPStatus
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import make_wsgi_app
+
+from wattledger.agent.scrape_cache import ScrapeCache
 from prometheus_client.registry import CollectorRegistry
 
 from wattledger.agent.accounting import MAX_SPANS_PER_CALL, TOKEN_KINDS, Accounting, AccountingError, Span
@@ -163,6 +165,7 @@ class _AgentApp:
         max_body_bytes: int,
         clock_ns: Callable[[], int],
         max_future_ns: int | None,
+        scrape_cache_seconds: float,
     ):
         if bearer_token is not None and not bearer_token.strip():
             raise ValueError("bearer_token must not be empty (use None to accept loopback writes only)")
@@ -170,6 +173,7 @@ class _AgentApp:
             raise ValueError("max_body_bytes must be at least 1")
         self._accounting = accounting
         self._metrics_app = make_wsgi_app(registry)
+        self._scrape_cache = ScrapeCache(self._render_metrics, scrape_cache_seconds)
         self._is_healthy = is_healthy
         self._token = bearer_token.encode("utf-8") if bearer_token is not None else None
         self._max_body_bytes = max_body_bytes
@@ -335,14 +339,22 @@ class _AgentApp:
         return 503, [("Content-Type", "text/plain; charset=utf-8")], b"unhealthy\n"
 
     def _get_metrics(self, environ: dict) -> _Response:
+        # Everything that changes prometheus_client's answer is in the key.
+        key = (environ.get("HTTP_ACCEPT", ""), environ.get("HTTP_ACCEPT_ENCODING", ""),
+               environ.get("QUERY_STRING", ""))
+        return self._scrape_cache.get(key)
+
+    def _render_metrics(self, key: tuple) -> _Response:
+        accept, accept_encoding, query = key
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "HTTP_ACCEPT": accept,
+                   "HTTP_ACCEPT_ENCODING": accept_encoding, "QUERY_STRING": query}
         # prometheus_client's app does content negotiation (OpenMetrics), gzip and ?name[]= filtering.
         captured: dict = {}
 
         def capture(status: str, headers: list, exc_info=None) -> None:
             captured["status"], captured["headers"] = status, headers
 
-        inner = dict(environ, REQUEST_METHOD="GET")
-        chunks = self._metrics_app(inner, capture)
+        chunks = self._metrics_app(environ, capture)
         try:
             body = b"".join(chunks)
         finally:
@@ -427,14 +439,18 @@ def make_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     clock_ns: Callable[[], int] = time.monotonic_ns,
     max_future_ns: int | None = DEFAULT_MAX_FUTURE_NS,
+    scrape_cache_seconds: float = 0.0,
 ) -> Callable:
     """The agent's WSGI application.
 
     ``registry`` is what /metrics exposes; ``is_healthy`` answers /healthz. ``bearer_token`` lets
     non-loopback clients write. ``clock_ns`` should be the Accounting's clock: timestamps more than
-    ``max_future_ns`` ahead of it are refused (None turns that check off).
+    ``max_future_ns`` ahead of it are refused (None turns that check off). Scrapes within
+    ``scrape_cache_seconds`` of each other share one rendering (the agent uses its sampling interval;
+    0 renders every scrape).
     """
-    return _AgentApp(accounting, registry, is_healthy, bearer_token, max_body_bytes, clock_ns, max_future_ns)
+    return _AgentApp(accounting, registry, is_healthy, bearer_token, max_body_bytes, clock_ns, max_future_ns,
+                     scrape_cache_seconds)
 
 
 # -- the server -----------------------------------------------------------------------------------
