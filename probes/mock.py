@@ -97,6 +97,12 @@ class Fault:
             raise ValueError(f"unknown fault kind {self.kind!r}")
         if self.kind == "field_unsupported" and self.field not in FAULTABLE_FIELDS:
             raise ValueError(f"field_unsupported needs field= one of {', '.join(FAULTABLE_FIELDS)}")
+        if not (math.isfinite(self.at_s) and self.at_s >= 0):
+            raise ValueError("at must be a finite number of seconds >= 0")
+        if self.gpu is not None and self.gpu < 0:
+            raise ValueError("gpu must be a GPU index >= 0")
+        if self.until_s is not None and not math.isfinite(self.until_s):
+            raise ValueError("until must be a finite number of seconds")
         if self.kind == "gpu_lost" and self.until_s is not None and self.until_s <= self.at_s:
             raise ValueError("gpu_lost: until_s must come after at_s")
 

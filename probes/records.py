@@ -71,8 +71,40 @@ def gpu_info_from_record(record: dict) -> GpuInfo:
         raise RecordError(f"bad gpu entry in header: {err}") from None
 
 
+_GPU_NUMBER_FIELDS = tuple(
+    f.name for f in dataclasses.fields(GpuSample)
+    if f.name not in ("uuid", "up", "throttle_reasons", "throttle_seconds", "processes", "mig_instances")
+)
+
+
+def _check_gpu_record(values: dict) -> None:
+    """Types a replayed sample must have: the ledger does arithmetic on every number."""
+    for name in ("index", "uuid", "monotonic_ns"):
+        if name not in values:
+            raise RecordError(f"gpu record without {name}")
+    if not isinstance(values["uuid"], str):
+        raise RecordError("gpu record: uuid must be a string")
+    for name in _GPU_NUMBER_FIELDS:
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RecordError(f"gpu record: {name} must be a number")
+    for name in ("index", "monotonic_ns"):
+        if not isinstance(values[name], int) or values[name] < 0:
+            raise RecordError(f"gpu record: {name} must be a whole number >= 0")
+    if not isinstance(values.get("up", True), bool):
+        raise RecordError("gpu record: up must be true or false")
+    reasons = values.get("throttle_reasons")
+    if reasons is not None and not (isinstance(reasons, list) and all(isinstance(r, str) for r in reasons)):
+        raise RecordError("gpu record: throttle_reasons must be a list of names")
+    seconds = values.get("throttle_seconds")
+    if seconds is not None and not (isinstance(seconds, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in seconds.values())):
+        raise RecordError("gpu record: throttle_seconds must map reasons to numbers")
+
+
 def gpu_sample_from_record(record: dict) -> GpuSample:
     values = {k: record[k] for k in _GPU_FIELDS if k in record}
+    _check_gpu_record(values)
     try:
         if "throttle_reasons" in values:
             values["throttle_reasons"] = frozenset(values["throttle_reasons"])
@@ -81,7 +113,7 @@ def gpu_sample_from_record(record: dict) -> GpuSample:
         if "mig_instances" in values:
             values["mig_instances"] = tuple(MigInstance(**m) for m in values["mig_instances"])
         return GpuSample(**values)
-    except TypeError as err:
+    except (TypeError, AttributeError) as err:
         raise RecordError(f"bad gpu record: {err}") from None
 
 

@@ -217,3 +217,37 @@ def test_the_agent_never_imports_torch_or_pandas():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_sigkill_loses_at_most_the_last_two_seconds_of_a_recording(tmp_path):
+    record = tmp_path / "trace.jsonl"
+    process, url = start_agent("--backend", "mock", "--record", str(record))
+    time.sleep(4.5)
+    process.kill()
+    process.communicate(timeout=10)
+    lines = record.read_text().splitlines()
+    gpu_lines = [line for line in lines if '"type":"gpu"' in line]
+    assert len(gpu_lines) >= 20  # 4.5 s at 10 Hz, less at most 2 s not yet flushed
+    replayed = subprocess.run(WATTLEDGER + ["devices", "--replay", str(record)], capture_output=True, text=True,
+                              timeout=30)
+    assert replayed.returncode == 0 and "GPU 0" in replayed.stdout
+
+
+def test_concurrent_scrapes_while_sampling_all_parse():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    process, url = start_agent("--backend", "mock", "--mock-gpus", "4", "--interval", "20ms")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda _: get(url), range(80)))
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    for status, text in texts:
+        assert status == 200
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert len(families["wattledger_gpu_up"].samples) == 4
+        energy = families["wattledger_gpu_energy_joules"].samples
+        assert all(s.value >= 0 for s in energy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fakes import NS_PER_S, FakeClock
 from wattledger.probes.activity import ScriptedTimeline
@@ -172,3 +173,35 @@ def test_same_script_gives_identical_samples():
             out.append(backend.sample())
         return out
     assert run() == run()
+
+
+def test_exported_energy_counter_matches_ground_truth_over_60_seconds():
+    from fakes import run_ticks
+    from wattledger.agent.ledger import Ledger
+    from wattledger.agent.sampler import Sampler
+    from wattledger.exporters.prometheus import make_registry
+
+    clock = FakeClock()
+    backend = MockGpuBackend(2, activity=bursty_timeline(clock.ns()), clock_ns=clock.ns)
+    ledger = Ledger(None, clock_ns=clock.ns)
+    sampler = Sampler(ledger, backend, None, 0.1, clock=clock.seconds)
+    sampler.tick()  # the exported counter starts from the agent's first reading
+    truth_at_start = [backend.true_energy_joules(i) for i in range(2)]
+    run_ticks(sampler, clock, 60.0)
+    registry = make_registry(ledger, "test")
+    for info in backend.devices():
+        exported = registry.get_sample_value("wattledger_gpu_energy_joules_total",
+                                             {"gpu": str(info.index), "uuid": info.uuid})
+        truth = backend.true_energy_joules(info.index) - truth_at_start[info.index]
+        assert exported == pytest.approx(truth, rel=0.005)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_fault_parser_accepts_or_gives_one_line_value_error(text):
+    try:
+        fault = parse_fault(text)
+    except ValueError as err:
+        assert "\n" not in str(err)
+    else:
+        assert isinstance(fault, Fault)

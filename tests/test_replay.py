@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fakes import FakeClock, run_ticks
 from wattledger.agent.accounting import Accounting
@@ -95,3 +96,41 @@ def test_bad_files_give_one_line_errors(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ProbeUnavailable, match="cannot read"):
         ReplayGpuBackend(tmp_path / "nope.jsonl")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.lists(st.one_of(st.text(max_size=40), st.dictionaries(st.text(max_size=8), st.integers(), max_size=3)
+                                  .map(json.dumps)), max_size=5))
+def test_any_file_content_replays_or_gives_one_line_error(tmp_path, garbage):
+    path = tmp_path / "fuzz.jsonl"
+    header = ('{"type":"header","format":"wattledger-samples","version":1,"gpus":[{"index":0,"uuid":"GPU-x",'
+              '"model_name":"m","driver_version":"d","memory_total_bytes":null,"power_limit_default_watts":null}]}')
+    path.write_text("\n".join([header, *garbage, '{"type":"gpu","index":0,"uuid":"GPU-x","monotonic_ns":5}']) + "\n")
+    try:
+        backend = ReplayGpuBackend(path)
+    except ProbeUnavailable as err:
+        assert "\n" not in str(err)
+    else:
+        assert backend.sample()[0].index == 0
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children,
+                                                                                        max_size=3), max_leaves=6)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.dictionaries(st.sampled_from(["index", "uuid", "monotonic_ns", "up", "energy_joules", "power_watts",
+                                               "throttle_reasons", "throttle_seconds", "processes", "bogus"]),
+                              _JSON, max_size=6))
+def test_malformed_gpu_records_are_refused_in_one_line(tmp_path, fields):
+    path = tmp_path / "fuzz.jsonl"
+    header = '{"type":"header","format":"wattledger-samples","version":1,"gpus":[]}'
+    path.write_text(header + "\n" + json.dumps({"type": "gpu", **fields}) + "\n" + '{"type":"host"}\n')
+    try:
+        backend = ReplayGpuBackend(path)
+    except ProbeUnavailable as err:
+        assert "\n" not in str(err)
+    else:
+        for sample in backend.sample():
+            assert isinstance(sample.monotonic_ns, int)
