@@ -98,6 +98,9 @@ def run_agent(config: AgentConfig) -> int:
     except ProbeUnavailable as err:
         print(f"wattledger: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as err:  # e.g. the --record file cannot be created
+        print(f"wattledger: cannot start: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
     for note in agent.notes:
         print(f"wattledger: {note}", flush=True)
     stop = threading.Event()
@@ -137,7 +140,11 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
     from wattledger.probes.host import open_host_backend
 
     _setup_logging("warning")
-    opened = open_gpu_backend(config)
+    try:
+        opened = open_gpu_backend(config)
+    except ProbeUnavailable as err:
+        print(f"wattledger: {err}", file=sys.stderr)
+        return EXIT_FAILED
     gpu = opened.backend
     report: dict = {"notes": opened.notes, "simulated": bool(gpu and gpu.simulated), "gpus": [], "host": []}
     if gpu is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -196,6 +197,8 @@ def validate(config: AgentConfig) -> None:
         parent = Path(config.record).expanduser().resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"record: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK) or parent.is_relative_to("/proc") or parent.is_relative_to("/sys"):
+            raise ConfigError(f"record: directory {parent} is not writable")
     if config.token is not None and len(config.token) < 16:
         raise ConfigError("token must be at least 16 characters")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -5,7 +5,8 @@ on any machine. Sample times are moved onto this machine's clock: a sample recor
 the trace is served ``t / speed`` seconds after the replay starts, stamped with that time. Counters are
 served as recorded, so at ``speed`` > 1 the energy rates come out ``speed`` times higher: this is a
 replay of the trace, not a rescaling of it. With ``loop`` the trace starts again at its end (the
-counters then go back, which the ledger treats like a driver reset).
+counters then go back, which the ledger treats like a driver reset); without it, the devices read as
+down (``up=False``) once the trace has ended.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class ReplayGpuBackend:
         _, offset = self._trace_offset_ns()
         at = self._trace_start_ns + offset
         out = []
+        if self.finished:
+            # The recording has ended: report the devices as gone rather than repeat the last sample
+            # (its utilization would keep adding busy seconds that nobody recorded).
+            return [GpuSample(index=i.index, uuid=i.uuid, monotonic_ns=now, up=False) for i in self._infos]
         for info in self._infos:
             times, samples = self._timelines.get(info.index, ([], []))
             position = bisect.bisect_right(times, at) - 1

@@ -127,6 +127,8 @@ def test_replay_of_a_recording_serves_the_recorded_gpus(tmp_path):
     (["agent", "--mock-gpus", "0"], "mock-gpus"),
     (["agent", "--replay", "/no/such/file.jsonl"], "cannot read replay file"),
     (["frobnicate"], "invalid choice"),
+    (["devices", "--replay", "/no/such/file.jsonl"], "cannot read replay file"),
+    (["agent", "--backend", "mock", "--record", "/proc/forbidden.jsonl"], "not writable"),
 ])
 def test_bad_usage_is_one_line_and_changes_nothing(args, message, tmp_path):
     result = subprocess.run(WATTLEDGER + args, capture_output=True, text=True, timeout=30, cwd=tmp_path)

@@ -55,6 +55,7 @@ def test_recording_replays_sample_for_sample(tmp_path):
     assert not replay.finished
     clock.advance(1)
     assert replay.finished
+    assert [s.up for s in replay.sample()] == [False, False]
 
 
 def test_accelerated_replay_and_loop(tmp_path):
