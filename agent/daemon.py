@@ -89,6 +89,10 @@ class Agent:
             except ProbeUnavailable as err:
                 self.notes.append(f"no host data: {err}")
         self.host = host
+        if host is not None:
+            # RAPL is often unreadable (root-only, or not mounted into containers): say so once, up front.
+            self.notes += [f"no host energy: {st.reason}" for st in host.field_status()
+                           if not st.supported and st.name == "rapl"]
         gpu_indices = [info.index for info in gpu.devices()] if gpu is not None else []
         self.accounting = Accounting(gpu_indices, clock_ns=clock_ns, max_workloads=config.max_workloads,
                                      name_pattern=config.workload_name_pattern)

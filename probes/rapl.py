@@ -109,7 +109,7 @@ class RaplReader:
                 f"{self._powercap} not readable ({type(exc).__name__}): no RAPL driver, not an x86 host, "
                 "or /sys not mounted into the container"
             )
-            log.info("RAPL unavailable: %s", self._missing_reason)
+            log.debug("RAPL unavailable: %s", self._missing_reason)
             return
         packages: dict[int, str] = {}  # zone index -> package label
         subzones: list[tuple[int, int, str]] = []
@@ -149,7 +149,7 @@ class RaplReader:
                 self._zones.append(_Zone(label, directory, os.path.join(directory, "energy_uj")))
         if not self._zones:
             self._missing_reason = f"no package or dram zone under {self._powercap}"
-            log.info("RAPL unavailable: %s", self._missing_reason)
+            log.debug("RAPL unavailable: %s", self._missing_reason)
 
     def _read_max_ranges(self) -> None:
         for zone in self._zones:
