@@ -152,7 +152,6 @@ class HostLedger:
     cpu_busy: MonotonicCounter = field(default_factory=MonotonicCounter)
     cpu_core_busy: dict[int, MonotonicCounter] = field(default_factory=dict)
     rapl: dict[str, MonotonicCounter] = field(default_factory=dict)
-    seen: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +335,6 @@ class Ledger:
                     figures[name][1] = base + sum(current.values())
             host = self._host
             host.last = sample
-            host.seen = True
             if sample.cpu_busy_seconds is not None:
                 host.cpu_busy.update(sample.cpu_busy_seconds)
             for core, seconds in enumerate(sample.cpu_busy_seconds_per_core or ()):
@@ -408,10 +406,3 @@ class Ledger:
                 sample_age_seconds=age,
                 xid_counts=dict(self._xid_counts),
             )
-
-    def is_fresh(self, max_age_seconds: float) -> bool:
-        """True while the newest sample is younger than ``max_age_seconds``."""
-        with self._lock:
-            if self._last_record_ns is None:
-                return False
-            return (self._clock_ns() - self._last_record_ns) / NS_PER_S <= max_age_seconds

@@ -11,7 +11,7 @@ same clock in every process on the host. Workloads reporting spans from another 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 # Engines whose busy time the ledger integrates. "gpu" and "memory_controller" are NVML's classic
@@ -258,4 +258,3 @@ class ProbeStats:
     duration_seconds: float = 0.0
     failures_total: int = 0
     last_error: str | None = None
-    extra: dict[str, float] = field(default_factory=dict)

@@ -297,9 +297,6 @@ class MockGpuBackend:
         """Ground truth: the exact simulated energy of a device since the backend started."""
         return self._gpus[index].true_energy_joules
 
-    def simulated_now_ns(self) -> int:
-        return self._gpus[0].now_ns
-
     def _apply_faults(self, now_ns: int) -> None:
         elapsed_s = (now_ns - self._start_ns) / NS_PER_S
         for number, fault in enumerate(self._faults):
