@@ -71,6 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=s)
     _add_backend_flags(agent)
 
+    # Only named here: its options live in wattledger.workloads.cli, which imports torch (main() hands the
+    # whole command line over before this parser sees it).
+    commands.add_parser("workload", help="run a bundled workload (training, chat, agentic); needs torch",
+                        add_help=False)
+
     devices = commands.add_parser("devices", help="list GPUs and which fields and probes work on each")
     devices.add_argument("--json", action="store_true", help="print one JSON object")
     _add_backend_flags(devices)
@@ -195,6 +200,15 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["workload"]:
+        try:
+            from wattledger.workloads.cli import main as workload_main
+        except ImportError as err:
+            print(f"wattledger: error: workloads need torch ({err}); install with: pip install torch==2.13.0 "
+                  "'wattledger[workloads]'", file=sys.stderr)
+            return EXIT_USAGE
+        return workload_main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,0 +1,131 @@
+"""``wattledger workload {training,chat,agentic}``: run one bundled workload alone and print its summary.
+
+The agent's command hands ``workload`` over to this module, so torch is imported only when a workload
+runs: the daemon never loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from wattledger.agent.config import parse_duration_seconds
+
+WORKLOADS = ("training", "chat", "agentic")
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, f"wattledger workload: error: {message} (see --help)\n")
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration_seconds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("duration must be positive")
+    return seconds
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of GPU indices: {text!r}") from None
+    if not gpus or any(g < 0 for g in gpus):
+        raise argparse.ArgumentTypeError(f"not a list of GPU indices: {text!r}")
+    return gpus
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="wattledger workload", description="Run one bundled workload and print its summary.")
+    commands = parser.add_subparsers(dest="workload", metavar="WORKLOAD", parser_class=_Parser, required=True)
+    for name in WORKLOADS:
+        module = importlib.import_module(f"wattledger.workloads.{name}")
+        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        sub.add_argument("--preset", default="tiny", choices=["tiny", "125m", "1b", "8b"], help="model shape")
+        sub.add_argument("--duration", type=_duration, default=30.0, help="how long to run, e.g. 30s, 2m")
+        sub.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--compile", action="store_true", help="torch.compile the hot step (CUDA graphs on GPU)")
+        sub.add_argument("--gpus", type=_gpu_list, default=None,
+                         help="GPU indices to report to the agent (default: the CUDA device's, or 0)")
+        sub.add_argument("--agent", metavar="URL", help="report tokens and spans to a running agent, e.g. "
+                         "http://127.0.0.1:9478")
+        sub.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+        module.add_arguments(sub)
+    return parser
+
+
+def _default_gpus(device: str) -> list[int]:
+    if device.startswith("cuda:"):
+        return [int(device.split(":", 1)[1])]
+    return [0]
+
+
+def _print_summary(summary: dict, prefix: str = "") -> None:
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            _print_summary(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            continue  # per-request and per-step records: --json has them
+        else:
+            shown = f"{value:.4g}" if isinstance(value, float) else value
+            print(f"  {prefix}{key:<{max(1, 34 - len(prefix))}} {shown}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from wattledger.agent.client import AgentClientError
+    from wattledger.workloads.common import RunOptions, configure_cpu_threads
+    from wattledger.workloads.telemetry import make_reporter
+
+    module = importlib.import_module(f"wattledger.workloads.{args.workload}")
+    try:
+        config = module.config_from_args(args)
+        options = RunOptions(preset=args.preset, duration_s=args.duration, device=args.device, seed=args.seed,
+                             compile=args.compile, gpus=args.gpus or _default_gpus(args.device))
+        options.resolve()
+        configure_cpu_threads(options)
+    except ValueError as err:
+        print(f"wattledger workload: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    reporter = make_reporter(args.workload, options.gpus, agent_url=args.agent,
+                             token=os.environ.get("WATTLEDGER_TOKEN"))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        reporter.start(pid=os.getpid())
+    except AgentClientError as err:
+        print(f"wattledger workload: cannot report to the agent at {args.agent}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        summary = module.run(config, options, reporter, stop)
+    finally:
+        reporter.stop()
+    summary["interrupted"] = stop.is_set()
+    if args.agent:
+        summary["reported_to"] = args.agent
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        where = f"reported to {args.agent}" if args.agent else "not reported to an agent"
+        print(f"wattledger workload {args.workload}: preset {args.preset} on {summary.get('device')}, {where}")
+        _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,702 @@
+"""Training: sustained, synchronised steps (AdamW, bf16 autocast, grad accumulation, DDP, checkpoints).
+
+Reads like nanoGPT's ``train.py``: a config dataclass, setup, one loop, a log line every ``log_every``
+steps with loss, step time, tokens/s and MFU. Runs alone or under ``torchrun`` (DDP: gloo on CPU, NCCL on
+CUDA); every rank reports its own trained tokens and spans for its own GPU, rank 0 logs and returns the
+summary.
+
+    python -m wattledger.workloads.training --preset tiny --max-steps 50
+    torchrun --nproc_per_node 2 -m wattledger.workloads.training --preset tiny --max-steps 5
+
+The data is a synthetic token stream the model can learn (so the loss falls, as in real training): each
+sequence walks a fixed random transition table, ``next = table[prev]`` with probability 0.9, else a
+uniformly random token. Sequence ``j`` of a step's global batch is a pure function of (seed, step, j), so
+rank ``r`` of ``W`` draws its own shard, and a resumed run sees the same data as an uninterrupted one.
+
+Figures and their sources: shared/reference/workloads.md, "Training".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from wattledger.workloads.common import RunOptions, percentiles, summary_header
+from wattledger.workloads.model import ModelConfig, build_model
+from wattledger.workloads.telemetry import TRAIN_ACTIVITY, Reporter
+
+CHECKPOINT_MODES = ("sync", "async")
+
+# Sequences per rank per micro-step and tokens per sequence when the config leaves them unset. tiny runs
+# in milliseconds per step on a CPU (the tests); the others are sized to keep one H100's tensor cores busy
+# without activation checkpointing. 8b needs more than one GPU's memory for fp32 AdamW (16 bytes/param),
+# so it only runs as a shape on a node that has it.
+DEFAULT_BATCH_SHAPE: dict[str, tuple[int, int]] = {
+    "tiny": (8, 64),
+    "125m": (16, 1024),
+    "1b": (4, 2048),
+    "8b": (1, 4096),
+}
+
+# Dense bf16 tensor-core peak per GPU, FLOP/s, matched against torch.cuda.get_device_name(). Sources: NVIDIA
+# H100 datasheet (SXM 989.4 TFLOPS, PCIe 756 TFLOPS, NVL 835 TFLOPS: the datasheet's "with sparsity"
+# figures halved) and NVIDIA H200 datasheet (989 TFLOPS, the same compute as H100 SXM). First match wins,
+# so the specific names come before the plain "H100" (an SXM part, e.g. "NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+)
+
+# The synthetic stream follows the table with this probability, else draws a uniform token.
+FOLLOW_PROBABILITY = 0.9
+
+
+@dataclass
+class TrainingConfig:
+    """How to train (the model shape comes from ``RunOptions.preset``)."""
+
+    batch_size: int | None = None  # sequences per rank per micro-step; None = DEFAULT_BATCH_SHAPE[preset]
+    seq_len: int | None = None  # tokens per sequence; None = DEFAULT_BATCH_SHAPE[preset]
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    lr: float = 3e-3  # peak learning rate (after warmup)
+    weight_decay: float = 0.1  # AdamW decoupled decay, on matrices only (not norms), as nanoGPT does
+    warmup_steps: int = 10  # linear warmup, then constant
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = never
+    checkpoint_dir: str | None = None  # None = a temporary folder, removed at the end
+    checkpoint_mode: str = "sync"  # "sync" (torch.save, loop blocked) or "async" (DCP async_save)
+    peak_flops: float | None = None  # per-GPU peak for MFU, FLOP/s; None = PEAK_BF16_FLOPS by device name
+    log_every: int = 10  # steps between log lines on rank 0; 0 = never
+    max_steps: int | None = None  # stop when the step counter reaches this (a resumed run counts the
+    # steps before its checkpoint); None = run for RunOptions.duration_s
+    resume_from: str | None = None  # checkpoint (file for sync, folder for async) to continue from
+
+    def validate(self, model: ModelConfig | None = None) -> None:
+        """Raise ValueError, one line, naming the first bad value."""
+        def positive_int(name: str, value, allow_none: bool = False, allow_zero: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            low = 0 if allow_zero else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        positive_int("batch_size", self.batch_size, allow_none=True)
+        positive_int("seq_len", self.seq_len, allow_none=True)
+        positive_int("grad_accum_steps", self.grad_accum_steps)
+        positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
+        positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        positive_int("log_every", self.log_every, allow_zero=True)
+        positive_int("max_steps", self.max_steps, allow_none=True)
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
+                                 f"got {value!r}")
+        if self.checkpoint_mode not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint_mode must be one of {', '.join(CHECKPOINT_MODES)}, "
+                             f"got {self.checkpoint_mode!r}")
+        if self.peak_flops is not None and (isinstance(self.peak_flops, bool)
+                                            or not isinstance(self.peak_flops, (int, float))
+                                            or not math.isfinite(self.peak_flops) or self.peak_flops <= 0):
+            raise ValueError(f"peak_flops must be a positive number of FLOP/s, got {self.peak_flops!r}")
+        if self.resume_from is not None and not os.path.exists(self.resume_from):
+            raise ValueError(f"resume_from {self.resume_from!r} does not exist")
+        if model is not None and self.seq_len is not None and self.seq_len > model.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the {model.name} model's {model.max_seq_len}")
+
+    def shape(self, preset: str) -> tuple[int, int]:
+        """(batch_size, seq_len) with the preset's defaults filled in."""
+        default_batch, default_seq = DEFAULT_BATCH_SHAPE.get(preset, DEFAULT_BATCH_SHAPE["tiny"])
+        return (self.batch_size or default_batch, self.seq_len or default_seq)
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+class SyntheticTokens:
+    """A learnable token stream: each sequence walks a fixed random table, ``next = table[prev]`` with
+    probability 0.9, else a uniform token.
+
+    The table is one random cycle through the whole vocabulary (``table[order[i]] = order[i + 1]``), so
+    k steps along it are an index shift and a batch is built with a few tensor ops instead of a Python
+    loop per token (that loop would cost milliseconds per step at 4K tokens).
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int):
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.seed = seed
+        generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(vocab_size, generator=generator)  # the cycle
+        self.position = torch.argsort(self.order)  # where each token sits on the cycle
+        self.table = self.order[(self.position + 1) % vocab_size]  # table[prev] = next
+
+    def loss_floor_nats(self) -> float:
+        """Entropy of the next token given the previous one: the best mean loss any model can reach."""
+        v, p = self.vocab_size, FOLLOW_PROBABILITY
+        follow = p + (1 - p) / v
+        other = (1 - p) / v
+        return -(follow * math.log(follow) + (v - 1) * other * math.log(other))
+
+    def batch(self, step: int, rank: int = 0, world: int = 1, batch_size: int = 1,
+              micro_step: int = 0) -> torch.Tensor:
+        """Sequences for one micro-step on one rank: int64 ``[batch_size, seq_len + 1]`` on the CPU
+        (inputs are ``[:, :-1]``, targets ``[:, 1:]``).
+
+        Step ``step``'s global batch is numbered micro-step-major then rank: rank ``r`` in micro-step
+        ``m`` gets sequences ``(m * world + r) * batch_size + i``. So W ranks of batch B each together see
+        exactly what one process of batch W*B sees, and accumulating A micro-steps of B equals one of A*B.
+        """
+        first = (micro_step * world + rank) * batch_size
+        length = self.seq_len + 1
+        generator = torch.Generator()
+        fresh_draw = torch.empty(batch_size, length)
+        fresh_token = torch.empty(batch_size, length, dtype=torch.long)
+        for i in range(batch_size):
+            # One seed per (run seed, step, sequence): odd 64-bit multipliers (splitmix64's constants)
+            # keep neighbouring triples far apart.
+            generator.manual_seed((self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9
+                                   + (first + i) * 0x94D049BB133111EB) % 2**63)
+            fresh_draw[i] = torch.rand(length, generator=generator)
+            fresh_token[i] = torch.randint(self.vocab_size, (length,), generator=generator)
+        fresh = fresh_draw >= FOLLOW_PROBABILITY
+        fresh[:, 0] = True  # every sequence opens with a uniform token
+        index = torch.arange(length).expand(batch_size, length)
+        last_fresh = torch.where(fresh, index, 0).cummax(dim=1).values
+        start = self.position[fresh_token.gather(1, last_fresh)]
+        return self.order[(start + index - last_fresh) % self.vocab_size]
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    data: dict | None = None) -> str:
+    """Write model, optimizer, step and data position to ``path`` (one ``torch.save`` file).
+
+    Written to ``path.tmp``, flushed to disk, then renamed over ``path``: a crash mid-write leaves the
+    previous checkpoint intact, never a truncated one.
+    """
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "data": dict(data or {}, next_step=step)}
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    process_group=None) -> int:
+    """Restore ``model`` and ``optimizer`` in place from a checkpoint and return its step.
+
+    A file is a ``save_checkpoint`` checkpoint; a folder is a torch.distributed.checkpoint (DCP) one,
+    written by the async mode.
+    """
+    if os.path.isdir(path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state, "step": 0}
+        distributed = dist.is_available() and dist.is_initialized()
+        if not distributed:
+            _quiet_single_process_dcp()
+        dcp.load(state, checkpoint_id=path, process_group=process_group, no_dist=not distributed)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return int(state["step"])
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _quiet_single_process_dcp() -> None:
+    """DCP warns on every save and load without a process group, even with ``no_dist=True``, that it
+    assumes a single process (torch 2.13, state_dict_saver.py/state_dict_loader.py): here that is the
+    intent. The save warns from DCP's writer thread, so a ``catch_warnings`` block cannot reach it; this
+    narrow filter matches that one message only."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                            category=UserWarning)
+
+
+class Checkpointer:
+    """Saves every ``checkpoint_every`` steps and keeps the newest complete checkpoint only.
+
+    sync: rank 0 writes a ``torch.save`` file while every rank waits at a barrier (the whole stall).
+    async: ``torch.distributed.checkpoint.async_save`` copies the state to CPU memory (the stall), then
+    writes it from a background thread while training goes on; the next save, and the end of the run,
+    first wait for the previous write (also stall). Under DDP it uses its own gloo group: DCP needs a CPU
+    backend, and sharing the group the gradients all-reduce on with a background thread is unsafe.
+    """
+
+    def __init__(self, folder: str, mode: str, rank: int, distributed: bool, device: torch.device):
+        self.folder = folder
+        self.rank = rank
+        self.distributed = distributed
+        self.mode_used = mode
+        self.fallback_reason: str | None = None
+        self.group = None
+        self.pending = None  # (future, path) of the async write in flight
+        self.latest: str | None = None  # newest complete checkpoint
+        self.stager = None
+        if mode == "async":
+            try:
+                import torch.distributed.checkpoint as dcp
+
+                self._async_save = dcp.async_save
+                if device.type == "cuda":
+                    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+                    # Pinned host buffers, allocated at the first save and reused after (they are free
+                    # again once the previous write is waited for): the device-to-host copy, the part
+                    # that blocks the loop, then runs at full PCIe speed. DCP's own default stages into
+                    # fresh pageable memory on every save.
+                    self.stager = DefaultStager(StagingOptions(
+                        use_pinned_memory=True, use_shared_memory=False, use_async_staging=False,
+                        use_non_blocking_copy=False))
+                if distributed:
+                    self.group = dist.new_group(backend="gloo")
+                else:
+                    _quiet_single_process_dcp()
+            except (ImportError, AttributeError, RuntimeError) as err:
+                self._fall_back(f"torch.distributed.checkpoint.async_save unavailable: {err}")
+
+    def _fall_back(self, reason: str) -> None:
+        self.mode_used, self.fallback_reason = "sync", f"async checkpointing fell back to sync: {reason}"
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, data: dict) -> str:
+        if self.mode_used == "async":
+            try:
+                return self._save_async(model, optimizer, step, data)
+            except Exception as err:  # noqa: BLE001 - any failure of the experimental API: say so, go sync
+                self._fall_back(f"{type(err).__name__}: {err}".splitlines()[0])
+        path = os.path.join(self.folder, f"step_{step:08d}.pt")
+        if self.rank == 0:  # every rank holds the same replica: one writer is enough
+            save_checkpoint(path, model, optimizer, step, data)
+            self._completed(path)
+        else:
+            self.latest = path
+        if self.distributed:
+            dist.barrier()  # the other ranks wait for the write too: that is the stall they see
+        return path
+
+    def _save_async(self, model, optimizer, step, data) -> str:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.wait()  # one write in flight at a time, as torchtitan does
+        path = os.path.join(self.folder, f"step_{step:08d}")
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state, "step": step,
+                 "data": dict(data, next_step=step)}
+        # Returns once the state is staged (deep-copied to CPU memory), so the loop may update the
+        # parameters while the write goes on.
+        future = self._async_save(state, checkpoint_id=path, process_group=self.group,
+                                  async_stager=self.stager, no_dist=not self.distributed)
+        self.pending = (future, path)
+        return path
+
+    def wait(self) -> None:
+        """Block until the async write in flight (if any) is on disk."""
+        if self.pending is not None:
+            future, path = self.pending
+            self.pending = None
+            result = getattr(future, "upload_completion", future)  # AsyncSaveResponse or a Future
+            result.result()
+            self._completed(path)
+
+    def close(self) -> None:
+        """Wait for the write in flight and free the pinned staging buffers."""
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+
+    def _completed(self, path: str) -> None:
+        previous, self.latest = self.latest, path
+        if self.rank == 0 and previous and previous != path:
+            # Keep one: a 1b checkpoint with AdamW state is about 20 GB.
+            if os.path.isdir(previous):
+                shutil.rmtree(previous, ignore_errors=True)
+            elif os.path.exists(previous):
+                os.remove(previous)
+
+
+# -- setup helpers ------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, config: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (norm gains stay undecayed), betas as in GPT-3 and nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # The fused kernel is one launch for all parameters on CUDA; the CPU keeps the default (foreach).
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=True if device.type == "cuda" else None)
+
+
+def learning_rate(config: TrainingConfig, step: int) -> float:
+    """Linear warmup, then constant: a run's length is set by its duration, so there is no known end for
+    a cosine decay to aim at."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+def default_peak_flops(device: torch.device) -> tuple[float | None, str | None]:
+    """(peak FLOP/s, None), or (None, why not) when the device is not in PEAK_BF16_FLOPS."""
+    if device.type != "cuda":
+        return None, f"no peak FLOP/s known for {device.type}; pass --peak-tflops to get an MFU"
+    name = torch.cuda.get_device_name(device)
+    for part, flops in PEAK_BF16_FLOPS:
+        if part in name:
+            return flops, None
+    return None, f"no peak FLOP/s known for {name!r}; pass --peak-tflops to get an MFU"
+
+
+def _distributed_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) when launched by torchrun, else None."""
+    if all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    return None
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
+        stop: threading.Event | None = None) -> dict:
+    """Train until ``config.max_steps`` or ``options.duration_s`` (or ``stop``); return the summary.
+
+    Under torchrun every rank returns a summary, but only rank 0's is the run's (the others carry their
+    own figures and ``"rank"``).
+    """
+    stop = stop or threading.Event()
+    model_config, device, _ = options.resolve()
+    config.validate(model_config)
+    batch_size, seq_len = config.shape(options.preset)
+    if seq_len > model_config.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the {model_config.name} model's {model_config.max_seq_len}")
+    setup_start = time.perf_counter()
+
+    # Data parallel when launched by torchrun; alone otherwise.
+    env = _distributed_env()
+    rank, world, local_rank = env or (0, 1, 0)
+    owns_group = env is not None and not dist.is_initialized()
+    if env is not None and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if owns_group:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    distributed = env is not None
+    master = rank == 0
+
+    # Master weights and optimizer state in fp32; matrix products in bf16 under autocast on CUDA. The CPU
+    # stays fp32 so the tests can compare runs bit for bit.
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    raw_model = build_model(model_config, device, torch.float32, seed=options.seed)
+    optimizer = make_optimizer(raw_model, config, device)
+    data = SyntheticTokens(model_config.vocab_size, seq_len, options.seed)
+
+    step = 0
+    if config.resume_from:
+        step = load_checkpoint(config.resume_from, raw_model, optimizer)
+    model: nn.Module = raw_model
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[local_rank] if device.type == "cuda"
+                                                    else None)
+    if options.compile:
+        model = torch.compile(model)
+
+    checkpointer = None
+    temporary_folder = None
+    if config.checkpoint_every:
+        folder = config.checkpoint_dir
+        if folder is None:
+            temporary_folder = tempfile.mkdtemp(prefix="wattledger-training-") if master else None
+            if distributed:  # every rank must write into the same folder (async) or agree on its name
+                shared = [temporary_folder]
+                dist.broadcast_object_list(shared, src=0)
+                temporary_folder = shared[0]
+            folder = temporary_folder
+        os.makedirs(folder, exist_ok=True)
+        checkpointer = Checkpointer(folder, config.checkpoint_mode, rank, distributed, device)
+
+    tokens_per_step = batch_size * seq_len * config.grad_accum_steps  # per rank
+    flops_per_token = model_config.training_flops_per_token(seq_len)
+    if config.peak_flops is not None:
+        peak_flops, mfu_note = float(config.peak_flops), None
+    else:
+        peak_flops, mfu_note = default_peak_flops(device)
+    first_step = step
+    step_seconds: list[float] = []
+    loss_first = loss_last = None
+    loss_log: list[list[float]] = []
+    checkpoints: list[dict] = []
+    stall_seconds = 0.0
+    setup_seconds = time.perf_counter() - setup_start
+    if master and config.log_every:
+        print(f"training {model_config.name}: {model_config.total_params():,} params, world {world}, "
+              f"{batch_size} x {seq_len} tokens x {config.grad_accum_steps} accum per rank, {device}, "
+              f"{str(compute_dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+
+    loop_start_ns = time.monotonic_ns()
+    deadline_ns = loop_start_ns + int(options.duration_s * 1e9)
+    while config.max_steps is None or step < config.max_steps:
+        # The previous step ended on a device sync (loss.item()), so the CPU clock is true here.
+        step_start_ns = time.monotonic_ns()
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(config.grad_accum_steps):
+            tokens = data.batch(step, rank, world, batch_size, micro_step)
+            tokens = tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens
+            if distributed:
+                # All-reduce the gradients only on the last micro-step (as nanoGPT does): the earlier
+                # ones just accumulate locally.
+                raw_ddp = model._orig_mod if options.compile else model
+                raw_ddp.require_backward_grad_sync = micro_step == config.grad_accum_steps - 1
+            with autocast:
+                logits = model(tokens[:, :-1])
+            # Mean over this micro-batch, divided by the micro-steps so the sum of the gradients is the
+            # mean over the whole step's batch.
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                   tokens[:, 1:].reshape(-1)) / config.grad_accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        wants_stop = stop.is_set() or (config.max_steps is None and time.monotonic_ns() >= deadline_ns)
+        # Reading the loss back waits for the device: the step's one sync point, so the compute span below
+        # ends when the GPU is done, and the log needs the value anyway.
+        if distributed:
+            # One small all-reduce carries the mean loss for the log and the stop decision: every rank
+            # must leave the loop at the same step, or the others hang in the next gradient all-reduce.
+            shared = torch.stack([loss_sum, torch.tensor(float(wants_stop), device=device)])
+            dist.all_reduce(shared)
+            loss_total, stop_votes = shared.tolist()
+            loss_value, wants_stop = loss_total / world, stop_votes > 0
+        else:
+            loss_value = loss_sum.item()
+        step_end_ns = time.monotonic_ns()
+        reporter.span("compute", step_start_ns, step_end_ns, TRAIN_ACTIVITY)
+        reporter.add_tokens("trained", tokens_per_step)
+        step += 1
+        step_seconds.append((step_end_ns - step_start_ns) / 1e9)
+        loss_first = loss_value if loss_first is None else loss_first
+        loss_last = loss_value
+        if len(step_seconds) == 1:
+            reporter.set_memory(_memory_bytes(raw_model, optimizer, device))
+
+        if master and config.log_every and (step % config.log_every == 0 or step == first_step + 1):
+            seconds = step_seconds[-1]
+            tokens_per_second = tokens_per_step * world / seconds
+            mfu = flops_per_token * tokens_per_second / (peak_flops * world) if peak_flops else None
+            mfu_text = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
+            print(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | {seconds * 1e3:.1f} ms | "
+                  f"{tokens_per_second:,.0f} tok/s{mfu_text}", file=sys.stderr, flush=True)
+            loss_log.append([step, loss_value])
+
+        if checkpointer is not None and step % config.checkpoint_every == 0:
+            stall_start_ns = time.monotonic_ns()
+            checkpointer.save(raw_model, optimizer, step, {
+                "seed": options.seed, "world_size": world, "batch_size": batch_size, "seq_len": seq_len,
+                "grad_accum_steps": config.grad_accum_steps})
+            stall_end_ns = time.monotonic_ns()
+            reporter.span("checkpoint", stall_start_ns, stall_end_ns)
+            stall_seconds += (stall_end_ns - stall_start_ns) / 1e9
+            checkpoints.append({"step": step, "stall_seconds": (stall_end_ns - stall_start_ns) / 1e9})
+        if wants_stop:
+            break
+
+    if checkpointer is not None and checkpointer.pending is not None:
+        # The run is not over until its last checkpoint is on disk: the loop is blocked, so it is stall.
+        stall_start_ns = time.monotonic_ns()
+        checkpointer.wait()
+        stall_end_ns = time.monotonic_ns()
+        reporter.span("checkpoint", stall_start_ns, stall_end_ns)
+        stall_seconds += (stall_end_ns - stall_start_ns) / 1e9
+    if checkpointer is not None:
+        checkpointer.close()
+    wall_seconds = (time.monotonic_ns() - loop_start_ns) / 1e9
+
+    checkpoint_last_path = checkpointer.latest if checkpointer is not None else None
+    if temporary_folder is not None:
+        if distributed:
+            dist.barrier()  # every rank is done writing into it
+        if master:
+            shutil.rmtree(temporary_folder, ignore_errors=True)
+        checkpoint_last_path = None
+    if owns_group:
+        dist.destroy_process_group()
+
+    steps = len(step_seconds)
+    trained_tokens = steps * tokens_per_step * world
+    busy_seconds = sum(step_seconds)
+    tokens_per_second = trained_tokens / busy_seconds if busy_seconds > 0 else None
+    mfu = (flops_per_token * tokens_per_second / (peak_flops * world)
+           if peak_flops and tokens_per_second else None)
+    if steps == 0:
+        mfu_note = "no step finished"
+    spread = percentiles(step_seconds, qs=(0.5, 0.9))
+    summary = summary_header("training", options, device, compute_dtype, wall_seconds,
+                             {"trained": trained_tokens})
+    summary.update({
+        "rank": rank,
+        "world_size": world,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "grad_accum_steps": config.grad_accum_steps,
+        "tokens_per_step": tokens_per_step * world,
+        "steps": steps,
+        "step_start": first_step,
+        "loss_first": loss_first,
+        "loss_last": loss_last,
+        "loss_floor_nats": data.loss_floor_nats(),
+        "loss_log": loss_log,
+        "step_time_seconds": {"mean": busy_seconds / steps if steps else None, **spread},
+        "tokens_per_second": tokens_per_second,
+        "tokens_per_second_wall": trained_tokens / wall_seconds if wall_seconds > 0 else None,
+        "flops_per_token": flops_per_token,
+        "mfu": mfu,
+        "mfu_peak_flops": peak_flops,
+        "mfu_formula": (f"mfu = flops_per_token * tokens_per_second / (peak_flops * world_size); "
+                        f"flops_per_token = 6N + 12*L*H*Q*T = 6*{model_config.matmul_params()} + "
+                        f"12*{model_config.layers}*{model_config.heads}*{model_config.head_dim}*{seq_len} "
+                        f"(PaLM appendix B); tokens_per_second = trained tokens of all ranks / summed step "
+                        f"time"),
+        "mfu_note": None if mfu is not None else mfu_note,
+        "checkpoint_mode": config.checkpoint_mode if checkpointer else None,
+        "checkpoint_mode_used": checkpointer.mode_used if checkpointer else None,
+        "checkpoint_fallback_reason": checkpointer.fallback_reason if checkpointer else None,
+        "checkpoint_count": len(checkpoints),
+        "checkpoint_stall_seconds": stall_seconds,
+        "checkpoint_last_path": checkpoint_last_path,
+        "checkpoints": checkpoints,
+        "goodput": busy_seconds / wall_seconds if wall_seconds > 0 else None,
+        "setup_seconds": setup_seconds,
+        "config": asdict(config),
+    })
+    return summary
+
+
+def _memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """GPU memory the run holds: the allocator's peak on CUDA; on CPU the training state (parameters, one
+    gradient each, optimizer moments), which is what the mock GPU is told the workload occupies."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                  for t in state.values() if torch.is_tensor(t))
+    return 2 * params + moments
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This workload's options (the shared ones, --preset --duration --device --seed, are the caller's)."""
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per rank per micro-step (default: per preset, tiny 8)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: per preset, "
+                        "tiny 64)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    parser.add_argument("--lr", type=float, default=TrainingConfig.lr, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=TrainingConfig.warmup_steps)
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="checkpoint every STEPS optimizer steps (0 = never)")
+    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: a temporary "
+                        "folder, removed at the end)")
+    parser.add_argument("--checkpoint-mode", default="sync", help="sync (loop blocked while writing) or async "
+                        "(torch.distributed.checkpoint.async_save: blocked only while copying to CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="per-GPU peak TFLOP/s for MFU (default: bf16 dense datasheet peak of an H100/H200)")
+    parser.add_argument("--log-every", type=int, default=TrainingConfig.log_every, metavar="STEPS")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: run for "
+                        "--duration)")
+    parser.add_argument("--resume-from", default=None, metavar="PATH", help="checkpoint to continue from")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The config from parsed arguments; ValueError (one line) for a bad value."""
+    config = TrainingConfig(
+        batch_size=args.batch_size, seq_len=args.seq_len, grad_accum_steps=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_mode=args.checkpoint_mode,
+        peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12, log_every=args.log_every,
+        max_steps=args.max_steps, resume_from=args.resume_from)
+    config.validate()
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m`` / ``torchrun -m`` entry point: train and print the summary JSON on rank 0."""
+    import json
+
+    from wattledger.agent.config import parse_duration_seconds
+    from wattledger.workloads.telemetry import make_reporter
+
+    parser = argparse.ArgumentParser(prog="python -m wattledger.workloads.training", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("--preset", default="tiny", help="model shape: tiny, 125m, 1b, 8b")
+    parser.add_argument("--duration", default="30s", help="how long to run without --max-steps, e.g. 30s, 2m")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--agent", metavar="URL", help="report tokens and spans to a running agent")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    env = _distributed_env()
+    rank, world, local_rank = env or (0, 1, 0)
+    try:
+        config = config_from_args(args)
+        duration_s = parse_duration_seconds(args.duration)
+        # Under torchrun each rank drives (and reports) the GPU of its local rank.
+        options = RunOptions(preset=args.preset, duration_s=duration_s, device=args.device, seed=args.seed,
+                             compile=args.compile, gpus=[local_rank])
+        options.resolve()
+    except ValueError as err:
+        print(f"training: error: {err}", file=sys.stderr)
+        return 2
+    # Ranks report as separate workloads: the agent keeps one running record per name.
+    name = "training" if world == 1 else f"training-rank{rank}"
+    reporter = make_reporter(name, options.gpus, agent_url=args.agent, token=os.environ.get("WATTLEDGER_TOKEN"))
+    reporter.start(pid=os.getpid())
+    try:
+        summary = run(config, options, reporter)
+    finally:
+        reporter.stop()
+    if rank == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
