@@ -75,6 +75,11 @@ def make_parser() -> argparse.ArgumentParser:
     # whole command line over before this parser sees it).
     commands.add_parser("workload", help="run a bundled workload (training, chat, agentic); needs torch",
                         add_help=False)
+    commands.add_parser("bench", help="measure each regime's utilization, joules per token and cost; write a "
+                        "report", add_help=False)
+    commands.add_parser("report", help="rebuild summary.json and report.html from a run directory",
+                        add_help=False)
+    commands.add_parser("run", help="profile any command: wattledger run -- CMD ...", add_help=False)
 
     devices = commands.add_parser("devices", help="list GPUs and which fields and probes work on each")
     devices.add_argument("--json", action="store_true", help="print one JSON object")
@@ -201,14 +206,21 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["workload"]:
+    heavy = {"workload": ("wattledger.workloads.cli", "main"), "bench": ("wattledger.workloads.bench_cli", "bench_main"),
+             "report": ("wattledger.workloads.bench_cli", "report_main"),
+             "run": ("wattledger.workloads.profile_command", "run_main")}
+    if argv[:1] and argv[0] in heavy:
+        # These commands need torch, pandas and matplotlib: imported only now, never by the agent.
+        module_name, function = heavy[argv[0]]
         try:
-            from wattledger.workloads.cli import main as workload_main
+            import importlib
+
+            command = getattr(importlib.import_module(module_name), function)
         except ImportError as err:
-            print(f"wattledger: error: workloads need torch ({err}); install with: pip install torch==2.13.0 "
-                  "'wattledger[workloads]'", file=sys.stderr)
+            print(f"wattledger: error: '{argv[0]}' needs the workloads extra ({err}); install with: "
+                  "pip install torch==2.13.0 'wattledger[workloads]'", file=sys.stderr)
             return EXIT_USAGE
-        return workload_main(argv[1:])
+        return command(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -46,6 +46,10 @@ class JsonlRecorder:
             lines.append(records.dumps(records.host_sample_to_record(host_sample)))
         self._append(lines)
 
+    def write_records(self, extra: list[dict]) -> None:
+        """Records of other types (the benchmark's token counts and the mock's ground truth)."""
+        self._append([records.dumps(record) for record in extra])
+
     def write_span(self, span: Span) -> None:
         """An accounting span listener."""
         self._append([records.dumps({"type": "span", **span.to_json()})])

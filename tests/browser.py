@@ -1,0 +1,132 @@
+"""Headless Chromium for tests: load a local page, check its images, read its console, screenshot it.
+
+Uses Debian's ``chromium`` and ``chromedriver`` (apt packages chromium, chromium-driver) through Selenium,
+with both paths given explicitly so Selenium Manager never runs (it would try to download a browser).
+The browser is started with networking features off and a fresh profile; pages are loaded from file://.
+
+``require_chromium()`` returns the two paths or ends the test: it tries ``apt-get install`` once when the
+process is root, then FAILS in CI (env CI=true) and SKIPS elsewhere, with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
+DRIVER_NAMES = ("chromedriver",)
+DRIVER_EXTRA_PATHS = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+CHROMIUM_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--disable-extensions", "--disable-default-apps", "--no-default-browser-check", "--mute-audio",
+    "--hide-scrollbars", "--force-device-scale-factor=1",
+)
+_install_tried = False
+
+
+@dataclass
+class PageCheck:
+    """What a page load showed: images, SEVERE console entries, the screenshot written."""
+
+    images: list[dict] = field(default_factory=list)  # src (first 60 chars), complete, naturalWidth, alt
+    severe: list[str] = field(default_factory=list)
+    screenshot: Path | None = None
+    title: str = ""
+
+    @property
+    def all_images_loaded(self) -> bool:
+        return bool(self.images) and all(i["complete"] and i["naturalWidth"] > 0 for i in self.images)
+
+
+def find_chromium() -> tuple[str, str] | None:
+    browser = next((p for p in (shutil.which(n) for n in CHROMIUM_NAMES) if p), None)
+    driver = next((p for p in (shutil.which(n) for n in DRIVER_NAMES) if p), None)
+    driver = driver or next((p for p in DRIVER_EXTRA_PATHS if os.access(p, os.X_OK)), None)
+    return (browser, driver) if browser and driver else None
+
+
+def _try_install() -> str:
+    """apt-get install chromium and its driver, once per process; returns what happened, in a few words."""
+    global _install_tried
+    if _install_tried:
+        return "install already tried"
+    _install_tried = True
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "not root, so no apt-get install"
+    if shutil.which("apt-get") is None:
+        return "no apt-get"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300, check=False)
+        done = subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], env=env,
+                              capture_output=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"apt-get failed ({err})"
+    return "apt-get install ran" if done.returncode == 0 else f"apt-get install exited {done.returncode}"
+
+
+def require_chromium() -> tuple[str, str]:
+    """The chromium and chromedriver paths; else fail (CI=true) or skip, with a one-line reason."""
+    found = find_chromium()
+    if found is None:
+        attempt = _try_install()
+        found = find_chromium()
+        if found is None:
+            reason = f"headless Chromium unavailable: chromium and chromedriver not on PATH ({attempt})"
+            if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+                pytest.fail(reason, pytrace=False)
+            pytest.skip(reason)
+    return found
+
+
+def check_page(path: Path, screenshot: Path, width: int = 1280, chromium: tuple[str, str] | None = None,
+               timeout_seconds: float = 20.0) -> PageCheck:
+    """Load ``path`` (a local file) headless; report its images and SEVERE console entries; save a full-page
+    PNG screenshot to ``screenshot``."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = chromium or require_chromium()
+    profile = tempfile.mkdtemp(prefix="wattledger-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_argument(f"--window-size={width},900")
+    # No network at all: any request that is not file: or data: goes to an unreachable proxy.
+    options.add_argument("--proxy-server=http://127.0.0.1:9")
+    options.add_argument("--proxy-bypass-list=<-loopback>")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.set_page_load_timeout(timeout_seconds)
+        driver.get(Path(path).resolve().as_uri())
+        WebDriverWait(driver, timeout_seconds).until(
+            lambda d: d.execute_script("return document.readyState") == "complete")
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => ({src: i.src.slice(0, 60), complete: i.complete,"
+            " naturalWidth: i.naturalWidth, alt: i.alt}));")
+        severe = [f"{e.get('source', '')}: {e.get('message', '')}" for e in driver.get_log("browser")
+                  if e.get("level") == "SEVERE"]
+        metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
+        size = metrics.get("cssContentSize") or metrics["contentSize"]
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+        screenshot = Path(screenshot)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        return PageCheck(images=images, severe=severe, screenshot=screenshot, title=driver.title)
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

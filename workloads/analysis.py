@@ -1,0 +1,369 @@
+"""From a run directory's raw samples to ``summary.json``: the measurement rules, applied.
+
+For each regime (the measurement checklist's numbers in brackets):
+
+- the steady-state window: the phase less its ramp-up and drain, at least 5 s [2, 4];
+- energy from the hardware counters differenced over the window, summed over GPUs [1, 7]; the window's
+  edges are moved to where the counters actually ticked (they advance about every 100 ms), so the energy
+  and the token counts cover the same stretch of time [3];
+- a zero counter delta is flagged, never read as zero energy [2];
+- counter energy cross-checked against integrated instant power, the divergence reported [9];
+- the idle baseline subtracted for the dynamic figures; gross and dynamic both reported [8];
+- joules per token for every kind the regime produced, and per request / per session [5];
+- RAPL CPU package and DRAM energy reported separately where readable [7];
+- cost and CO2 from a separately labelled pricing model (PUE never enters the measured joules) [11].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from wattledger.workloads.rundata import NS_PER_S, RunData
+
+SCHEMA_VERSION = 1
+MIN_WINDOW_SECONDS = 5.0
+# Counter vs integrated instant power. Instant power sampled every 50 ms misses bursts shorter than that
+# (decode steps take milliseconds), which the counter does not: bursty regimes diverge by a few percent.
+MAX_DIVERGENCE = 0.10
+MAIN_TOKEN_KIND = {"training": "trained", "chat": "generated", "agentic": "generated"}
+TOKEN_KINDS = ("prompt", "generated", "trained")
+
+
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _check(check: str, passed: bool, detail: str) -> dict:
+    return {"check": check, "passed": bool(passed), "detail": detail}
+
+
+def phases(run: RunData) -> dict[str, tuple[int, int, bool]]:
+    """phase -> (start ns, end ns, finished). An unfinished phase ends at the last sample."""
+    last_ns = int(run.gpu["monotonic_ns"].max()) if not run.gpu.empty else run.origin_ns
+    out = {}
+    for event in run.events:
+        if event.get("type") == "phase_start":
+            name = event["phase"]
+            end = run.event("phase_end", phase=name)
+            out[name] = (int(event["monotonic_ns"]), int(end["monotonic_ns"]) if end else last_ns, end is not None)
+    return out
+
+
+def steady_window(start_ns: int, end_ns: int) -> tuple[int, int, str]:
+    """The phase less ramp-up (10%, at least 1 s) and drain (5%, at least 0.5 s), kept >= 5 s if possible."""
+    length = end_ns - start_ns
+    ramp = max(NS_PER_S, length // 10)
+    drain = max(NS_PER_S // 2, length // 20)
+    # Aim a little above the 5 s minimum: moving the edges onto counter ticks shortens the window slightly.
+    wanted = int((MIN_WINDOW_SECONDS + 0.5) * NS_PER_S)
+    if length - ramp - drain < wanted:
+        # Short phase: give up exclusions before giving up the 5 s minimum.
+        spare = max(0, length - wanted)
+        ramp, drain = spare * 2 // 3, spare // 3
+    return start_ns + ramp, end_ns - drain, f"ramp-up {ramp / NS_PER_S:.1f} s and drain {drain / NS_PER_S:.1f} s excluded"
+
+
+def counter_energy(samples: pd.DataFrame, start_ns: int, end_ns: int) -> dict:
+    """Energy of one GPU's counter over [start, end], with the edges moved to where the counter ticked.
+
+    The counter holds the energy at its last update; the first sample that shows a new value saw an update
+    somewhere since the sample before it, so the midpoint of those two samples is the edge's time (error at
+    most half a sampling interval). Resets (driver reloads) count the new reading as energy since the reset.
+    """
+    series = samples[samples["energy_joules"].notna()][["monotonic_ns", "energy_joules"]].to_numpy()
+    if len(series) < 2:
+        return {"joules": None, "start_ns": start_ns, "end_ns": end_ns, "changes": 0}
+    times, values = series[:, 0].astype(np.int64), series[:, 1].astype(float)
+    changed = np.flatnonzero(np.diff(values) != 0) + 1  # indices whose value differs from the one before
+    inside = changed[(times[changed] >= start_ns) & (times[changed] <= end_ns)]
+    if len(inside) < 2:
+        return {"joules": 0.0 if len(inside) else None, "start_ns": start_ns, "end_ns": end_ns,
+                "changes": int(len(inside))}
+    first, last = int(inside[0]), int(inside[-1])
+    deltas = np.diff(values[first:last + 1])
+    joules = float(np.where(deltas >= 0, deltas, values[first + 1:last + 1]).sum())
+    edge_start = (int(times[first - 1]) + int(times[first])) // 2
+    edge_end = (int(times[last - 1]) + int(times[last])) // 2
+    return {"joules": joules, "start_ns": edge_start, "end_ns": edge_end, "changes": int(len(inside))}
+
+
+def _interpolate(frame: pd.DataFrame, column: str, at_ns: int) -> float | None:
+    if frame.empty or column not in frame:
+        return None
+    times = frame["monotonic_ns"].to_numpy(dtype=np.int64)
+    if at_ns < times[0] or at_ns > times[-1]:
+        return None
+    return float(np.interp(at_ns, times, frame[column].to_numpy(dtype=float)))
+
+
+def _between(frame: pd.DataFrame, start_ns: int, end_ns: int) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    return frame[(frame["monotonic_ns"] >= start_ns) & (frame["monotonic_ns"] <= end_ns)]
+
+
+def _stats(values: pd.Series) -> dict:
+    values = values.dropna()
+    if values.empty:
+        return {"mean": None, "p50": None, "p99": None}
+    return {"mean": float(values.mean()), "p50": float(values.quantile(0.5)), "p99": float(values.quantile(0.99))}
+
+
+def _integrated_power_joules(samples: pd.DataFrame, start_ns: int, end_ns: int) -> float | None:
+    inside = _between(samples, start_ns, end_ns)
+    inside = inside[inside["power_watts"].notna()] if "power_watts" in inside else inside.iloc[0:0]
+    if len(inside) < 2:
+        return None
+    t = inside["monotonic_ns"].to_numpy(dtype=float) / NS_PER_S
+    p = inside["power_watts"].to_numpy(dtype=float)
+    joules = float(np.sum((p[1:] + p[:-1]) / 2 * np.diff(t)))
+    return joules * (end_ns - start_ns) / NS_PER_S / (t[-1] - t[0])  # over the window's exact length
+
+
+def window_energy(run: RunData, start_ns: int, end_ns: int) -> dict:
+    """Counter energy of all GPUs over a window, the window's effective edges, and the cross-checks."""
+    per_gpu = {}
+    for index, samples in run.gpu.groupby("index"):
+        per_gpu[int(index)] = counter_energy(samples, start_ns, end_ns)
+    reference = per_gpu.get(min(per_gpu)) if per_gpu else None
+    if not reference or reference["joules"] is None:
+        return {"joules": None, "start_ns": start_ns, "end_ns": end_ns, "per_gpu": per_gpu, "integrated_joules": None}
+    edge_start, edge_end = reference["start_ns"], reference["end_ns"]
+    seconds = (edge_end - edge_start) / NS_PER_S
+    total = integrated = 0.0
+    have_integrated = True
+    for index, figures in per_gpu.items():
+        if figures["joules"] is None:
+            return {"joules": None, "start_ns": edge_start, "end_ns": edge_end, "per_gpu": per_gpu,
+                    "integrated_joules": None}
+        own = (figures["end_ns"] - figures["start_ns"]) / NS_PER_S
+        # GPUs tick at slightly different moments: scale each to the reference window's length.
+        total += figures["joules"] * (seconds / own if own > 0 else 1.0)
+        part = _integrated_power_joules(run.gpu[run.gpu["index"] == index], edge_start, edge_end)
+        if part is None:
+            have_integrated = False
+        else:
+            integrated += part
+    return {"joules": total, "start_ns": edge_start, "end_ns": edge_end, "per_gpu": per_gpu,
+            "integrated_joules": integrated if have_integrated else None}
+
+
+def _tokens(run: RunData, workload: str, start_ns: int, end_ns: int) -> dict[str, int]:
+    out = {}
+    for kind in TOKEN_KINDS:
+        column = f"{workload}/{kind}"
+        a, b = _interpolate(run.tokens, column, start_ns), _interpolate(run.tokens, column, end_ns)
+        out[kind] = int(round(b - a)) if a is not None and b is not None else 0
+    return out
+
+
+def _truth_joules(run: RunData, start_ns: int, end_ns: int) -> float | None:
+    if run.truth.empty:
+        return None
+    total = 0.0
+    for column in (c for c in run.truth.columns if c not in ("monotonic_ns", "t")):
+        a, b = _interpolate(run.truth, column, start_ns), _interpolate(run.truth, column, end_ns)
+        if a is None or b is None:
+            return None
+        total += b - a
+    return total
+
+
+def _rapl(run: RunData, start_ns: int, end_ns: int) -> dict[str, float]:
+    out = {}
+    for column in (c for c in run.host.columns if c.startswith("rapl_")):
+        a = _interpolate(run.host.dropna(subset=[column]), column, start_ns)
+        b = _interpolate(run.host.dropna(subset=[column]), column, end_ns)
+        if a is not None and b is not None:
+            out[column.removeprefix("rapl_").removesuffix("_joules")] = b - a
+    return out
+
+
+def idle_baseline(run: RunData) -> tuple[dict, list[dict]]:
+    phase = phases(run).get("idle")
+    if phase is None:
+        return {"power_watts": None, "duration_seconds": None, "energy_joules": None}, [
+            _check("idle baseline", False, "no idle phase was measured: dynamic figures are not available")]
+    start, end = steady_window(phase[0], phase[1])[:2]
+    energy = window_energy(run, start, end)
+    seconds = (energy["end_ns"] - energy["start_ns"]) / NS_PER_S
+    if energy["joules"] is None or seconds <= 0:
+        return {"power_watts": None, "duration_seconds": seconds, "energy_joules": None}, [
+            _check("idle baseline", False, "the energy counter did not move during the idle phase")]
+    power = energy["joules"] / seconds
+    checks = [_check("idle baseline", seconds >= MIN_WINDOW_SECONDS,
+                     f"{seconds:.1f} s window, {power:.1f} W on {run.gpu['index'].nunique()} GPU(s)")]
+    return {"power_watts": power, "duration_seconds": seconds, "energy_joules": energy["joules"]}, checks
+
+
+def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pricing, gpus: int) -> dict | None:
+    from wattledger.workloads.economics import regime_economics
+
+    phase = phases(run).get(name)
+    if phase is None:
+        return None
+    start_ns, end_ns, finished = phase
+    # Ramp-up counts from the workload's first activity: model building and imports before it are setup.
+    work_start = start_ns
+    if not run.spans.empty and "workload" in run.spans:
+        own = run.spans[(run.spans["workload"] == name) & (run.spans["start_ns"] >= start_ns)
+                        & (run.spans["start_ns"] <= end_ns)]
+        if not own.empty:
+            work_start = int(own["start_ns"].min())
+    window_start, window_end, exclusions = steady_window(work_start, end_ns)
+    if work_start > start_ns:
+        exclusions += f", after {(work_start - start_ns) / NS_PER_S:.1f} s of setup"
+    energy = window_energy(run, window_start, window_end)
+    a, b = energy["start_ns"], energy["end_ns"]
+    seconds = (b - a) / NS_PER_S
+    inside = _between(run.gpu, a, b)
+    utilization = inside["utilization_gpu_ratio"].dropna() if "utilization_gpu_ratio" in inside else pd.Series()
+    tokens = _tokens(run, name, a, b)
+    main_kind = MAIN_TOKEN_KIND.get(name, "generated")
+    gross = energy["joules"]
+    dynamic = gross - idle_power_watts * seconds if gross is not None and idle_power_watts is not None else None
+    per_kind = {
+        kind: {"gross": gross / n if gross is not None else None, "dynamic": dynamic / n if dynamic is not None else None}
+        for kind, n in tokens.items() if n > 0
+    }
+    main = per_kind.get(main_kind, {"gross": None, "dynamic": None})
+    whole_phase = _between(run.gpu, start_ns, end_ns)
+    host_phase = _between(run.host, start_ns, end_ns)
+    workload = (run.event("phase_end", phase=name) or {}).get("workload_summary", {})
+    util_mean = float(utilization.mean()) if not utilization.empty else None
+
+    checks = [
+        _check("window length", seconds >= MIN_WINDOW_SECONDS, f"{seconds:.1f} s steady-state window ({exclusions})"),
+        _check("counter resolution", all((g["changes"] or 0) >= 2 and (g["joules"] or 0) > 0
+                                         for g in energy["per_gpu"].values()),
+               "energy counters advanced on every GPU: " + ", ".join(
+                   f"GPU {i}: {g['changes']} updates" for i, g in energy["per_gpu"].items())),
+        _check("phase finished", finished, "the phase ran to its end" if finished else
+               "the run was interrupted during this phase: figures cover what was measured"),
+        _check("tokens counted", tokens[main_kind] > 0, f"{tokens[main_kind]} {main_kind} tokens in the window"),
+    ]
+    divergence = None
+    if gross and energy["integrated_joules"]:
+        divergence = (energy["integrated_joules"] - gross) / gross
+        checks.append(_check("counter vs integrated power", abs(divergence) <= MAX_DIVERGENCE,
+                             f"integrated instant power differs from the counter by {100 * divergence:+.2f}% "
+                             f"(limit {100 * MAX_DIVERGENCE:.0f}%)"))
+    else:
+        checks.append(_check("counter vs integrated power", False, "instant power or counter energy unavailable"))
+
+    summary = {
+        "duration_seconds": seconds,
+        "phase_seconds": (end_ns - start_ns) / NS_PER_S,
+        "window": {"start_seconds": (a - run.origin_ns) / NS_PER_S, "end_seconds": (b - run.origin_ns) / NS_PER_S,
+                   "exclusions": exclusions},
+        "gpu_utilization": {
+            "mean": util_mean,
+            "p50": float(utilization.quantile(0.5)) if not utilization.empty else None,
+            "p99": float(utilization.quantile(0.99)) if not utilization.empty else None,
+            "idle_fraction": float((utilization == 0).mean()) if not utilization.empty else None,
+        },
+        "activity": {field.removesuffix("_activity_ratio"): _stats(inside[field])["mean"]
+                     for field in ("sm_activity_ratio", "tensor_activity_ratio", "dram_activity_ratio")
+                     if field in inside},
+        "power_watts": {"mean": gross / seconds if gross is not None and seconds > 0 else None,
+                        "p99": _stats(inside["power_watts"])["p99"] if "power_watts" in inside else None},
+        "energy_joules": gross,
+        "energy": {
+            "dynamic_joules": dynamic,
+            "integrated_power_joules": energy["integrated_joules"],
+            "counter_vs_integrated_divergence": divergence,
+            "rapl_joules": _rapl(run, a, b),
+            "whole_phase_joules": window_energy(run, start_ns, end_ns)["joules"],
+            "temperature_max_celsius": _stats(whole_phase.get("temperature_gpu_celsius", pd.Series()))["p99"],
+        },
+        "memory": {
+            "gpu_peak_bytes": _number(whole_phase["memory_used_bytes"].max()) if "memory_used_bytes" in whole_phase else None,
+            "host_peak_bytes": _number(host_phase["memory_used_bytes"].max()) if "memory_used_bytes" in host_phase else None,
+            "host_pinned_peak_bytes": _number(host_phase["process_pinned_bytes"].max())
+            if "process_pinned_bytes" in host_phase else None,
+        },
+        "tokens": tokens,
+        "tokens_per_second": {kind: n / seconds for kind, n in tokens.items() if seconds > 0},
+        "main_token_kind": main_kind,
+        "joules_per_token": {"gross": main["gross"], "dynamic": main["dynamic"], "by_kind": per_kind},
+        "joules_per_request": None,
+        "joules_per_session": None,
+        "workload": workload,
+        "validity": checks,
+    }
+    completed = workload.get("requests_completed")
+    if name == "chat" and completed and main["gross"] is not None:
+        per_request = workload["tokens"]["generated"] / completed
+        summary["joules_per_request"] = main["gross"] * per_request
+    sessions = workload.get("sessions_completed")
+    whole = summary["energy"]["whole_phase_joules"]
+    if name == "agentic" and sessions and whole:
+        summary["joules_per_session"] = whole / sessions
+    economics = regime_economics(pricing, gpus, seconds, gross, tokens[main_kind], util_mean, idle_power_watts)
+    summary["cost_usd_per_million_tokens"] = economics["cost_usd_per_million_tokens"]
+    summary["energy_share_of_cost"] = economics["energy_share_of_cost"]
+    summary["co2_grams_per_million_tokens"] = economics["co2_grams_per_million_tokens"]
+    summary["_cost_curve"] = economics.get("cost_curve")
+    truth = _truth_joules(run, a, b)
+    if truth is not None:
+        summary["mock_truth"] = {"energy_joules": truth,
+                                 "joules_per_token": truth / tokens[main_kind] if tokens[main_kind] else None}
+        if gross is not None and truth > 0:
+            error = (gross - truth) / truth
+            checks.append(_check("mock ground truth", abs(error) <= 0.01,
+                                 f"measured energy is {100 * error:+.3f}% from the simulator's exact energy"))
+    return summary
+
+
+def summarize(run: RunData, pricing, kind: str = "bench", regimes: Sequence[str] = ("training", "chat", "agentic"),
+              settings: dict | None = None) -> dict:
+    """The whole ``summary.json`` (see docs/summary.schema.json)."""
+    from wattledger.workloads.economics import pricing_record
+
+    start = run.event("run_start") or {}
+    end = run.event("run_end")
+    gpus = run.header.get("gpus", [])
+    limits = {}
+    if not run.gpu.empty and "power_limit_watts" in run.gpu:
+        limits = run.gpu.groupby("index")["power_limit_watts"].last().to_dict()
+    idle, checks = idle_baseline(run)
+    out_regimes, economics = {}, {}
+    for name in regimes:
+        summary = regime_summary(run, name, idle["power_watts"], pricing, max(1, len(gpus)))
+        if summary is not None:
+            economics[name] = {"cost_curve": summary.pop("_cost_curve")}
+            out_regimes[name] = summary
+    if not run.gpu.empty and "up" in run.gpu:
+        down = run.gpu[run.gpu["up"] == False]  # noqa: E712 - pandas element-wise comparison
+        checks.append(_check("GPUs up", down.empty, "every GPU answered throughout" if down.empty
+                             else f"{len(down)} samples from lost GPUs"))
+    checks.append(_check("backend", not run.simulated, "real hardware counters (NVML)" if not run.simulated else
+                         "SIMULATED: mock GPU; energy figures come from the simulator, not hardware"))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "status": (end or {}).get("status", "partial") if end else "partial",
+        "backend": run.header.get("backend") or "mock",
+        "simulated": run.simulated,
+        "created": start.get("wall_time", ""),
+        "host": start.get("host", {}),
+        "settings": settings if settings is not None else start.get("settings", {}),
+        "gpus": [{
+            "index": g["index"], "uuid": g["uuid"], "model_name": g["model_name"],
+            "driver_version": g["driver_version"],
+            "power_limit_watts": _number(limits.get(g["index"], g.get("power_limit_default_watts"))),
+            "memory_total_bytes": g.get("memory_total_bytes"), "simulated": bool(g.get("simulated")),
+        } for g in gpus],
+        "idle": idle,
+        "regimes": out_regimes,
+        "validity": checks,
+        "pricing": pricing_record(pricing),
+        "economics": economics,
+    }

@@ -1,0 +1,169 @@
+"""``wattledger bench`` and ``wattledger report``: the command lines, the printed table, the signals."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from wattledger.agent.config import parse_duration_seconds
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration_seconds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError("duration must not be negative")
+    return seconds
+
+
+def _workloads(text: str) -> tuple[str, ...]:
+    from wattledger.workloads.bench import REGIMES
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in REGIMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(REGIMES)} (comma separated), got {text!r}")
+    return names
+
+
+def print_table(summary: dict, console) -> None:
+    """The summary as a table (the first line says SIMULATED when it is)."""
+    from rich.table import Table
+
+    def fmt(value, spec=",.3g", unit=""):
+        return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+    label = "SIMULATED (mock GPU): " if summary["simulated"] else ""
+    gpus = summary["gpus"]
+    model = gpus[0]["model_name"] if gpus else "no GPU"
+    console.print(f"{label}wattledger {summary['kind']} {summary['status']}: {len(gpus)} x {model}, idle "
+                  f"{fmt(summary['idle']['power_watts'], '.1f', ' W')}", markup=False, highlight=False)
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("regime", "util mean", "idle frac", "power W", "tokens/s", "J/token gross", "J/token dyn",
+                   "$/Mtok", "$/Mtok full", "checks"):
+        table.add_column(column, justify="right" if column != "regime" else "left")
+    for name, r in summary["regimes"].items():
+        kind = r["main_token_kind"]
+        passed = sum(c["passed"] for c in r["validity"])
+        table.add_row(
+            f"{name} ({kind})", fmt(r["gpu_utilization"]["mean"], ".2f"), fmt(r["gpu_utilization"]["idle_fraction"], ".2f"),
+            fmt(r["power_watts"]["mean"], ".0f"), fmt(r["tokens_per_second"].get(kind), ",.0f"),
+            fmt(r["joules_per_token"]["gross"], ".3g"), fmt(r["joules_per_token"]["dynamic"], ".3g"),
+            fmt(r["cost_usd_per_million_tokens"]["measured"], ",.2f"),
+            fmt(r["cost_usd_per_million_tokens"]["full_load"], ",.2f"), f"{passed}/{len(r['validity'])}")
+    console.print(table)
+    failed = [c for c in summary["validity"] if not c["passed"]]
+    for check in failed:
+        console.print(f"check failed: {check['check']}: {check['detail']}", markup=False, highlight=False)
+
+
+def _console():
+    """A rich console that does not squeeze the table when the output is a file or a pipe."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+
+
+def bench_main(argv: list[str]) -> int:
+    from wattledger.workloads.economics import add_pricing_arguments
+
+    parser = _Parser(prog="wattledger bench", description="Measure each regime's utilization, joules per token "
+                     "and cost on this machine, and write a report.")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, about 20 s per regime (CPU, CI)")
+    parser.add_argument("--workloads", type=_workloads, default=None, help="comma-separated subset of "
+                        "training,chat,agentic (default all)")
+    parser.add_argument("--preset", choices=["tiny", "125m", "1b", "8b"], default=None,
+                        help="model shape (default 1b on a GPU, tiny otherwise)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--duration", type=_duration, default=None, help="per regime (default 60s; 20s quick)")
+    parser.add_argument("--idle", type=_duration, default=None, help="idle baseline (default 10s; 8s quick)")
+    parser.add_argument("--cooldown", type=_duration, default=None, help="between phases (default 10s; 2s quick)")
+    parser.add_argument("--output", type=Path, default=Path("runs"), help="parent of the run directory")
+    parser.add_argument("--backend", choices=["auto", "nvml", "mock"], default="auto")
+    parser.add_argument("--mock-gpus", type=int, default=1)
+    parser.add_argument("--address", default="127.0.0.1", help="where /metrics is served during the run")
+    parser.add_argument("--port", type=int, default=0, help="port for /metrics (default: any free port)")
+    parser.add_argument("--interval", type=_duration, default=0.05, help="sampling interval (default 50ms)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_pricing_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+    from wattledger.workloads.bench import BenchOptions, run_bench
+    from wattledger.workloads.economics import pricing_from_args
+
+    try:
+        pricing = pricing_from_args(args)
+        if args.duration is not None and args.duration < 6:
+            raise ValueError("--duration must be at least 6s: the steady-state window needs 5 s")
+        if not 1 <= args.mock_gpus <= 64:
+            raise ValueError("--mock-gpus must be 1-64")
+        if args.interval < 0.01:
+            raise ValueError("--interval must be at least 10ms")
+    except ValueError as err:
+        print(f"wattledger bench: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    options = BenchOptions(
+        workloads=args.workloads or ("training", "chat", "agentic"), preset=args.preset, device=args.device,
+        duration_s=args.duration, idle_s=args.idle, cooldown_s=args.cooldown, quick=args.quick,
+        output_dir=args.output, address=args.address, port=args.port, interval_s=args.interval,
+        backend=args.backend, mock_gpus=args.mock_gpus, seed=args.seed)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    console = _console()
+    try:
+        run_dir, summary = run_bench(options, stop, pricing, console)
+    except (OSError, ValueError) as err:
+        print(f"wattledger bench: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print_table(summary, console)
+    console.print(f"wrote {run_dir}/summary.json and {run_dir}/report.html", markup=False, highlight=False)
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    from wattledger.workloads.economics import add_pricing_arguments
+
+    parser = _Parser(prog="wattledger report", description="Rebuild summary.json and report.html from a run "
+                     "directory's raw files (also after an interrupted or killed run).")
+    parser.add_argument("run_dir", type=Path)
+    add_pricing_arguments(parser)
+    args = parser.parse_args(argv)
+
+    from wattledger.workloads.bench import build_outputs
+    from wattledger.workloads.economics import pricing_from_args
+    from wattledger.workloads.rundata import load_run
+
+    try:
+        pricing = pricing_from_args(args)
+        run = load_run(args.run_dir)
+    except ValueError as err:
+        print(f"wattledger report: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    start = run.event("run_start") or {}
+    kind = start.get("kind", "bench")
+    regimes = tuple(start.get("settings", {}).get("workloads") or ("training", "chat", "agentic"))
+    summary = build_outputs(args.run_dir, pricing, kind=kind, regimes=regimes)
+    console = _console()
+    print_table(summary, console)
+    console.print(f"wrote {args.run_dir}/summary.json and {args.run_dir}/report.html", markup=False, highlight=False)
+    return 0

@@ -1,0 +1,898 @@
+"""The run report: one self-contained HTML page (``report.html``) and its figures as PNG files.
+
+``render_report(run, summary, out_path)`` draws the figures from the run's raw tables (``RunData``) and
+the tables from ``summary`` (summary.json, docs/summary.schema.json). The page needs nothing outside
+itself: inline CSS, no scripts, figures embedded as base64 PNG ``<img>`` with alt text. The same figures
+are saved under ``run.run_dir / "figures"``:
+
+- ``utilization_by_regime.png``: each regime's GPU utilization against seconds since its phase started,
+  overlaid (raw samples plus a light rolling mean);
+- ``power_timeline.png``: GPU power over the whole run, phases (idle baseline included) shaded;
+- ``memory.png``: HBM used, and host DRAM used (with pinned bytes when any), over the whole run;
+- ``joules_per_token.png``: joules per token, gross and dynamic, per regime;
+- ``cost_curves.png``: dollars per million tokens against utilization, each regime's measured point marked.
+
+Partial data is expected (an interrupted run, a regime that never ran, a probe that reported nothing): a
+figure with nothing to draw is replaced by a line saying why, and a missing number reads "n/a".
+
+Matplotlib draws through ``matplotlib.figure.Figure`` (the Agg canvas), never pyplot, so no global
+backend state is touched; it is imported only when a report is rendered. The daemon never imports this
+module.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from wattledger.workloads.rundata import NS_PER_S, RunData
+
+REGIME_ORDER = ("training", "chat", "agentic", "command")
+COLORS = {"training": "#1f5fa8", "chat": "#d9731a", "agentic": "#2a9150", "command": "#7a4fb0"}
+OTHER_COLORS = ("#a83a5a", "#5a6b7d", "#8c6d1f", "#3a8c8c")
+IDLE_PHASE_COLOR = "#8a8a8a"
+GB = 1e9
+FIGURE_DPI = 110
+FIGURE_FILES = {
+    "utilization": "utilization_by_regime.png",
+    "power": "power_timeline.png",
+    "memory": "memory.png",
+    "joules_per_token": "joules_per_token.png",
+    "cost": "cost_curves.png",
+}
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    start_s: float  # seconds since the run started
+    end_s: float
+    finished: bool  # False: no phase_end (the run was interrupted during it)
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    title: str
+    alt: str
+    png: bytes | None  # None: nothing to draw
+    note: str  # caption, or why there is no figure
+
+
+# -- helpers: numbers ------------------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    """A finite number or None (bools, strings, NaN and infinities are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _sig(value: float, digits: int = 3) -> str:
+    """``digits`` significant figures, thousands separated, no exponent for everyday magnitudes."""
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - magnitude)
+    if abs(value) < 1e-4:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:,.{decimals}f}"
+
+
+def fmt(value: Any, unit: str = "", digits: int = 3) -> str:
+    number = _num(value)
+    if number is None:
+        return "n/a"
+    return f"{_sig(number, digits)}{(' ' + unit) if unit else ''}"
+
+
+def fmt_percent(value: Any, digits: int = 1) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"{number * 100:.{digits}f} %"
+
+
+def fmt_usd(value: Any) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"${_sig(number, 3)}"
+
+
+def fmt_bytes(value: Any) -> str:
+    number = _num(value)
+    if number is None:
+        return "n/a"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(number) >= size:
+            return f"{_sig(number / size, 3)} {unit}"
+    return f"{number:.0f} B"
+
+
+def fmt_energy(value: Any) -> str:
+    number = _num(value)
+    if number is None:
+        return "n/a"
+    if abs(number) >= 1e6:
+        return f"{_sig(number / 1e6, 3)} MJ"
+    if abs(number) >= 1e3:
+        return f"{_sig(number / 1e3, 3)} kJ"
+    return f"{_sig(number, 3)} J"
+
+
+def fmt_seconds(value: Any) -> str:
+    number = _num(value)
+    if number is None:
+        return "n/a"
+    if abs(number) < 1:
+        return f"{_sig(number * 1000, 3)} ms"
+    if abs(number) >= 120:
+        return f"{number / 60:.1f} min"
+    return f"{_sig(number, 3)} s"
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# -- helpers: the run's tables -----------------------------------------------------------------------------
+
+def phases_of(run: RunData) -> list[Phase]:
+    """Phases from phase_start/phase_end events; one left open ends where the run's data ends."""
+    def seconds(event: dict) -> float | None:
+        ns = event.get("monotonic_ns")
+        return (ns - run.origin_ns) / NS_PER_S if isinstance(ns, int) else None
+
+    last = _data_end(run)
+    end_event = run.event("run_end")
+    if end_event is not None and seconds(end_event) is not None:
+        last = max(last, seconds(end_event))
+    open_: dict[str, float] = {}
+    out: list[Phase] = []
+    for event in run.events:
+        kind, name, at = event.get("type"), event.get("phase"), seconds(event)
+        if name is None or at is None:
+            continue
+        if kind == "phase_start":
+            open_[str(name)] = at
+        elif kind == "phase_end" and str(name) in open_:
+            out.append(Phase(str(name), open_.pop(str(name)), at, True))
+    out += [Phase(name, start, max(start, last), False) for name, start in open_.items()]
+    return sorted(out, key=lambda p: p.start_s)
+
+
+def _data_end(run: RunData) -> float:
+    ends = [float(frame["t"].max()) for frame in (run.gpu, run.host) if not frame.empty and "t" in frame]
+    return max(ends, default=0.0)
+
+
+def _interval(run: RunData) -> float:
+    value = _num(run.header.get("interval_seconds"))
+    if value and value > 0:
+        return value
+    if not run.gpu.empty and "index" in run.gpu:
+        first = run.gpu[run.gpu["index"] == run.gpu["index"].iloc[0]]["t"].diff().median()
+        if _num(first):
+            return float(first)
+    return 1.0
+
+
+def per_tick(run: RunData, column: str, how: str = "mean") -> pd.DataFrame:
+    """GPU samples of ``column`` combined across GPUs per sampling tick: columns t and value."""
+    frame = run.gpu
+    if frame.empty or column not in frame or "t" not in frame:
+        return pd.DataFrame({"t": [], "value": []})
+    frame = frame[["t", column]].assign(value=pd.to_numeric(frame[column], errors="coerce"))
+    if "index" in run.gpu and run.gpu["index"].nunique() > 1:
+        tick = (frame["t"] / _interval(run)).round().rename("tick")
+        grouped = frame.groupby(tick)
+        value = grouped["value"].sum(min_count=1) if how == "sum" else grouped["value"].mean()
+        frame = pd.DataFrame({"t": grouped["t"].mean(), "value": value}).reset_index(drop=True)
+    return frame[["t", "value"]].dropna().sort_values("t").reset_index(drop=True)
+
+
+def _regime_names(summary: dict, phases: list[Phase]) -> list[str]:
+    """Regimes in the summary, then regimes that ran but have no summary entry (an interrupted phase)."""
+    names = list((summary.get("regimes") or {}).keys())
+    for phase in phases:
+        if (phase.name in REGIME_ORDER or phase.name in names) and phase.name not in names:
+            names.append(phase.name)
+    rank = {name: i for i, name in enumerate(REGIME_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+
+def _color(name: str, names: list[str]) -> str:
+    if name in COLORS:
+        return COLORS[name]
+    others = [n for n in names if n not in COLORS]
+    return OTHER_COLORS[others.index(name) % len(OTHER_COLORS)] if name in others else IDLE_PHASE_COLOR
+
+
+def _main_kind(regime: dict) -> str | None:
+    kind = regime.get("main_token_kind")
+    if kind:
+        return kind
+    tokens = regime.get("tokens") or {}
+    for candidate in ("trained", "generated", "prompt"):
+        if (_num(tokens.get(candidate)) or 0) > 0:
+            return candidate
+    return None
+
+
+# -- figures -----------------------------------------------------------------------------------------------
+
+def _new_figure(width: float, height: float, rows: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(width, height), dpi=FIGURE_DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global backend state
+    axes = fig.subplots(rows, 1, sharex=True) if rows > 1 else fig.subplots()
+    for ax in (axes if rows > 1 else [axes]):
+        ax.grid(True, color="#dddddd", linewidth=0.6)
+        ax.set_axisbelow(True)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    return fig, axes
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, facecolor="white")
+    return buffer.getvalue()
+
+
+def _legend_above(ax, handles=None, ncols=None) -> None:
+    """The legend in one row above the plot's top right, clear of the data."""
+    handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
+    if handles:
+        ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=ncols or len(handles),
+                  frameon=False, fontsize=9, borderaxespad=0.2, handlelength=1.8, columnspacing=1.2)
+
+
+def _shade_phases(ax, phases: list[Phase], names: list[str], label: bool) -> None:
+    for phase in phases:
+        color = _color(phase.name, names) if phase.name in names else IDLE_PHASE_COLOR
+        ax.axvspan(phase.start_s, phase.end_s, color=color, alpha=0.10, linewidth=0)
+        if label:
+            text = phase.name if phase.finished else f"{phase.name} (cut short)"
+            ax.text((phase.start_s + phase.end_s) / 2, 0.985, text, transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=8.5, color=color, fontweight="bold")
+
+
+def figure_utilization(run: RunData, phases: list[Phase], names: list[str]) -> Figure:
+    title = "GPU utilization by regime"
+    # NVML's utilization where the board reports it, else GPM's SM activity.
+    column = next((c for c in ("utilization_gpu_ratio", "sm_activity_ratio")
+                   if c in run.gpu and run.gpu[c].notna().any()), "utilization_gpu_ratio")
+    util = per_tick(run, column)
+    regime_phases = [p for p in phases if p.name in names]
+    if util.empty or not regime_phases:
+        why = "no GPU utilization samples" if util.empty else "no regime phases in events.jsonl"
+        return Figure("utilization", title, title, None, f"n/a: {why}")
+    fig, ax = _new_figure(10, 4.2)
+    window = max(3, round(2.0 / _interval(run)))
+    drawn = []
+    for phase in regime_phases:
+        part = util[(util["t"] >= phase.start_s) & (util["t"] < phase.end_s)]
+        if part.empty:
+            continue
+        x = part["t"] - phase.start_s
+        color = _color(phase.name, names)
+        ax.plot(x, part["value"] * 100, color=color, linewidth=0.9, alpha=0.85,
+                label=phase.name + ("" if phase.finished else " (cut short)"))
+        smooth = part["value"].rolling(window, center=True, min_periods=1).mean()
+        ax.plot(x, smooth * 100, color=color, linewidth=2.6, alpha=0.28)
+        drawn.append(phase.name)
+    if not drawn:
+        return Figure("utilization", title, title, None, "n/a: no samples inside the regime phases")
+    ax.set_ylim(-3, 108)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("seconds since the phase started")
+    gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
+    ax.set_ylabel("GPU utilization (%" + (f", mean of {gpus} GPUs)" if gpus > 1 else ")"))
+    ax.set_title(title, loc="left", fontsize=11)
+    from matplotlib.lines import Line2D
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], color="#888888", linewidth=2.6, alpha=0.4, label=f"rolling mean ({window} samples)"))
+    _legend_above(ax, handles)
+    alt = (f"Line chart: GPU utilization (%) against seconds since each phase started, for {', '.join(drawn)}; "
+           f"thin lines are raw samples, thick faint lines a {window}-sample rolling mean.")
+    note = (f"Thin lines: every sample ({column}); thick faint lines: {window}-sample rolling mean. "
+            "Training should be flat, chat spiky, agentic broken by tool calls.")
+    return Figure("utilization", title, alt, _png(fig), note)
+
+
+def figure_power(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
+    title = "GPU power over the run"
+    power = per_tick(run, "power_watts", how="sum")
+    if power.empty:
+        return Figure("power", title, title, None, "n/a: no GPU power samples")
+    fig, ax = _new_figure(10, 4.0)
+    _shade_phases(ax, phases, names, label=True)
+    gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
+    ax.plot(power["t"], power["value"], color="#222222", linewidth=1.0,
+            label="power, all GPUs" if gpus > 1 else "power")
+    idle_w = _num(_get(summary, "idle", "power_watts"))
+    if idle_w is not None:
+        ax.axhline(idle_w, color=IDLE_PHASE_COLOR, linestyle="--", linewidth=1.1,
+                   label=f"idle baseline {idle_w:.0f} W")
+    limits = [_num(g.get("power_limit_watts")) for g in summary.get("gpus") or [] if isinstance(g, dict)]
+    if limits and all(v is not None for v in limits):
+        ax.axhline(sum(limits), color="#b03030", linestyle=":", linewidth=1.1,
+                   label=f"power limit {sum(limits):.0f} W")
+    top = max(float(power["value"].max()), sum(v for v in limits if v) if limits else 0.0)
+    ax.set_ylim(0, top * 1.15)
+    ax.set_xlim(0, max(power["t"].max(), max((p.end_s for p in phases), default=0)))
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("power (W" + (f", sum of {gpus} GPUs)" if gpus > 1 else ")"))
+    ax.set_title(title, loc="left", fontsize=11)
+    _legend_above(ax)
+    phase_list = ", ".join(f"{p.name} {p.start_s:.0f}-{p.end_s:.0f} s" for p in phases) or "none recorded"
+    alt = f"Line chart: GPU power (W) against seconds since the run started; shaded phases: {phase_list}."
+    return Figure("power", title, alt, _png(fig), "Shaded bands are the phases (idle baseline included), "
+                  "from events.jsonl.")
+
+
+def figure_memory(run: RunData, phases: list[Phase], names: list[str]) -> Figure:
+    title = "HBM and host DRAM used"
+    hbm = per_tick(run, "memory_used_bytes", how="sum")
+    total = per_tick(run, "memory_total_bytes", how="sum")
+    host = run.host
+    host_used = (host[["t", "memory_used_bytes"]].dropna() if not host.empty and "memory_used_bytes" in host
+                 else pd.DataFrame())
+    pinned = (host[["t", "process_pinned_bytes"]].dropna() if not host.empty and "process_pinned_bytes" in host
+              else pd.DataFrame())
+    has_pinned = not pinned.empty and float(pinned["process_pinned_bytes"].max()) > 0
+    if hbm.empty and host_used.empty:
+        return Figure("memory", title, title, None, "n/a: no GPU or host memory samples")
+    fig, (top, bottom) = _new_figure(10, 5.2, rows=2)
+    for ax in (top, bottom):
+        _shade_phases(ax, phases, names, label=ax is top)
+    if not hbm.empty:
+        top.plot(hbm["t"], hbm["value"] / GB, color="#6a3d9a", linewidth=1.2, label="HBM used")
+        if not total.empty:
+            top.axhline(float(total["value"].max()) / GB, color="#6a3d9a", linestyle=":", linewidth=1,
+                        label=f"HBM total {float(total['value'].max()) / GB:.0f} GB")
+        top.set_ylim(0, max(float(hbm["value"].max()), float(total["value"].max()) if not total.empty else 0)
+                     / GB * 1.2)
+        _legend_above(top)
+    else:
+        top.text(0.5, 0.5, "n/a: no HBM samples", transform=top.transAxes, ha="center", color="#666666")
+    gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
+    top.set_ylabel("HBM (GB" + (f", {gpus} GPUs)" if gpus > 1 else ")"))
+    top.set_title(title, loc="left", fontsize=11)
+    if not host_used.empty:
+        bottom.plot(host_used["t"], host_used["memory_used_bytes"] / GB, color="#b15928", linewidth=1.2,
+                    label="host DRAM used")
+        if has_pinned:
+            bottom.plot(pinned["t"], pinned["process_pinned_bytes"] / GB, color="#e31a1c", linewidth=1.2,
+                        linestyle="--", label="pinned by workloads")
+        bottom.set_ylim(0, float(host_used["memory_used_bytes"].max()) / GB * 1.25)
+        _legend_above(bottom)
+    else:
+        bottom.text(0.5, 0.5, "n/a: no host samples", transform=bottom.transAxes, ha="center", color="#666666")
+    bottom.set_ylabel("host DRAM (GB)")
+    bottom.set_xlabel("seconds since the run started")
+    bottom.set_xlim(left=0)
+    alt = ("Two line charts against seconds since the run started: GPU HBM used (GB) above, host DRAM used (GB) "
+           "below" + (", with host memory pinned by the workloads" if has_pinned else "") + "; phases shaded.")
+    note = "GB are 10^9 bytes." + (" Pinned: VmPin of the workload processes." if has_pinned else "")
+    return Figure("memory", title, alt, _png(fig), note)
+
+
+def figure_joules_per_token(summary: dict, names: list[str]) -> Figure:
+    title = "Joules per token, gross and dynamic"
+    regimes = summary.get("regimes") or {}
+    rows = []
+    for name in names:
+        regime = regimes.get(name)
+        if not isinstance(regime, dict):
+            continue
+        jpt = regime.get("joules_per_token") or {}
+        rows.append((name, _main_kind(regime), _num(jpt.get("gross")), _num(jpt.get("dynamic"))))
+    if not any(g is not None or d is not None for _, _, g, d in rows):
+        return Figure("joules_per_token", title, title, None, "n/a: no joules-per-token figures")
+    fig, ax = _new_figure(7.5, 3.8)
+    width = 0.36
+    values = [v for _, _, g, d in rows for v in (g, d) if v is not None]
+    top = max(values) if values else 1.0
+    for i, (name, kind, gross, dynamic) in enumerate(rows):
+        color = _color(name, names)
+        for offset, value, hatch, alpha in ((-width / 2, gross, None, 0.9), (width / 2, dynamic, "///", 0.45)):
+            if value is None:
+                ax.text(i + offset, top * 0.02, "n/a", ha="center", va="bottom", fontsize=8, color="#666666")
+                continue
+            ax.bar(i + offset, value, width, color=color, alpha=alpha, hatch=hatch, edgecolor=color)
+            ax.text(i + offset, value, _sig(value, 3), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{name}\n({kind or 'n/a'} tokens)" for name, kind, _, _ in rows])
+    ax.set_ylabel("joules per token")
+    ax.set_ylim(0, top * 1.18)
+    ax.set_xlim(-0.6, len(rows) - 0.4)  # keep a slot for a regime whose bars are n/a
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor="#777777", alpha=0.9, label="gross (all energy)"),
+                       Patch(facecolor="#777777", alpha=0.45, hatch="///", label="dynamic (above idle)")],
+              loc="upper left", fontsize=9)
+    ax.set_title(title, loc="left", fontsize=11)
+    parts = [f"{name} ({kind} tokens): gross {fmt(g, 'J')}, dynamic {fmt(d, 'J')}" for name, kind, g, d in rows]
+    alt = "Grouped bar chart of joules per token: " + "; ".join(parts) + "."
+    return Figure("joules_per_token", title, alt, _png(fig),
+                  "Per token of the regime's main kind. Dynamic subtracts the idle baseline's power over the window.")
+
+
+def _cost_curve(summary: dict, name: str) -> list[tuple[float, float]]:
+    curve = _get(summary, "economics", name, "cost_curve")
+    points = []
+    for point in curve if isinstance(curve, list) else []:
+        if isinstance(point, dict):
+            u, c = _num(point.get("utilization")), _num(point.get("usd_per_million_tokens"))
+            if u is not None and c is not None and c > 0:
+                points.append((u, c))
+    return sorted(points)
+
+
+def figure_cost(summary: dict, names: list[str]) -> Figure:
+    title = "Cost per million tokens against GPU utilization"
+    regimes = summary.get("regimes") or {}
+    series = []
+    for name in names:
+        regime = regimes.get(name) if isinstance(regimes.get(name), dict) else {}
+        curve = _cost_curve(summary, name)
+        measured = _num(_get(regime, "cost_usd_per_million_tokens", "measured"))
+        at = _num(_get(summary, "economics", name, "measured_utilization"))
+        if at is None:
+            at = _num(_get(regime, "gpu_utilization", "mean"))
+        point = (at, measured) if at is not None and measured is not None and measured > 0 else None
+        full = _num(_get(regime, "cost_usd_per_million_tokens", "full_load"))
+        if not curve and full is not None and full > 0:
+            curve = [(1.0, full)]  # no curve: the full-load figure is its point at 100 %
+        if curve or point:
+            series.append((name, curve, point, _main_kind(regime)))
+    if not series:
+        return Figure("cost", title, title, None, "n/a: no cost curves or measured costs in the summary")
+    fig, ax = _new_figure(8.5, 4.2)
+    costs = [c for _, curve, point, _ in series for c in [c for _, c in curve] + ([point[1]] if point else [])]
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for name, curve, point, kind in series:
+        color = _color(name, names)
+        if len(curve) == 1:
+            ax.plot(curve[0][0] * 100, curve[0][1], marker="D", markersize=7, markerfacecolor="white", color=color,
+                    linestyle="none")
+        elif curve:
+            ax.plot([u * 100 for u, _ in curve], [c for _, c in curve], color=color, linewidth=1.6)
+        if point:
+            ax.plot(point[0] * 100, point[1], marker="o", markersize=8, color=color, markeredgecolor="black",
+                    linestyle="none")
+        # The measured figure goes in the legend, not beside the dot, where it could sit on another curve.
+        label = f"{name}, per M {kind or ''} tokens"
+        label += f": measured {fmt_usd(point[1])} at {point[0] * 100:.0f} %" if point else ": no measured point"
+        if len(curve) == 1:
+            label += f"; full load {fmt_usd(curve[0][1])} (◇)"
+        handles.append(Line2D([], [], color=color, linewidth=1.6 if len(curve) > 1 else 0,
+                              marker="o" if point else "D" if curve else None,
+                              markersize=7, markeredgecolor="black", label=label.replace("$", r"\$")))
+    if costs and max(costs) / min(costs) > 20:
+        ax.set_yscale("log")
+        ax.set_ylim(min(costs) / 2, max(costs) * 6)
+    else:
+        ax.set_ylim(0, max(costs) * 1.25)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("GPU utilization (%)")
+    ax.set_ylabel("USD per million tokens")
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.legend(handles=handles, loc="upper right", fontsize=9, frameon=True, framealpha=0.9, edgecolor="#dddddd")
+    parts = [f"{name}: " + (f"curve of {len(curve)} points" if len(curve) > 1 else "no curve")
+             + (f", measured {fmt_usd(point[1])} at {point[0] * 100:.0f} % utilization" if point else "")
+             for name, curve, point, _ in series]
+    alt = "Line chart of USD per million tokens against GPU utilization (%); " + "; ".join(parts) + "."
+    missing = [n for n, curve, _, _ in series if len(curve) < 2]
+    note = "Dots: the measured cost at the regime's mean utilization."
+    if missing:
+        note += f" No cost curve for {', '.join(missing)}."
+    return Figure("cost", title, alt, _png(fig), note)
+
+
+# -- tables ------------------------------------------------------------------------------------------------
+
+def _regime_rows(summary: dict, names: list[str]) -> list[tuple[str, list[str]] | str]:
+    """Rows of the per-regime table: (label, one cell per regime), or a group heading."""
+    regimes = summary.get("regimes") or {}
+    r = {name: regimes.get(name) if isinstance(regimes.get(name), dict) else None for name in names}
+
+    def row(label: str, cell) -> tuple[str, list[str]]:
+        return label, [cell(reg) if reg is not None else "not measured" for reg in r.values()]
+
+    def tokens_per_second(reg: dict) -> str:
+        kind = _main_kind(reg)
+        tps = _num(reg.get("tokens_per_second"))  # a bare number is the main kind's rate
+        if tps is None and kind:
+            tps = _num(_get(reg, "tokens_per_second", kind))
+        if tps is None and kind:
+            tokens, duration = _num(_get(reg, "tokens", kind)), _num(reg.get("duration_seconds"))
+            tps = tokens / duration if tokens is not None and duration else None
+        return f"{fmt(tps)} {kind}/s" if tps is not None else "n/a"
+
+    def tokens(reg: dict) -> str:
+        counts = reg.get("tokens") or {}
+        parts = [f"{_sig(_num(counts.get(k)), 4) if _num(counts.get(k)) else '0'} {k}"
+                 for k in ("trained", "prompt", "generated") if _num(counts.get(k))]
+        return ", ".join(parts) or "n/a"
+
+    def workload(*keys: str, form=fmt) -> callable:
+        return lambda reg: form(_get(reg, "workload", *keys))
+
+    rows: list = ["GPU"]
+    rows += [
+        row("steady-state window", lambda reg: fmt_seconds(reg.get("duration_seconds"))),
+        row("utilization mean", lambda reg: fmt_percent(_get(reg, "gpu_utilization", "mean"))),
+        row("utilization p50 / p99", lambda reg: f"{fmt_percent(_get(reg, 'gpu_utilization', 'p50'))} / "
+                                                 f"{fmt_percent(_get(reg, 'gpu_utilization', 'p99'))}"),
+        row("idle fraction", lambda reg: fmt_percent(_get(reg, "gpu_utilization", "idle_fraction"))),
+        row("power mean / p99", lambda reg: f"{fmt(_get(reg, 'power_watts', 'mean'), 'W')} / "
+                                            f"{fmt(_get(reg, 'power_watts', 'p99'), 'W')}"),
+    ]
+    if any(reg and isinstance(reg.get("memory"), dict) for reg in r.values()):
+        rows.append(row("peak HBM / host DRAM", lambda reg: f"{fmt_bytes(_get(reg, 'memory', 'gpu_peak_bytes'))} / "
+                                                            f"{fmt_bytes(_get(reg, 'memory', 'host_peak_bytes'))}"))
+        if any(_num(_get(reg, "memory", "host_pinned_peak_bytes")) for reg in r.values() if reg):
+            rows.append(row("peak pinned host memory",
+                            lambda reg: fmt_bytes(_get(reg, "memory", "host_pinned_peak_bytes"))))
+    if any(_num(_get(reg, "energy", "temperature_max_celsius")) is not None for reg in r.values() if reg):
+        rows.append(row("GPU temperature max", lambda reg: fmt(_get(reg, "energy", "temperature_max_celsius"), "°C")))
+    rows += [
+        "Energy and tokens",
+        row("energy", lambda reg: fmt_energy(reg.get("energy_joules"))),
+        row("tokens", tokens),
+        row("tokens/s (main kind)", tokens_per_second),
+        row("J/token gross", lambda reg: fmt(_get(reg, "joules_per_token", "gross"), "J")),
+        row("J/token dynamic (above idle)", lambda reg: fmt(_get(reg, "joules_per_token", "dynamic"), "J")),
+    ]
+    if any(reg and "mock_truth" in reg for reg in r.values()):
+        rows.append(row("simulator truth: energy, J/token",
+                        lambda reg: f"{fmt_energy(_get(reg, 'mock_truth', 'energy_joules'))}, "
+                                    f"{fmt(_get(reg, 'mock_truth', 'joules_per_token'), 'J')}"))
+    rows += [
+        "Cost and carbon",
+        row("$/M tokens measured", lambda reg: fmt_usd(_get(reg, "cost_usd_per_million_tokens", "measured"))),
+        row("$/M tokens at full load", lambda reg: fmt_usd(_get(reg, "cost_usd_per_million_tokens", "full_load"))),
+        row("energy share of cost", lambda reg: fmt_percent(reg.get("energy_share_of_cost"))),
+        row("CO₂ per M tokens", lambda reg: fmt(reg.get("co2_grams_per_million_tokens"), "g")),
+    ]
+    headline = [
+        ("TTFT p50 / p99", lambda reg: f"{fmt_seconds(_get(reg, 'workload', 'ttft_seconds', 'p50'))} / "
+                                       f"{fmt_seconds(_get(reg, 'workload', 'ttft_seconds', 'p99'))}",
+         ("ttft_seconds",)),
+        ("TPOT p50 / p99", lambda reg: f"{fmt_seconds(_get(reg, 'workload', 'tpot_seconds', 'p50'))} / "
+                                       f"{fmt_seconds(_get(reg, 'workload', 'tpot_seconds', 'p99'))}",
+         ("tpot_seconds",)),
+        ("tool-time share (per session)", workload("tool_time_share", "per_session_mean", form=fmt_percent),
+         ("tool_time_share",)),
+        ("spilled to host", workload("spill", "spilled_bytes", form=fmt_bytes), ("spill",)),
+        ("MFU", workload("mfu", form=fmt_percent), ("mfu",)),
+        ("goodput", workload("goodput", form=fmt_percent), ("goodput",)),
+    ]
+    workload_rows = []
+    for label, cell, keys in headline:
+        present = [reg is not None and isinstance(reg.get("workload"), dict) and keys[0] in reg["workload"]
+                   for reg in r.values()]
+        if any(present):
+            workload_rows.append((label, [cell(reg) if has else "—" for reg, has in zip(r.values(), present)]))
+    if workload_rows:
+        rows += ["Workload's own figures"] + workload_rows
+    return rows
+
+
+def _table(headers: list[str], rows: list, css: str = "") -> str:
+    head = "".join(f"<th scope='col'>{_esc(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        if isinstance(row, str):
+            body.append(f"<tr class='group'><th colspan='{len(headers)}' scope='rowgroup'>{_esc(row)}</th></tr>")
+        else:
+            label, cells = row
+            tds = "".join(f"<td class='{'na' if c in ('n/a', 'not measured', '—') else ''}'>{_esc(c)}</td>"
+                          for c in cells)
+            body.append(f"<tr><th scope='row'>{_esc(label)}</th>{tds}</tr>")
+    return (f"<div class='table-wrap'><table class='{css}'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _gpu_table(summary: dict, run: RunData) -> str:
+    gpus = [g for g in summary.get("gpus") or [] if isinstance(g, dict)]
+    if not gpus:  # fall back on the recording's header
+        gpus = [dict(g, power_limit_watts=g.get("power_limit_default_watts"))
+                for g in run.header.get("gpus") or [] if isinstance(g, dict)]
+    if not gpus:
+        return "<p class='na'>n/a: no GPU information in the summary or the recording.</p>"
+    rows = []
+    for g in gpus:
+        rows.append((str(g.get("index", "?")), [
+            str(g.get("model_name") or "n/a") + (" (mock)" if g.get("simulated") else ""),
+            str(g.get("driver_version") or "n/a"),
+            fmt(g.get("power_limit_watts"), "W"),
+            fmt_bytes(g.get("memory_total_bytes")),
+            str(g.get("uuid") or "n/a"),
+        ]))
+    return _table(["GPU", "model", "driver", "power limit", "memory", "UUID"], rows, "gpus")
+
+
+def _plain(value: Any) -> str:
+    """An input as given: numbers without padding zeros, anything else as text."""
+    number = _num(value)
+    if number is not None:
+        return f"{number:,.6g}" if abs(number) < 1e6 else f"{number:,.0f}"
+    return "n/a" if value is None else str(value)
+
+
+def _pricing_table(summary: dict) -> str:
+    """Pricing inputs with their sources, then the formulas and notes when the summary has them.
+
+    Reads the shape economics.pricing_record writes (inputs as plain keys, a ``sources`` map, ``formulas``,
+    ``notes``) and tolerates others: ``KEY_source`` siblings, or ``{value, unit, source}`` per input.
+    """
+    pricing = summary.get("pricing")
+    if not isinstance(pricing, dict) or not pricing:
+        return "<p class='na'>n/a: no pricing inputs in the summary.</p>"
+    sources = {k.removesuffix("_source"): v for k, v in pricing.items() if k.endswith("_source")}
+    if isinstance(pricing.get("sources"), dict):
+        sources.update(pricing["sources"])
+    rows = []
+    for key, value in pricing.items():
+        if key.endswith("_source") or key in ("sources", "formulas", "notes"):
+            continue
+        unit, source = "", sources.get(key)
+        if isinstance(value, dict):
+            extra = {k: v for k, v in value.items() if k not in ("value", "unit", "source")}
+            if "value" in value:
+                shown = _plain(value["value"])
+            else:  # no single value: show every entry
+                shown, extra = ", ".join(f"{k} {_plain(v)}" for k, v in extra.items()) or "n/a", {}
+            unit = str(value.get("unit") or "")
+            source = value.get("source") or source
+            if extra:
+                source = f"{source or 'not stated'}; " + ", ".join(f"{k}: {_plain(v)}" for k, v in extra.items())
+        elif isinstance(value, list):
+            shown = ", ".join(_plain(v) for v in value) or "n/a"
+        else:
+            shown = _plain(value)
+        rows.append((key, [f"{shown} {unit}".strip(), str(source) if source else "—"]))
+    out = _table(["input", "value", "source"], rows, "pricing")
+    formulas = pricing.get("formulas")
+    if isinstance(formulas, dict) and formulas:
+        out += "<h3>Formulas</h3>" + _table(["figure", "formula"],
+                                             [(k, [str(v)]) for k, v in formulas.items()], "formulas")
+    notes = pricing.get("notes")
+    if isinstance(notes, list) and notes:
+        out += "<ul class='notes'>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>"
+    return out
+
+
+def _validity_table(summary: dict, names: list[str]) -> tuple[str, int, int]:
+    checks = [("run", c) for c in summary.get("validity") or [] if isinstance(c, dict)]
+    regimes = summary.get("regimes") or {}
+    for name in names:
+        checks += [(name, c) for c in _get(regimes, name, "validity") or [] if isinstance(c, dict)]
+    if not checks:
+        return "<p class='na'>n/a: the summary lists no validity checks.</p>", 0, 0
+    body = []
+    for scope, check in checks:
+        passed = check.get("passed") is True
+        badge = "<span class='pass'>PASS</span>" if passed else "<span class='fail'>FAIL</span>"
+        body.append(f"<tr class='{'ok' if passed else 'bad'}'><td>{_esc(scope)}</td><td>{_esc(check.get('check', '?'))}"
+                    f"</td><td>{badge}</td><td>{_esc(check.get('detail', ''))}</td></tr>")
+    passed = sum(1 for _, c in checks if c.get("passed") is True)
+    table = ("<div class='table-wrap'><table class='validity'><thead><tr><th scope='col'>scope</th>"
+             "<th scope='col'>check</th><th scope='col'>result</th><th scope='col'>detail</th></tr></thead>"
+             f"<tbody>{''.join(body)}</tbody></table></div>")
+    return table, passed, len(checks)
+
+
+# -- the page ----------------------------------------------------------------------------------------------
+
+CSS = """
+:root { --ink: #1d2330; --muted: #5c6675; --line: #d9dee5; --bg: #f6f7f9; --accent: #1f5fa8; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+       font: 15px/1.5 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", Roboto, Helvetica, Arial, sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 0 24px 48px; }
+.banner { padding: 10px 24px; font-weight: 700; letter-spacing: .02em; font-size: 16px; }
+.banner p { max-width: 1132px; margin: 0 auto; }
+.banner.sim { background: #fff3c4; color: #6b4e00; border-bottom: 2px solid #e0b300; }
+.banner.partial { background: #fde2e1; color: #8a1c17; border-bottom: 2px solid #d2453d; }
+header { padding: 20px 0 8px; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+.subtitle { color: var(--muted); margin: 0 0 14px; }
+.facts { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr)); gap: 10px; margin: 0; }
+.facts div { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; }
+.facts dt { font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .04em; }
+.facts dd { margin: 2px 0 0; font-size: 16px; font-weight: 600; overflow-wrap: anywhere; }
+.table-wrap { overflow-x: auto; background: #fff; border: 1px solid var(--line); border-radius: 6px; }
+table { border-collapse: collapse; width: 100%; font-size: 14px; font-variant-numeric: tabular-nums; }
+th, td { padding: 6px 12px; text-align: left; border-bottom: 1px solid #eceff3; vertical-align: top; }
+thead th { background: #eef1f5; font-weight: 600; white-space: nowrap; }
+tbody th { font-weight: 500; color: var(--muted); white-space: nowrap; }
+table.regimes td { white-space: nowrap; }
+tr.group th { background: #f7f8fa; color: var(--ink); font-weight: 700; font-size: 13px;
+              text-transform: uppercase; letter-spacing: .04em; }
+td.na { color: #9aa1ab; }
+table.gpus td:last-child, table.formulas td, table.pricing tbody th, table.formulas tbody th {
+  font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12.5px; }
+table.pricing td:first-child { white-space: nowrap; }
+table.formulas td { white-space: normal; overflow-wrap: anywhere; }
+table.pricing tbody th, table.formulas tbody th { color: var(--ink); }
+h3 { font-size: 15px; margin: 18px 0 8px; }
+figure.missing h3 { margin-top: 0; }
+ul.notes { color: var(--muted); font-size: 13.5px; margin: 10px 0 0; padding-left: 20px; }
+.pass, .fail { display: inline-block; min-width: 44px; text-align: center; border-radius: 4px; padding: 0 6px;
+               font-size: 12px; font-weight: 700; }
+.pass { background: #dff3e4; color: #1d6b32; }
+.fail { background: #fbe0de; color: #a3221b; }
+tr.bad td { background: #fff8f7; }
+figure { margin: 0 0 22px; background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 12px; }
+figure img { display: block; width: 100%; height: auto; max-width: 1100px; margin: 0 auto; }
+figure.narrow img { max-width: 900px; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 6px; }
+p.na { color: var(--muted); font-style: italic; }
+footer { color: var(--muted); font-size: 12.5px; margin-top: 36px; }
+"""
+
+
+def _figure_html(figure: Figure, narrow: bool = False) -> str:
+    if figure.png is None:
+        return (f"<figure class='missing' id='fig-{figure.key}'><h3>{_esc(figure.title)}</h3>"
+                f"<p class='na'>{_esc(figure.note)}</p></figure>")
+    data = base64.b64encode(figure.png).decode("ascii")
+    css = " class='narrow'" if narrow else ""
+    return (f"<figure id='fig-{figure.key}'{css}>"
+            f"<img src='data:image/png;base64,{data}' alt='{_esc(figure.alt)}'>"
+            f"<figcaption>{_esc(figure.note)}</figcaption></figure>")
+
+
+def _when(created: Any) -> str:
+    if not isinstance(created, str) or not created:
+        return "n/a"
+    try:
+        moment = datetime.fromisoformat(created)
+    except ValueError:
+        return created
+    zone = " UTC" if moment.utcoffset() == timedelta(0) else moment.strftime(" %z") if moment.tzinfo else ""
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + zone
+
+
+def _facts(run: RunData, summary: dict, names: list[str], phases: list[Phase], checks: tuple[int, int]) -> str:
+    gpus = [g for g in summary.get("gpus") or [] if isinstance(g, dict)] or list(run.header.get("gpus") or [])
+    models: dict[str, int] = {}
+    for g in gpus:
+        models[str(g.get("model_name", "?"))] = models.get(str(g.get("model_name", "?")), 0) + 1
+    gpu_text = ", ".join(f"{n} × {m}" for m, n in models.items()) or "n/a"
+    drivers = sorted({str(g.get("driver_version")) for g in gpus if g.get("driver_version")})
+    regimes = summary.get("regimes") or {}
+    energies = [_num(_get(regimes, n, "energy_joules")) for n in regimes]
+    total_energy = sum(e for e in energies if e is not None) if any(e is not None for e in energies) else None
+    length = max([_data_end(run)] + [p.end_s for p in phases])
+    settings = summary.get("settings") or {}
+    passed, total = checks
+    facts = [
+        ("kind", f"{summary.get('kind', 'n/a')} · {summary.get('status', 'n/a')}"),
+        ("started", _when(summary.get("created"))),
+        ("backend", str(summary.get("backend") or run.header.get("backend") or "n/a")
+         + (" (simulated)" if summary.get("simulated") else "")),
+        ("GPUs", gpu_text),
+        ("driver", ", ".join(drivers) or "n/a"),
+        ("preset · device", f"{settings.get('preset', 'n/a')} · {settings.get('device', 'n/a')}"),
+        ("run length", fmt_seconds(length) if length else "n/a"),
+        ("regimes measured", ", ".join(n for n in names if n in regimes) or "none"),
+        ("idle power", fmt(_get(summary, "idle", "power_watts"), "W")),
+        ("energy in windows", fmt_energy(total_energy)),
+        ("validity checks", f"{passed} of {total} passed" if total else "n/a"),
+    ]
+    return "<dl class='facts'>" + "".join(f"<div><dt>{_esc(k)}</dt><dd>{_esc(v)}</dd></div>" for k, v in facts) \
+        + "</dl>"
+
+
+def build_figures(run: RunData, summary: dict) -> list[Figure]:
+    phases = phases_of(run)
+    names = _regime_names(summary, phases)
+    return [
+        figure_utilization(run, phases, names),
+        figure_power(run, summary, phases, names),
+        figure_memory(run, phases, names),
+        figure_joules_per_token(summary, names),
+        figure_cost(summary, names),
+    ]
+
+
+def render_report(run: RunData, summary: dict, out_path: Path) -> Path:
+    """Write the report page to ``out_path`` and each figure to ``run.run_dir/figures/*.png``.
+
+    Returns ``out_path``. Everything missing from ``run`` or ``summary`` shows as "n/a" or a line saying
+    what is missing; nothing here raises for partial data.
+    """
+    out_path = Path(out_path)
+    summary = summary if isinstance(summary, dict) else {}
+    phases = phases_of(run)
+    names = _regime_names(summary, phases)
+    figures = {f.key: f for f in build_figures(run, summary)}
+    figure_dir = run.run_dir / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    for key, figure in figures.items():
+        if figure.png is not None:
+            (figure_dir / FIGURE_FILES[key]).write_bytes(figure.png)
+
+    simulated = bool(summary.get("simulated", run.simulated))
+    partial = summary.get("status") == "partial"
+    kind = summary.get("kind") or "bench"
+    title = f"wattledger {kind} report"
+    if partial:
+        title = f"PARTIAL · {title}"
+    if simulated:
+        title = f"SIMULATED (mock GPU) · {title}"
+    validity_html, passed, total = _validity_table(summary, names)
+
+    banners = []
+    if simulated:
+        banners.append("<div class='banner sim' role='note'><p>SIMULATED (mock GPU): every figure on this page "
+                       "comes from the simulator, not from a real GPU.</p></div>")
+    if partial:
+        banners.append("<div class='banner partial' role='alert'><p>PARTIAL run: it was interrupted, so this "
+                       "report holds only what was measured up to then (status: partial).</p></div>")
+    regimes_measured = [n for n in names if n in (summary.get("regimes") or {})]
+    not_measured = [n for n in names if n not in regimes_measured]
+    subtitle = f"Run directory {run.run_dir.name}"
+    if not_measured:
+        subtitle += f" · no summary for {', '.join(not_measured)} (phase cut short or not run)"
+    regime_table = (_table(["", *names], _regime_rows(summary, names), "regimes") if names
+                    else "<p class='na'>n/a: no regime was measured.</p>")
+    body = f"""
+<header>
+<h1>{_esc(title)}</h1>
+<p class="subtitle">{_esc(subtitle)}</p>
+{_facts(run, summary, names, phases, (passed, total))}
+</header>
+<section id="regimes"><h2>Regimes</h2>
+{regime_table}
+</section>
+<section id="figures"><h2>Utilization, power and memory</h2>
+{_figure_html(figures['utilization'])}
+{_figure_html(figures['power'])}
+{_figure_html(figures['memory'])}
+<h2>Energy and cost per token</h2>
+{_figure_html(figures['joules_per_token'], narrow=True)}
+{_figure_html(figures['cost'], narrow=True)}
+</section>
+<section id="gpus"><h2>GPUs, driver and power limit</h2>
+{_gpu_table(summary, run)}
+</section>
+<section id="pricing"><h2>Pricing inputs</h2>
+{_pricing_table(summary)}
+</section>
+<section id="validity"><h2>Validity checks ({passed} of {total} passed)</h2>
+{validity_html}
+</section>
+<footer>Energy from the GPUs' energy counters; gross counts all energy in a regime's steady-state window, dynamic
+only what lies above the idle baseline. Figures saved beside this page under figures/.</footer>
+"""
+    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<link rel='icon' href='data:,'><title>{_esc(title)}</title><style>{CSS}</style></head>"
+            f"<body>{''.join(banners)}<main>{body}</main></body></html>\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(page, encoding="utf-8")
+    return out_path
