@@ -204,15 +204,17 @@ def test_sigterm_is_passed_on_and_the_run_is_partial(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "wattledger.agent.cli", "run", "--backend", "mock", "--idle",
                                 "0", "--output", "runs", "--", sys.executable, "-c", child], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    watchdog = threading.Timer(60, process.kill)  # a hung run fails the test instead of hanging it
+    watchdog.start()
     try:
-        deadline = time.monotonic() + 30
         for line in process.stdout:
-            if line.strip() == "ready" or time.monotonic() > deadline:
+            if line.strip() == "ready":
                 break
         time.sleep(1.0)  # a little of the command's phase on record
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
             process.wait()

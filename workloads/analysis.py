@@ -226,7 +226,8 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
     inside = _between(run.gpu, a, b)
     utilization = inside["utilization_gpu_ratio"].dropna() if "utilization_gpu_ratio" in inside else pd.Series()
     tokens = _tokens(run, name, a, b)
-    main_kind = MAIN_TOKEN_KIND.get(name, "generated")
+    # A bundled regime's main kind is known; a profiled command's is whatever kind it produced most of.
+    main_kind = MAIN_TOKEN_KIND.get(name) or max(("generated", "prompt", "trained"), key=lambda k: tokens[k])
     gross = energy["joules"]
     dynamic = gross - idle_power_watts * seconds if gross is not None and idle_power_watts is not None else None
     per_kind = {

@@ -182,6 +182,9 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
         "interval": options.interval_s, "address": options.address, "port": options.port,
     }, {})
     agent = Agent(agent_config)
+    if agent.gpu is None:
+        agent.stop()
+        raise ValueError("; ".join(agent.notes) or "no GPU backend could be opened")
     run_dir = new_run_dir(options.output_dir)
     recorder = RunRecorder(run_dir, agent)
     simulated = agent.simulated
