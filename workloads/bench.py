@@ -245,10 +245,14 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
 
 
 def module_default_config(module):
-    """Each workload's config with its defaults (the bench measures the regimes as shipped)."""
+    """Each workload's config with its defaults (the bench measures the regimes as shipped), its log lines
+    off: the progress line and the summary table speak for the run."""
     for name in ("TrainingConfig", "ChatConfig", "AgenticConfig"):
         if hasattr(module, name):
-            return getattr(module, name)()
+            config = getattr(module, name)()
+            if hasattr(config, "log_every"):
+                config.log_every = 0
+            return config
     raise ValueError(f"{module.__name__} has no config class")
 
 
