@@ -9,25 +9,12 @@ import sys
 import threading
 from pathlib import Path
 
-from wattledger.agent.config import parse_duration_seconds
+from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+_duration = duration_arg(allow_zero=True)
 
 
-def _duration(text: str) -> float:
-    try:
-        seconds = parse_duration_seconds(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError("duration must not be negative")
-    return seconds
+
 
 
 def _workloads(text: str) -> tuple[str, ...]:
@@ -81,7 +68,7 @@ def _console():
 def bench_main(argv: list[str]) -> int:
     from wattledger.workloads.economics import add_pricing_arguments
 
-    parser = _Parser(prog="wattledger bench", description="Measure each regime's utilization, joules per token "
+    parser = UsageParser(prog="wattledger bench", description="Measure each regime's utilization, joules per token "
                      "and cost on this machine, and write a report.")
     parser.add_argument("--quick", action="store_true", help="tiny preset, about 20 s per regime (CPU, CI)")
     parser.add_argument("--workloads", type=_workloads, default=None, help="comma-separated subset of "
@@ -143,7 +130,7 @@ def bench_main(argv: list[str]) -> int:
 def report_main(argv: list[str]) -> int:
     from wattledger.workloads.economics import add_pricing_arguments
 
-    parser = _Parser(prog="wattledger report", description="Rebuild summary.json and report.html from a run "
+    parser = UsageParser(prog="wattledger report", description="Rebuild summary.json and report.html from a run "
                      "directory's raw files (also after an interrupted or killed run).")
     parser.add_argument("run_dir", type=Path)
     add_pricing_arguments(parser)

@@ -15,26 +15,13 @@ import signal
 import sys
 import threading
 
-from wattledger.agent.config import parse_duration_seconds
+from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg
+
+_duration = duration_arg(allow_zero=False)
 
 WORKLOADS = ("training", "chat", "agentic")
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(EXIT_USAGE, f"wattledger workload: error: {message} (see --help)\n")
-
-
-def _duration(text: str) -> float:
-    try:
-        seconds = parse_duration_seconds(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError("duration must be positive")
-    return seconds
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -48,8 +35,8 @@ def _gpu_list(text: str) -> list[int]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="wattledger workload", description="Run one bundled workload and print its summary.")
-    commands = parser.add_subparsers(dest="workload", metavar="WORKLOAD", parser_class=_Parser, required=True)
+    parser = UsageParser(prog="wattledger workload", description="Run one bundled workload and print its summary.")
+    commands = parser.add_subparsers(dest="workload", metavar="WORKLOAD", parser_class=UsageParser, required=True)
     for name in WORKLOADS:
         module = importlib.import_module(f"wattledger.workloads.{name}")
         sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])

@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wattledger.agent.accounting import DEFAULT_NAME_PATTERN
-from wattledger.agent.config import parse_duration_seconds
+from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg
+
+_duration = duration_arg(allow_zero=True)
 
 PROG = "wattledger run"
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 EXIT_NOT_FOUND = 127
 EXIT_NOT_EXECUTABLE = 126
 ENV_AGENT_URL = "WATTLEDGER_AGENT_URL"
@@ -54,19 +54,6 @@ ENV_WORKLOAD = "WATTLEDGER_WORKLOAD"
 TOKEN_POLL_SECONDS = 1.0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see --help)\n")
-
-
-def _duration(text: str) -> float:
-    try:
-        seconds = parse_duration_seconds(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError("duration must not be negative")
-    return seconds
 
 
 def _name(text: str) -> str:
@@ -106,7 +93,7 @@ def make_parser() -> argparse.ArgumentParser:
     from wattledger.workloads.economics import add_pricing_arguments
     from wattledger.workloads.token_sources import ENGINE_CHOICES
 
-    parser = _Parser(prog=PROG, usage=f"{PROG} [options] -- CMD [ARGS...]",
+    parser = UsageParser(prog=PROG, usage=f"{PROG} [options] -- CMD [ARGS...]",
                      description="Run a command and measure what its GPUs did meanwhile: utilization, energy, "
                      "joules per token and cost, written to a run directory like `wattledger bench`. The "
                      f"command finds the agent at ${ENV_AGENT_URL} and its workload name in ${ENV_WORKLOAD}, "
