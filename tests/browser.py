@@ -13,12 +13,11 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from debian_packages import try_install, unavailable
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 DRIVER_NAMES = ("chromedriver",)
@@ -29,7 +28,6 @@ CHROMIUM_FLAGS = (
     "--disable-extensions", "--disable-default-apps", "--no-default-browser-check", "--mute-audio",
     "--hide-scrollbars", "--force-device-scale-factor=1",
 )
-_install_tried = False
 
 
 @dataclass
@@ -53,37 +51,14 @@ def find_chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def _try_install() -> str:
-    """apt-get install chromium and its driver, once per process; returns what happened, in a few words."""
-    global _install_tried
-    if _install_tried:
-        return "install already tried"
-    _install_tried = True
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "not root, so no apt-get install"
-    if shutil.which("apt-get") is None:
-        return "no apt-get"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    try:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300, check=False)
-        done = subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"], env=env,
-                              capture_output=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"apt-get failed ({err})"
-    return "apt-get install ran" if done.returncode == 0 else f"apt-get install exited {done.returncode}"
-
-
 def require_chromium() -> tuple[str, str]:
     """The chromium and chromedriver paths; else fail (CI=true) or skip, with a one-line reason."""
     found = find_chromium()
     if found is None:
-        attempt = _try_install()
+        attempt = try_install("chromium", "chromium-driver")
         found = find_chromium()
         if found is None:
-            reason = f"headless Chromium unavailable: chromium and chromedriver not on PATH ({attempt})"
-            if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-                pytest.fail(reason, pytrace=False)
-            pytest.skip(reason)
+            unavailable(f"headless Chromium unavailable: chromium and chromedriver not on PATH ({attempt})")
     return found
 
 

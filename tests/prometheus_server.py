@@ -24,53 +24,25 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-import pytest
+from debian_packages import try_install, unavailable
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULES_DIR = PROMETHEUS_DIR / "rules"
-_install_tried = False
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
-
-
-def _try_install() -> str:
-    """apt-get install prometheus (server and promtool), once per process; what happened, in a few words."""
-    global _install_tried
-    if _install_tried:
-        return "install already tried"
-    _install_tried = True
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "not root, so no apt-get install"
-    if shutil.which("apt-get") is None:
-        return "no apt-get"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    try:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300, check=False)
-        done = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "prometheus"], env=env,
-                              capture_output=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"apt-get failed ({err})"
-    return "apt-get install ran" if done.returncode == 0 else f"apt-get install exited {done.returncode}"
 
 
 def require_tools(*names: str) -> dict[str, str]:
     """Paths of the named Prometheus binaries; else fail (CI=true) or skip, with a one-line reason."""
     found = {n: shutil.which(n) for n in names}
     if not all(found.values()):
-        attempt = _try_install()
+        attempt = try_install("prometheus")
         found = {n: shutil.which(n) for n in names}
         missing = [n for n, p in found.items() if not p]
         if missing:
-            reason = f"Prometheus unavailable: {', '.join(missing)} not on PATH ({attempt})"
-            if in_ci():
-                pytest.fail(reason, pytrace=False)
-            pytest.skip(reason)
+            unavailable(f"Prometheus unavailable: {', '.join(missing)} not on PATH ({attempt})")
     return {n: str(p) for n, p in found.items()}
 
 

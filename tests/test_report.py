@@ -195,7 +195,7 @@ def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outco
     import browser
 
     monkeypatch.setattr(browser, "find_chromium", lambda: None)
-    monkeypatch.setattr(browser, "_install_tried", True)  # no apt-get from a unit test
+    monkeypatch.setattr(browser, "try_install", lambda *packages: "install skipped in a unit test")
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="headless Chromium unavailable"):
         browser.require_chromium()
