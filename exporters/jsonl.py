@@ -1,14 +1,15 @@
 """The file exporter: raw samples and spans as JSON lines, the format the replay backend plays.
 
-Records are buffered and flushed at least every ``flush_interval_seconds`` (default 2 s), and on
-close, so an agent killed outright loses at most that much; a clean stop loses nothing.
+``JsonlWriter`` appends records and flushes at least every ``flush_interval_seconds`` (default 2 s), and on
+close, so a process killed outright loses at most that much; a clean stop loses nothing.
+``JsonlRecorder`` is the agent's ``--record`` file: a header, then samples and spans.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from wattledger.agent.accounting import Span
@@ -16,8 +17,50 @@ from wattledger.probes import records
 from wattledger.probes.base import GpuInfo, GpuSample, HostSample
 
 
+class JsonlWriter:
+    """Writes JSON records to a new file; safe to call from several threads at once.
+
+    ``flush_interval_seconds`` 0 flushes every write (event logs that must survive a kill).
+    """
+
+    def __init__(self, path: str | Path, flush_interval_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path)
+        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._lock = threading.Lock()
+        self._flush_interval = flush_interval_seconds
+        self._clock = clock
+        self._last_flush = clock()
+        self._closed = False
+
+    def write(self, record: dict) -> None:
+        self.write_many([record])
+
+    def write_many(self, batch: Iterable[dict]) -> None:
+        text = "".join(records.dumps(record) + "\n" for record in batch)
+        with self._lock:
+            if self._closed:
+                return
+            self._file.write(text)
+            if self._clock() - self._last_flush >= self._flush_interval:
+                self._file.flush()
+                self._last_flush = self._clock()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._file.flush()
+                self._last_flush = self._clock()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._file.close()
+                self._closed = True
+
+
 class JsonlRecorder:
-    """Appends records to a file; safe to call from the sampler thread and span listeners at once."""
+    """The recorded-sample file: a header, then GPU and host samples, spans and any extra records."""
 
     def __init__(
         self,
@@ -29,55 +72,28 @@ class JsonlRecorder:
         flush_interval_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.path = Path(path)
-        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._lock = threading.Lock()
-        self._clock = clock
-        self._flush_interval = flush_interval_seconds
-        self._buffer: list[str] = [records.dumps(records.header(backend, simulated, gpus, interval_seconds))]
-        self._last_flush = float("-inf")
-        self._closed = False
-        self._flush_locked()
+        self._writer = JsonlWriter(path, flush_interval_seconds, clock)
+        self.path = self._writer.path
+        self._writer.write(records.header(backend, simulated, gpus, interval_seconds))
+        self._writer.flush()  # a replayable file from the first moment
 
     def write_samples(self, gpu_samples: list[GpuSample], host_sample: HostSample | None) -> None:
         """A sampler sink: one record per GPU sample and one for the host."""
-        lines = [records.dumps(records.gpu_sample_to_record(s)) for s in gpu_samples]
+        batch = [records.gpu_sample_to_record(s) for s in gpu_samples]
         if host_sample is not None:
-            lines.append(records.dumps(records.host_sample_to_record(host_sample)))
-        self._append(lines)
+            batch.append(records.host_sample_to_record(host_sample))
+        self._writer.write_many(batch)
 
     def write_records(self, extra: list[dict]) -> None:
         """Records of other types (the benchmark's token counts and the mock's ground truth)."""
-        self._append([records.dumps(record) for record in extra])
+        self._writer.write_many(extra)
 
     def write_span(self, span: Span) -> None:
         """An accounting span listener."""
-        self._append([records.dumps({"type": "span", **span.to_json()})])
-
-    def _append(self, lines: list[str]) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._buffer.extend(lines)
-            if self._clock() - self._last_flush >= self._flush_interval:
-                self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        if self._buffer:
-            self._file.write("\n".join(self._buffer) + "\n")
-            self._buffer.clear()
-        self._file.flush()
-        self._last_flush = self._clock()
+        self._writer.write({"type": "span", **span.to_json()})
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._flush_locked()
+        self._writer.flush()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._flush_locked()
-            self._file.close()
-            self._closed = True
+        self._writer.close()

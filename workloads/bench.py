@@ -23,7 +23,7 @@ from pathlib import Path
 from wattledger.agent.config import build_config
 from wattledger.agent.daemon import Agent
 from wattledger.probes.mock import MockGpuBackend
-from wattledger.workloads.rundata import JsonlWriter
+from wattledger.exporters.jsonl import JsonlRecorder, JsonlWriter
 
 REGIMES = ("training", "chat", "agentic")
 MOCK_DELAY_SECONDS = 0.5  # the span-driven mock runs this far behind (spans reach it within ~0.1 s)
@@ -65,13 +65,9 @@ class RunRecorder:
         run_dir.mkdir(parents=True, exist_ok=False)
         self.run_dir = run_dir
         self.agent = agent
-        agent_config = agent.config
-        agent_config.record = None
-        from wattledger.exporters.jsonl import JsonlRecorder
-
         gpu = agent.gpu
         self.samples = JsonlRecorder(run_dir / "samples.jsonl", gpu.name if gpu else None, agent.simulated,
-                                     gpu.devices() if gpu else [], agent_config.interval_seconds)
+                                     gpu.devices() if gpu else [], agent.config.interval_seconds)
         self.spans = JsonlWriter(run_dir / "spans.jsonl")
         self.events = JsonlWriter(run_dir / "events.jsonl", flush_interval_seconds=0.0)
         agent.sampler.add_sink(self._on_tick)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +62,3 @@ def percentiles(values: list[float], qs=(0.5, 0.9, 0.99)) -> dict[str, float | N
         return {f"p{round(q * 100)}": None for q in qs}
     ordered = sorted(values)
     return {f"p{round(q * 100)}": ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] for q in qs}
-
-
-def never_stop() -> threading.Event:
-    return threading.Event()

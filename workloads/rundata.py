@@ -3,6 +3,8 @@
 Raw files, written while the run goes on so that an interrupted run (even one killed outright) leaves
 something to analyse; ``wattledger report RUN_DIR`` rebuilds everything else from them:
 
+Writers are ``exporters.jsonl.JsonlWriter`` / ``JsonlRecorder``.
+
 - ``samples.jsonl``: the agent's recorder format (header, GPU and host samples), plus per-tick ``tokens``
   records (every workload's cumulative token counts, stamped on the host's monotonic clock) and, on the
   mock backend, ``truth`` records (the simulator's exact cumulative energy per GPU). Flushed every 2 s.
@@ -19,46 +21,13 @@ fixed delay behind but on the same clock, so windows cut on one timeline line up
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from wattledger.probes import records
 
 NS_PER_S = 1_000_000_000
-
-
-class JsonlWriter:
-    """Appends JSON records to a file, flushing at least every ``flush_interval_seconds`` (0: every write)."""
-
-    def __init__(self, path: Path, flush_interval_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic):
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._lock = threading.Lock()
-        self._flush_interval = flush_interval_seconds
-        self._clock = clock
-        self._last_flush = clock()
-        self._closed = False
-
-    def write(self, record: dict) -> None:
-        line = records.dumps(record) + "\n"
-        with self._lock:
-            if self._closed:
-                return
-            self._file.write(line)
-            if self._clock() - self._last_flush >= self._flush_interval:
-                self._file.flush()
-                self._last_flush = self._clock()
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._file.close()
-                self._closed = True
 
 
 @dataclass

@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from wattledger.probes.base import Activity
@@ -113,15 +111,6 @@ class Reporter:
                 self._sink_span(pending)
                 pending = None
             self._pending = pending
-
-    @contextmanager
-    def timed(self, kind: str, activity: Activity | None = None) -> Iterator[None]:
-        """Report the enclosed block as a span. End it where the loop already synchronises."""
-        start = time.monotonic_ns()
-        try:
-            yield
-        finally:
-            self.span(kind, start, time.monotonic_ns(), activity)
 
     def set_memory(self, memory_bytes: int) -> None:
         """Declare the GPU memory the workload holds on each of its GPUs (drives the mock's memory.used)."""
