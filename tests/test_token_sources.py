@@ -5,19 +5,19 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wattledger.workloads.token_sources import (
-    CounterDeltas,
     TokenPoller,
     TokenScraper,
     TokenSourceError,
     check_url,
     fetch_url,
-    parse_exposition,
+    parse_samples,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "expositions"
@@ -79,20 +79,20 @@ def vllm_text(prompt: int, generated: int) -> str:
 @pytest.mark.parametrize("engine", sorted(EXPECTED))
 def test_each_engine_is_detected_and_summed_over_series(engine):
     scraper = scraper_of(fixture_text(engine))
-    assert scraper.read() == EXPECTED[engine]
+    assert scraper.read().totals() == EXPECTED[engine]
     assert scraper.engine.name == engine
 
 
 @pytest.mark.parametrize("engine", sorted(EXPECTED))
 def test_forcing_the_right_engine_reads_the_same(engine):
-    assert scraper_of(fixture_text(engine), engine).read() == EXPECTED[engine]
+    assert scraper_of(fixture_text(engine), engine).read().totals() == EXPECTED[engine]
 
 
 def test_vllm_ignores_histograms_with_token_names_and_created_samples():
     # vllm:request_prompt_tokens_sum and vllm:iteration_tokens_total_* are in the fixture and must not count.
-    totals = parse_exposition(fixture_text("vllm"))
-    assert "vllm:request_prompt_tokens_sum" in totals and "vllm:iteration_tokens_total_sum" in totals
-    assert scraper_of(fixture_text("vllm")).read()["prompt"] == EXPECTED["vllm"]["prompt"]
+    samples = parse_samples(fixture_text("vllm"))
+    assert "vllm:request_prompt_tokens_sum" in samples and "vllm:iteration_tokens_total_sum" in samples
+    assert scraper_of(fixture_text("vllm")).read().totals()["prompt"] == EXPECTED["vllm"]["prompt"]
 
 
 def test_forcing_another_engine_says_its_counters_are_missing():
@@ -102,17 +102,26 @@ def test_forcing_another_engine_says_its_counters_are_missing():
 
 
 def test_no_known_counters_is_one_line():
-    # TGI before its first finished request: gauges only, no token histograms yet.
-    text = ("# TYPE tgi_queue_size gauge\ntgi_queue_size 0\n"
-            "# TYPE tgi_batch_current_size gauge\ntgi_batch_current_size 0\n")
+    # Something that is no serving engine (node_exporter): no engine's metrics at all.
+    text = ("# HELP node_load1 1m load average.\n# TYPE node_load1 gauge\nnode_load1 0.42\n"
+            "# TYPE process_open_fds gauge\nprocess_open_fds 9\n")
     with pytest.raises(TokenSourceError, match="no known token counters") as caught:
         scraper_of(text).read()
     assert "\n" not in str(caught.value) and URL in str(caught.value)
 
 
+def test_tgi_before_its_first_request_reads_zero_tokens():
+    # metrics-exporter-prometheus shows a histogram only after its first observation: before the first
+    # request TGI serves gauges only. That is a successful read of zero tokens (it used to be an error,
+    # which made the baseline "fail" and lost the first request), and auto detection knows TGI by its prefix.
+    scraper = scraper_of(fixture_text("tgi_before_first_request"))
+    assert scraper.read().totals() == {"prompt": 0, "generated": 0}
+    assert scraper.engine.name == "tgi"
+
+
 def test_only_one_kind_exposed_counts_the_other_as_zero():
     text = "# TYPE sglang:generation_tokens_total counter\nsglang:generation_tokens_total 42\n"
-    assert scraper_of(text).read() == {"prompt": 0, "generated": 42}
+    assert scraper_of(text).read().totals() == {"prompt": 0, "generated": 42}
 
 
 def test_html_is_not_an_exposition():
@@ -130,7 +139,7 @@ def test_auto_keeps_the_engine_it_found():
     fetch = Sequence(fixture_text("sglang"), fixture_text("sglang") + fixture_text("vllm"))
     scraper = TokenScraper(URL, fetch=fetch)
     scraper.read()
-    assert scraper.read() == EXPECTED["sglang"]  # vLLM's counters appearing later do not flip it
+    assert scraper.read().totals() == EXPECTED["sglang"]  # vLLM's counters appearing later do not flip it
 
 
 def test_unknown_engine_name_is_refused():
@@ -191,7 +200,7 @@ def local_server():
 
 def test_reads_over_http(local_server):
     base, _ = local_server
-    assert TokenScraper(base + "/metrics").read() == EXPECTED["tgi"]
+    assert TokenScraper(base + "/metrics").read().totals() == EXPECTED["tgi"]
     assert "# TYPE tgi_queue_size gauge" in fetch_url(base + "/metrics")
 
 
@@ -202,16 +211,6 @@ def test_http_error_is_one_line(local_server):
 
 
 # -- counter resets and the poller ----------------------------------------------------------------
-
-
-def test_counter_deltas_treat_a_drop_as_a_restart():
-    deltas = CounterDeltas()
-    deltas.set_baseline({"prompt": 1000, "generated": 100})
-    assert deltas.update({"prompt": 1300, "generated": 150}) == {"prompt": 300, "generated": 50}
-    # The engine restarted: its counters began again at zero and now say 20 / 7.
-    assert deltas.update({"prompt": 20, "generated": 7}) == {"prompt": 20, "generated": 7}
-    assert deltas.update({"prompt": 25, "generated": 7}) == {"prompt": 5, "generated": 0}
-    assert deltas.totals == {"prompt": 325, "generated": 57}
 
 
 def test_poller_counts_from_the_baseline_and_through_a_reset():
@@ -228,12 +227,25 @@ def test_poller_counts_from_the_baseline_and_through_a_reset():
     assert poller.totals == {"prompt": 340, "generated": 50}
 
 
+def vllm_text_created(prompt: int, generated: int, created_s: float) -> str:
+    return (vllm_text(prompt, generated)
+            + "# HELP vllm:prompt_tokens_created Number of prefill tokens processed.\n"
+            + f"# TYPE vllm:prompt_tokens_created gauge\nvllm:prompt_tokens_created{{model_name=\"m\"}} {created_s!r}\n"
+            + "# HELP vllm:generation_tokens_created Number of generation tokens processed.\n"
+            + "# TYPE vllm:generation_tokens_created gauge\n"
+            + f"vllm:generation_tokens_created{{model_name=\"m\"}} {created_s!r}\n")
+
+
 def test_poller_counts_from_zero_when_the_engine_comes_up_with_the_command():
+    # The first reads fail (the engine is still loading); its series' _created says it began after the run
+    # started, so everything it counted is ours.
     refused = TokenSourceError("cannot reach http://127.0.0.1:1/metrics: Connection refused")
-    fetch = Sequence(refused, refused, vllm_text(12, 3), vllm_text(20, 9))
+    clock = FakeClock(1_750_000_000.0)
+    came_up_s = clock.now_s + 5
+    fetch = Sequence(refused, refused, vllm_text_created(12, 3, came_up_s), vllm_text_created(20, 9, came_up_s))
     errors, recoveries = [], []
     accounting = FakeAccounting()
-    poller = TokenPoller(TokenScraper(URL, fetch=fetch), accounting, "command", interval_s=3600,
+    poller = TokenPoller(TokenScraper(URL, fetch=fetch, clock_s=clock), accounting, "command", interval_s=3600,
                          on_error=errors.append, on_recover=recoveries.append)
     poller.start()  # fails: the engine is not up yet
     assert poller.poll() is None  # fails again: reported once only
@@ -242,6 +254,24 @@ def test_poller_counts_from_zero_when_the_engine_comes_up_with_the_command():
     assert errors == [str(refused)] and poller.errors == 2
     assert len(recoveries) == 1 and "readable again" in recoveries[0]
     assert accounting.total("prompt") == 20 and accounting.total("generated") == 9
+    assert poller.counters.lower_bound is False
+
+
+def test_a_failed_first_read_without_created_counts_from_the_first_success_and_says_lower_bound():
+    # The same without _created (multiprocess mode): 12 / 3 may be history, so they are not counted, and
+    # the figure says it is a lower bound. (It used to count from zero: a whole history, +15,903%.)
+    refused = TokenSourceError("cannot reach http://127.0.0.1:1/metrics: Connection refused")
+    fetch = Sequence(refused, vllm_text(12, 3), vllm_text(20, 9))
+    accounting = FakeAccounting()
+    poller = TokenPoller(TokenScraper(URL, fetch=fetch), accounting, "command", interval_s=3600,
+                         on_error=lambda m: None, on_recover=lambda m: None)
+    poller.start()
+    poller.poll()
+    poller.stop()
+    assert accounting.total("prompt") == 8 and accounting.total("generated") == 6
+    summary = poller.summary()
+    assert summary["lower_bound"] is True and "first read failed" in summary["lower_bound_reasons"][0]
+    assert all("\n" not in reason for reason in summary["lower_bound_reasons"])
 
 
 def test_poller_thread_polls_on_its_own():
@@ -268,6 +298,396 @@ def test_implausible_jump_is_skipped_not_raised():
     assert accounting.calls == [] and "not plausible" in errors[0]
 
 
+# -- a simulated engine: every case of per-series counting, against the engine's own truth ----------
+
+
+class FakeClock:
+    """This host's Unix time, moved by the test."""
+
+    def __init__(self, now_s: float = 1_750_000_000.0):
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+@dataclass
+class FakeSeries:
+    labels: dict[str, str]
+    created_s: float
+    prompt: int = 0
+    generated: int = 0
+    requests: int = 0  # TGI's histogram _count
+    visible: bool = True
+    window_tokens: int = 0  # served since a successful read last showed it
+    restarted_unseen: bool = False  # restarted since a successful read last showed it
+
+
+FLAVOURS = ("vllm", "vllm_mp", "sglang", "tgi")
+MULTI_SERIES = ("vllm", "vllm_mp", "sglang")
+
+
+class FakeEngine:
+    """A serving engine whose every series the test drives, serving /metrics as the real engine formats it.
+
+    Flavours: ``vllm`` (one series per data-parallel engine, with ``_created``), ``vllm_mp`` (vLLM with
+    ``--api-server-count 2``: multiprocess mode, no ``_created``), ``sglang`` (one series per priority, no
+    ``_created``; counts land when a request finishes), ``tgi`` (one unlabelled histogram per kind, shown only
+    once a request was observed since the start, no ``_created``). ``truth`` is what the engine counted after
+    the test began; ``tolerance`` the tokens a restart could hide from any reader (those a restarted series
+    served between the reads that last showed it before and first after the restart).
+    """
+
+    def __init__(self, flavour: str, clock: FakeClock, series: int = 2, history: int = 0, up: bool = True):
+        self.flavour, self.clock, self.up = flavour, clock, up
+        self.series: list[FakeSeries] = []
+        for _ in range(1 if flavour == "tgi" else series):
+            index = self.add_series(created_s=clock() - 3600)
+            self.series[index].prompt, self.series[index].generated = history, history // 3
+            self.series[index].requests = history // 500
+            self.series[index].visible = flavour != "tgi" or history > 0
+        self.truth = {"prompt": 0, "generated": 0}
+        self.tolerance = {"prompt": 0, "generated": 0}
+        self.served_before_first_read = {"prompt": 0, "generated": 0}
+        self._read_once = False
+
+    def _labels(self, index: int) -> dict[str, str]:
+        if self.flavour in ("vllm", "vllm_mp"):
+            return {"engine": str(index), "model_name": "meta-llama/Llama-3.1-8B-Instruct"}
+        if self.flavour == "sglang":
+            return {"engine_type": "unified", "model_name": "Qwen/Qwen2.5-7B-Instruct", "priority": str(index)}
+        return {}
+
+    def add_series(self, created_s: float | None = None) -> int:
+        """A new series, at zero (a DP engine, model or priority the engine had not counted yet)."""
+        labels = self._labels(len(self.series))
+        created = self.clock() if created_s is None else created_s
+        self.series.append(FakeSeries(labels, created, visible=self.flavour != "tgi"))
+        return len(self.series) - 1
+
+    def serve(self, index: int, prompt: int, generated: int) -> None:
+        """Requests on series ``index`` (SGLang, TGI: finished ones, which is when they count)."""
+        series = self.series[index]
+        series.prompt += prompt
+        series.generated += generated
+        series.requests += 1
+        series.visible = True  # TGI: the histograms exist once they observed a request
+        series.window_tokens += prompt + generated
+        for kind, n in (("prompt", prompt), ("generated", generated)):
+            self.truth[kind] += n
+            if not self._read_once:
+                self.served_before_first_read[kind] += n
+
+    def restart(self, index: int) -> None:
+        """Series ``index`` starts again from zero (a DP engine restarted; for TGI, the whole server)."""
+        series = self.series[index]
+        series.prompt = series.generated = series.requests = 0
+        series.created_s = self.clock()
+        series.visible = self.flavour != "tgi"
+        series.restarted_unseen = True
+
+    def vanish(self, index: int) -> None:
+        self.series[index].visible = False
+
+    def fetch(self, url: str) -> str:
+        if not self.up:
+            raise ConnectionRefusedError(111, "Connection refused")
+        self._read_once = True
+        for series in self.series:
+            if series.visible:
+                if series.restarted_unseen:
+                    share = series.window_tokens
+                    self.tolerance["prompt"] += share
+                    self.tolerance["generated"] += share
+                series.window_tokens, series.restarted_unseen = 0, False
+        return self.render()
+
+    def render(self) -> str:
+        shown = [s for s in self.series if s.visible]
+        if self.flavour == "tgi":
+            return self._render_tgi(shown)
+        prefix = "vllm:" if self.flavour.startswith("vllm") else "sglang:"
+        lines = [f"# HELP {prefix}num_requests_running Number of requests in model execution batches.",
+                 f"# TYPE {prefix}num_requests_running gauge"]
+        lines += [f"{prefix}num_requests_running{_labels(s.labels)} 3.0" for s in shown]
+        for kind, help_ in (("prompt", "Number of prefill tokens processed."),
+                            ("generation", "Number of generation tokens processed.")):
+            attr = "prompt" if kind == "prompt" else "generated"
+            lines += [f"# HELP {prefix}{kind}_tokens_total {help_}", f"# TYPE {prefix}{kind}_tokens_total counter"]
+            lines += [f"{prefix}{kind}_tokens_total{_labels(s.labels)} {float(getattr(s, attr))!r}" for s in shown]
+            if self.flavour == "vllm":  # prometheus_client's own _created family
+                lines += [f"# HELP {prefix}{kind}_tokens_created {help_}",
+                          f"# TYPE {prefix}{kind}_tokens_created gauge"]
+                lines += [f"{prefix}{kind}_tokens_created{_labels(s.labels)} {s.created_s!r}" for s in shown]
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _render_tgi(shown: list[FakeSeries]) -> str:
+        lines = ["# HELP tgi_queue_size Current queue size", "# TYPE tgi_queue_size gauge", "tgi_queue_size 0", ""]
+        for series in shown:
+            for name, help_, total in (("tgi_request_input_length", "Input token length per request", series.prompt),
+                                       ("tgi_request_generated_tokens", "Generated tokens per request",
+                                        series.generated)):
+                lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram",
+                          f'{name}_bucket{{le="2048"}} {series.requests}',
+                          f'{name}_bucket{{le="+Inf"}} {series.requests}',
+                          f"{name}_sum {total}", f"{name}_count {series.requests}", ""]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+
+
+def poll_engine(engine: FakeEngine, clock: FakeClock, steps: int, step) -> tuple[TokenPoller, FakeAccounting]:
+    """start(), then ``steps`` times: one second passes, ``step(i)`` drives the engine, one poll; stop()."""
+    accounting = FakeAccounting()
+    poller = TokenPoller(TokenScraper(URL, fetch=engine.fetch, clock_s=clock), accounting, "command",
+                         interval_s=3600, on_error=lambda m: None, on_recover=lambda m: None)
+    poller.start()
+    for i in range(steps):
+        clock.advance(1.0)
+        step(i)
+        poller.poll()
+    clock.advance(1.0)
+    poller.stop()
+    return poller, accounting
+
+
+def assert_within_one_poll(engine: FakeEngine, accounting: FakeAccounting, one_poll: dict[str, int]) -> None:
+    for kind in ("prompt", "generated"):
+        counted, truth = accounting.total(kind), engine.truth[kind]
+        assert truth - one_poll[kind] <= counted <= truth, (kind, counted, truth)
+
+
+PER_POLL = {"prompt": 300 + 250, "generated": 100 + 80}  # what both series serve in one poll interval
+
+
+def steady(engine: FakeEngine, index: int = 0) -> None:
+    engine.serve(index, 300, 100)
+    if len(engine.series) > 1 and engine.series[1].visible:
+        engine.serve(1, 250, 80)
+
+
+@pytest.mark.parametrize("history", [0, 1_000_000])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_one_series_restarting_is_a_restart_of_that_series_alone(flavour, history):
+    # vLLM: one of two data-parallel engines restarts; SGLang: one priority's series; TGI: the whole server
+    # (its histograms vanish until a request finishes). Measured before: +20%, and 1,026,136 tokens for
+    # 21,908 real ones after 1M tokens of history.
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, history=history)
+    victim = 1 if flavour in MULTI_SERIES else 0
+
+    def step(i):
+        steady(engine)
+        if i == 5:
+            engine.restart(victim)
+
+    poller, accounting = poll_engine(engine, clock, 20, step)
+    assert_within_one_poll(engine, accounting, PER_POLL)
+    assert poller.counters.resets >= 1 and poller.counters.lower_bound is False
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_vanished_series_stops_contributing(flavour):
+    # One DP engine's (or priority's) series leaves the exposition while the other goes on; for TGI the
+    # histograms vanish (a restart) and come back with the next finished request. Measured before: +28-32%.
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, history=50_000)
+    victim = 1 if flavour in MULTI_SERIES else 0
+
+    def step(i):
+        if flavour == "tgi":
+            if i == 4:
+                engine.restart(0)
+            if not 4 <= i < 8:
+                engine.serve(0, 300, 100)
+            return
+        steady(engine)
+        if i == 4:
+            engine.vanish(victim)
+
+    poller, accounting = poll_engine(engine, clock, 15, step)
+    assert_within_one_poll(engine, accounting, PER_POLL)
+    assert poller.counters.lower_bound is False
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_new_series_counts_from_its_start(flavour):
+    # A DP engine, model or priority that had counted nothing at the baseline appears mid-run; for TGI,
+    # the histograms appear with the first finished request after the baseline.
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, series=1, history=0)
+    engine.series[0].prompt = engine.series[0].generated = 0
+
+    def step(i):
+        if flavour != "tgi":
+            engine.serve(0, 300, 100)
+        if i == 3 and flavour != "tgi":
+            engine.add_series()
+        if i >= 3:
+            engine.serve(len(engine.series) - 1, 250, 80)
+
+    poller, accounting = poll_engine(engine, clock, 10, step)
+    assert accounting.total("prompt") == engine.truth["prompt"]
+    assert accounting.total("generated") == engine.truth["generated"]
+    assert poller.counters.lower_bound is False
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_restart_that_regrows_past_the_old_value_between_two_reads(flavour):
+    # Series 0 held 500 prompt tokens, restarted and counted 800 before the next read: its value rose.
+    # Only _created (vLLM) can see that restart; without it the miss is within one poll interval.
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, history=0)
+    engine.series[0].visible = True
+
+    def step(i):
+        if i == 0:
+            engine.serve(0, 500, 200)
+        if i == 3:
+            engine.restart(0)
+            engine.serve(0, 800, 300)
+
+    poller, accounting = poll_engine(engine, clock, 6, step)
+    if flavour == "vllm":
+        assert accounting.total("prompt") == engine.truth["prompt"] == 1300
+        assert accounting.total("generated") == engine.truth["generated"] == 500
+        assert poller.counters.resets == 2  # its prompt and its generated series, seen through _created
+    else:
+        assert_within_one_poll(engine, accounting, {"prompt": 800, "generated": 300})
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_failed_first_read_never_counts_the_engines_history(flavour):
+    # The engine has served 1M tokens; the run's first read fails (a timeout), the next ones succeed.
+    # Measured before: the whole history counted, +15,903%.
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, history=1_000_000, up=False)
+
+    def step(i):
+        steady(engine)
+        if i == 1:
+            engine.up = True
+
+    poller, accounting = poll_engine(engine, clock, 10, step)
+    for kind in ("prompt", "generated"):
+        counted, truth = accounting.total(kind), engine.truth[kind]
+        assert truth - engine.served_before_first_read[kind] <= counted <= truth, (kind, counted, truth)
+    assert poller.counters.lower_bound is True  # what came before the first good read cannot be known
+    assert "first read failed" in poller.summary()["lower_bound_reasons"][0]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_an_engine_coming_up_with_the_command_counts_everything(flavour):
+    # Reads fail while the engine loads; it comes up (vLLM: series _created after the run start; the
+    # others: at zero, since no request has finished yet), then serves.
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, series=2, history=0, up=False)
+
+    def step(i):
+        if i == 2:
+            for series in engine.series:
+                series.created_s = clock()
+            engine.up = True
+        if i >= 3:
+            steady(engine)
+
+    poller, accounting = poll_engine(engine, clock, 10, step)
+    assert accounting.total("prompt") == engine.truth["prompt"] > 0
+    assert accounting.total("generated") == engine.truth["generated"]
+    assert poller.counters.lower_bound is False
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_reads_failing_for_a_while_lose_nothing_and_say_what_they_could_miss(flavour):
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, history=10_000)
+
+    def step(i):
+        steady(engine)
+        engine.up = not 3 <= i < 6
+
+    poller, accounting = poll_engine(engine, clock, 10, step)
+    assert accounting.total("prompt") == engine.truth["prompt"]
+    # Without _created a restart that regrew past its old value during the gap would have gone unseen.
+    assert poller.counters.lower_bound is (flavour != "vllm")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_restart_while_reads_fail_is_a_lower_bound(flavour):
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, history=10_000)
+    victim = 1 if flavour in MULTI_SERIES else 0
+
+    def step(i):
+        steady(engine)
+        engine.up = not 3 <= i < 6
+        if i == 4:
+            engine.restart(victim)
+
+    poller, accounting = poll_engine(engine, clock, 10, step)
+    for kind in ("prompt", "generated"):
+        assert accounting.total(kind) <= engine.truth[kind]
+    assert poller.counters.lower_bound is True
+
+
+OPERATIONS = st.lists(st.tuples(st.sampled_from(["serve", "restart", "vanish", "add", "fail"]),
+                                st.integers(0, 3), st.integers(0, 5000), st.integers(0, 2000)), max_size=40)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(FLAVOURS), st.integers(0, 2_000_000), OPERATIONS)
+def test_property_never_above_truth_and_within_the_restarts_unless_flagged(flavour, history, operations):
+    # Any sequence of requests, series restarts, vanishings, new series and failed reads: the count is
+    # never above what the engine counted, and unless flagged a lower bound it misses only what restarted
+    # series counted between the reads around their restarts.
+    clock = FakeClock()
+    engine = FakeEngine(flavour, clock, history=history)
+
+    def step(i):
+        op, which, prompt, generated = operations[i]
+        index = which % len(engine.series)
+        engine.up = op != "fail"
+        if op == "serve":
+            engine.serve(index, prompt, generated)
+        elif op == "restart":
+            engine.restart(index)
+        elif op == "vanish":
+            engine.vanish(index)
+        elif op == "add" and flavour != "tgi":
+            engine.add_series()
+
+    poller, accounting = poll_engine(engine, clock, len(operations), step)
+    for kind in ("prompt", "generated"):
+        counted, truth = accounting.total(kind), engine.truth[kind]
+        assert counted <= truth
+        if not poller.counters.lower_bound:
+            assert counted >= truth - engine.tolerance[kind], (kind, counted, truth, poller.summary())
+
+
+def test_the_fixtures_read_per_series_with_created_where_exported():
+    reading = scraper_of(fixture_text("vllm")).read()
+    prompt = reading.series["prompt"]
+    assert len(prompt) == 2 and all(value.created_s and value.created_s > 1.7e9 for value in prompt.values())
+    for name in ("vllm_multiprocess", "sglang", "sglang_priority", "tgi"):
+        reading = scraper_of(fixture_text(name)).read()
+        assert all(value.created_s is None for kind in reading.series.values() for value in kind.values())
+    assert len(scraper_of(fixture_text("vllm_multiprocess")).read().series["generated"]) == 4
+    assert scraper_of(fixture_text("sglang_priority")).read().totals() == {
+        "prompt": 1044200 + 388120 + 77102, "generated": 512004 + 201337 + 40960}
+
+
+def test_a_repeated_token_series_is_refused():
+    text = vllm_text(5, 1) + 'vllm:generation_tokens_total{model_name="m"} 9.0\n'
+    with pytest.raises(TokenSourceError, match="appears 2 times"):
+        scraper_of(text).read()
+
+
 # -- arbitrary input ------------------------------------------------------------------------------
 
 EXPOSITION_ALPHABET = st.sampled_from(list("abc_:{}=\",.# \t\n0123456789eE+-") + [
@@ -281,7 +701,7 @@ EXPOSITION_ALPHABET = st.sampled_from(list("abc_:{}=\",.# \t\n0123456789eE+-") +
 def test_arbitrary_text_raises_only_the_modules_one_line_error(text):
     scraper = scraper_of(text)
     try:
-        counts = scraper.read()
+        counts = scraper.read().totals()
     except TokenSourceError as err:
         assert "\n" not in str(err) and str(err)
     else:
