@@ -6,14 +6,26 @@ joules, hertz, ratios 0..1, bytes and seconds.
 
 Error handling lives in one place, ``NvmlBackend._on_error``, driven by the table ``_ACTION_BY_ERROR``:
 
-- NotSupported / FunctionNotFound / NoPermission: the field is dropped for that device (never called
-  again), logged once at INFO, and ``field_status`` says why.
+- NotSupported / FunctionNotFound / NoPermission / ArgumentVersionMismatch: the field is dropped for that
+  device (never called again), logged once at INFO, and ``field_status`` says why. FunctionNotFound and
+  ArgumentVersionMismatch first try the next, older variant of a versioned function, where there is one.
 - NotFound / NoData: no value this tick only.
 - GpuIsLost / ResetRequired / Unknown: the device is down (``up=False``) and is re-acquired by UUID with
   exponential backoff on later ticks.
 - Uninitialized / DriverNotLoaded: NVML itself is re-initialised with backoff; every device is down until then.
 - LibRmVersionMismatch: ``NvmlFatalError`` (the driver changed under a running agent; restart it).
 - Anything else: no value this tick, counted in ``error_counts()``.
+
+Those are the outcomes of whole calls. A per-entry return code (one ``nvmlFieldValue_t`` of a
+``nvmlDeviceGetFieldValues`` batch, one metric of ``nvmlGpmMetricsGet``) speaks for that entry alone: it
+drops or skips that field, or is counted, and never takes the device or NVML down (a GPU that is really
+lost fails the whole calls of the same tick). A Python exception while reading one device (a binding that
+returns something unexpected) loses that device's sample for the tick, counted; the other GPUs are read
+as usual, and a device that fails that way on ``EXCEPTIONS_BEFORE_DOWN`` reads in a row is marked down.
+Every error is logged the first time it happens (per device, field and error) and counted from then on.
+
+Throttle-time field ids are chosen from the driver's version, not from pynvml's constants: the driver
+interprets the id, and the ids moved between driver releases (see ``throttle_field_ids``).
 
 GPM rates live in ``nvml_gpm.py`` and the XID event thread in ``nvml_xid.py``.
 """
@@ -35,11 +47,22 @@ from .nvml_xid import XidWatcher
 
 BACKOFF_INITIAL_S = 1.0  # first retry of a lost device or of nvmlInit
 BACKOFF_MAX_S = 30.0  # the delay doubles up to this
+# A device whose reads raise a Python exception this many ticks in a row is marked down (re-acquired with
+# backoff), so that a read that can never succeed shows as wattledger_gpu_up 0 instead of a frozen GPU.
+EXCEPTIONS_BEFORE_DOWN = 10
 UINT_MAX = 0xFFFFFFFF  # scopeId meaning "all NVLink links, summed" (nvml.h, NVLink throughput fields)
 POWER_SCOPE_GPU = 0  # NVML_POWER_SCOPE_GPU: the GPU alone, not the module (GPU + CPU on Grace Hopper)
 
 # Values NVML uses for "not available" in unsigned results (NVML_VALUE_NOT_AVAILABLE_uint / _ulonglong).
 _NOT_AVAILABLE = (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
+
+
+class NvmlUnavailable(ProbeUnavailable):
+    """NVML cannot be used now. ``library_found``: libnvidia-ml loaded (a driver is installed) but failed."""
+
+    def __init__(self, message: str, library_found: bool) -> None:
+        super().__init__(message)
+        self.library_found = library_found
 
 
 class NvmlFatalError(RuntimeError):
@@ -70,6 +93,9 @@ _ACTION_BY_ERROR: dict[str, _Action] = {
     "NVML_ERROR_NOT_SUPPORTED": _Action.DROP,
     "NVML_ERROR_FUNCTION_NOT_FOUND": _Action.DROP,  # the installed driver predates the function
     "NVML_ERROR_NO_PERMISSION": _Action.DROP,  # will not change without a restart as another user
+    # The driver does not know the struct version this pynvml sends (pynvml newer than the driver), after
+    # any older variant of the function was tried: it will not start knowing it while the driver is loaded.
+    "NVML_ERROR_ARGUMENT_VERSION_MISMATCH": _Action.DROP,
     "NVML_ERROR_NOT_FOUND": _Action.SKIP,
     "NVML_ERROR_NO_DATA": _Action.SKIP,
     "NVML_ERROR_GPU_IS_LOST": _Action.DEVICE_DOWN,
@@ -98,6 +124,18 @@ class _ErrorCodes:
 
     def action(self, code: int) -> _Action:
         return self._actions.get(code, _Action.COUNT)
+
+    def entry_action(self, code: int) -> _Action:
+        """What a per-entry return code means: the same as for a call, but it never escalates.
+
+        One field of a batch (or one GPM metric) answering Unknown, GpuIsLost or even a version mismatch
+        says nothing certain about the device: the whole calls in the same tick do. So codes that would
+        take a device or NVML down only count against that entry.
+        """
+        action = self.action(code)
+        if action in (_Action.DEVICE_DOWN, _Action.LIBRARY_DOWN, _Action.FATAL):
+            return _Action.COUNT
+        return action
 
 
 class _DeviceDown(Exception):
@@ -134,31 +172,86 @@ _FIELD_SPECS: tuple[_FieldSpec, ...] = (
     # Payload only (DATA, not RAW with protocol overhead), KiB, all links summed via scopeId UINT_MAX.
     _FieldSpec("nvlink_transmit_bytes", ("NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX",), UINT_MAX, 1024, True),
     _FieldSpec("nvlink_receive_bytes", ("NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX",), UINT_MAX, 1024, True),
-    # Cumulative time clocks were held down for each reason, nanoseconds. The ids differ between pynvml
-    # releases (some drafts used 251-253 for the thermal/brake ones), so they are looked up by name.
-    _FieldSpec(
-        "throttle_seconds.sw_power_cap",
-        ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP", "NVML_FI_DEV_PERF_POLICY_POWER"),
-        0, 1e-9, False, "sw_power_cap",
-    ),
-    _FieldSpec(
-        "throttle_seconds.sync_boost",
-        ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST", "NVML_FI_DEV_PERF_POLICY_SYNC_BOOST"),
-        0, 1e-9, False, "sync_boost",
-    ),
-    _FieldSpec(
-        "throttle_seconds.sw_thermal_slowdown",
-        ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN",), 0, 1e-9, False, "sw_thermal_slowdown",
-    ),
-    _FieldSpec(
-        "throttle_seconds.hw_thermal_slowdown",
-        ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN",), 0, 1e-9, False, "hw_thermal_slowdown",
-    ),
-    _FieldSpec(
-        "throttle_seconds.hw_power_brake_slowdown",
-        ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN",), 0, 1e-9, False, "hw_power_brake_slowdown",
+    # Cumulative time clocks were held down for each reason, nanoseconds. No constants: the field ids come
+    # from the driver's version (throttle_field_ids), because they moved between driver releases.
+    *(
+        _FieldSpec(f"throttle_seconds.{reason}", (), 0, 1e-9, False, reason)
+        for reason in ("sw_power_cap", "sync_boost", "sw_thermal_slowdown", "hw_thermal_slowdown",
+                       "hw_power_brake_slowdown")
     ),
 )
+
+# ---------------------------------------------------------------------------------------------------------
+# Throttle-time field ids, by driver version.
+#
+# The driver interprets a field id, so the id must be the one the running driver's nvml.h defines, whatever
+# pynvml is installed (nvidia-ml-py >= 12.535 allows bindings of every numbering below against any driver).
+# Checked against nvml.h (NVIDIA/go-nvml, NVML 12.6 - 13.3) and the pynvml.py of nvidia-ml-py 12.535.161,
+# 12.560.30, 12.570.172, 12.575.51, 13.580.65, 13.580.82, 13.580.126, 13.590.48, 13.595.45, 13.610.43
+# and 13.615.71 (each binding is generated from the nvml.h of the driver release it is numbered after):
+#
+# - 74 (SW power cap) and 76 (sync boost) are NVML_FI_DEV_PERF_POLICY_POWER / _SYNC_BOOST, the same ids
+#   in every release (the CLOCKS_EVENT_REASON names are aliases of them since 575).
+# - Drivers before 575 have no SW/HW thermal or power-brake counters. In 570, 251-268 are power smoothing
+#   (NVML_FI_PWR_SMOOTHING_ENABLED = 251, ...), and 269 and up do not exist.
+# - 575.x and 580.65: SW thermal 251, HW thermal 252, HW power brake 253 (power smoothing moved to 256+).
+# - 580.82 and newer (590, 595, 610, 615): SW thermal 269, HW thermal 270, HW power brake 271, and 251-268
+#   are power smoothing again, as in 570.
+# - Between 580.65 and 580.82 (580.76) and after the newest branch checked, the numbering is not known, and
+#   a wrong guess would read a power-smoothing setting as nanoseconds of throttling: those counters are
+#   dropped, with the reason in field_status. SW power cap and sync boost are read on every driver.
+#
+# Update NEWEST_CHECKED_DRIVER_BRANCH (and the table, if the ids moved) after checking a new branch's nvml.h.
+NEWEST_CHECKED_DRIVER_BRANCH = 615
+_STABLE_THROTTLE_IDS: dict[str, int] = {"sw_power_cap": 74, "sync_boost": 76}
+_THERMAL_AND_BRAKE = ("sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown")
+_DriverVersion = tuple[int, ...]
+# [first, end) driver versions -> ids of _THERMAL_AND_BRAKE, or why there are none.
+_THERMAL_IDS_BY_DRIVER: tuple[tuple[_DriverVersion, _DriverVersion, tuple[int, int, int] | str], ...] = (
+    ((0,), (575,), "the driver has no such counter before 575 (251-268 are power-smoothing fields in 570)"),
+    ((575,), (580, 66), (251, 252, 253)),
+    ((580, 66), (580, 82), "field ids unknown for drivers between 580.65 and 580.82 (they moved from 251-253 "
+                           "to 269-271)"),
+    ((580, 82), (NEWEST_CHECKED_DRIVER_BRANCH + 1,), (269, 270, 271)),
+)
+# The value types an unsigned 64-bit nanosecond counter can come in (c_ulong is 64 bits on Linux): a
+# throttle-time id answering another type names some other field on this driver.
+_THROTTLE_VALUE_TYPES = ("NVML_VALUE_TYPE_UNSIGNED_LONG_LONG",) + (
+    ("NVML_VALUE_TYPE_UNSIGNED_LONG",) if ctypes.sizeof(ctypes.c_ulong) == 8 else ()
+)
+
+
+def parse_driver_version(text: str) -> _DriverVersion | None:
+    """``"580.82.07"`` -> ``(580, 82, 7)``; None when it is not dot-separated numbers."""
+    parts = text.strip().split(".")
+    if not parts or not all(p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+def throttle_field_ids(driver_version: str) -> tuple[dict[str, int], dict[str, str]]:
+    """Field ids of the cumulative throttle-time counters that ``driver_version`` defines.
+
+    Returns ({reason: field id}, {reason: why it has no id}) over every reason with a counter. The ids are
+    the driver's (see the table above), never pynvml's constants.
+    """
+    ids = dict(_STABLE_THROTTLE_IDS)
+    version = parse_driver_version(driver_version)
+    if version is None:
+        why: tuple[int, int, int] | str = f"driver version {driver_version!r} could not be read, so its " \
+                                          "throttle-counter field ids are not known"
+    else:
+        why = (f"driver {driver_version} is newer than the newest whose field ids wattledger knows "
+               f"({NEWEST_CHECKED_DRIVER_BRANCH}.x)")
+        for first, end, entry in _THERMAL_IDS_BY_DRIVER:
+            if first <= version < end:
+                why = entry
+                break
+    if isinstance(why, str):
+        return ids, {reason: why for reason in _THERMAL_AND_BRAKE}
+    ids.update(zip(_THERMAL_AND_BRAKE, why))
+    return ids, {}
+
 
 # THROTTLE_REASONS name -> suffix of the bit constant (nvmlClocksEventReason<X>, or older
 # nvmlClocksThrottleReason<X>). Bits without a THROTTLE_REASONS name (board limit, reliability) are ignored.
@@ -284,6 +377,7 @@ class _Device:
     mig_slots: tuple[_MigSlot, ...] | None = None
     mig_at_ns: int | None = None
     mig_gpm: dict[int, GpmPair] = field(default_factory=dict)  # GPU instance id -> sample pair
+    exceptions_in_a_row: int = 0  # reads that raised a Python exception, reset by a read that did not
 
 
 class NvmlBackend:
@@ -294,8 +388,8 @@ class NvmlBackend:
     ``process_interval_s`` (their calls cost milliseconds); between refreshes a sample carries the last
     list. ``enable_gpm`` / ``enable_xid`` switch off GPM rates and the XID event thread.
 
-    Raises ``ProbeUnavailable`` (one line) when NVML cannot be used at all. ``sample()`` raises
-    ``NvmlFatalError`` when the driver was replaced under the running process.
+    Raises ``NvmlUnavailable`` (a ``ProbeUnavailable``, one line) when NVML cannot be used at all.
+    ``sample()`` raises ``NvmlFatalError`` when the driver was replaced under the running process.
     """
 
     name = "nvml"
@@ -315,11 +409,16 @@ class NvmlBackend:
             try:
                 import pynvml as nvml
             except ImportError:
-                raise ProbeUnavailable(
-                    "NVML unavailable: the Python package nvidia-ml-py (module pynvml) is not installed"
+                raise NvmlUnavailable(
+                    "NVML unavailable: the Python package nvidia-ml-py (module pynvml) is not installed",
+                    library_found=False,
                 ) from None
         self._nvml = nvml
         self._codes = _ErrorCodes(nvml)
+        self._next_variant_codes = {
+            getattr(nvml, name) for name in ("NVML_ERROR_FUNCTION_NOT_FOUND", "NVML_ERROR_ARGUMENT_VERSION_MISMATCH")
+            if hasattr(nvml, name)
+        }
         self._clock = clock_ns
         self._interval_ns = int(process_interval_s * 1e9)
         self._enable_gpm = enable_gpm
@@ -335,17 +434,19 @@ class NvmlBackend:
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as err:
-            raise ProbeUnavailable(self._unavailable("nvmlInit", err.value)) from None
+            library_found = err.value != getattr(nvml, "NVML_ERROR_LIBRARY_NOT_FOUND", None)
+            raise NvmlUnavailable(self._unavailable("nvmlInit", err.value), library_found) from None
         try:
             self._driver_version = self._read_driver_version()
+            self._resolve_throttle_ids(self._driver_version)
             self._devices = self._open_devices()
         except (nvml.NVMLError, _LibraryDown) as err:
             self._shutdown_quietly()
             code = err.value if isinstance(err, nvml.NVMLError) else None
-            raise ProbeUnavailable(self._unavailable("opening the GPUs", code, str(err))) from None
+            raise NvmlUnavailable(self._unavailable("opening the GPUs", code, str(err)), True) from None
         except (ProbeUnavailable, NvmlFatalError) as err:
             self._shutdown_quietly()
-            raise ProbeUnavailable(str(err).splitlines()[0]) from None
+            raise NvmlUnavailable(str(err).splitlines()[0], True) from None
         if enable_xid:
             self._xid = XidWatcher(nvml, self._codes.name, self._log)
             self._xid.register([(d.index, d.handle) for d in self._devices if d.up])
@@ -386,8 +487,10 @@ class NvmlBackend:
         for dev in self._devices:
             if self._library_down is not None:
                 samples.append(self._down_sample(dev))
-            else:
-                samples.append(self._sample_device(dev))
+                continue
+            sample = self._sample_device_guarded(dev)
+            if sample is not None:
+                samples.append(sample)
         return samples
 
     def field_status(self, index: int) -> list[FieldStatus]:
@@ -467,6 +570,17 @@ class NvmlBackend:
         else:
             self._count(dev, probe, name)
 
+    def _on_entry_error(self, dev: _Device, probe: str, code: int) -> None:
+        """A per-entry return code (one field of a batch, one GPM metric): that entry alone is affected."""
+        action = self._codes.entry_action(code)
+        name = self._codes.name(code)
+        if action is _Action.DROP:
+            self._drop(dev, probe, name)
+        elif action is _Action.SKIP:
+            dev.transient[probe] = name
+        else:
+            self._count(dev, probe, name)
+
     def _drop(self, dev: _Device, probe: str, reason: str) -> None:
         if probe in dev.dropped:
             return
@@ -475,20 +589,27 @@ class NvmlBackend:
             "GPU %d (%s): %s unavailable (%s); not reading it again", dev.index, dev.uuid, probe, reason
         )
 
-    def _count(self, dev: _Device, probe: str, reason: str) -> None:
+    def _count(self, dev: _Device, probe: str, reason: str, detail: str = "") -> None:
+        """Count an unexpected failure; only the first of each (device, probe, reason) is logged.
+
+        A failure that repeats every tick would otherwise log ten lines a second: the count (in
+        ``error_counts``) says how often it happened since.
+        """
         dev.transient[probe] = reason
         key = (dev.index, probe, reason)
         with self._errors_lock:
             first = key not in self._errors
             self._errors[key] = self._errors.get(key, 0) + 1
         if first:
-            self._log.warning("GPU %d (%s): reading %s failed: %s", dev.index, dev.uuid, probe, reason)
+            self._log.warning("GPU %d (%s): reading %s failed: %s%s; counting further failures, not logging "
+                              "them", dev.index, dev.uuid, probe, reason, f" ({detail})" if detail else "")
 
     def _call(self, dev: _Device, probe: str, functions: str | tuple[str, ...], *args: Any, **kwargs: Any) -> Any:
         """Call the first of ``functions`` (pynvml names, newest first) that the driver has.
 
         Returns its result, or None when the probe is dropped or failed (after ``_on_error``). A variant
-        that answers FunctionNotFound is skipped for this device from then on.
+        that answers FunctionNotFound (the driver predates it) or ArgumentVersionMismatch (the driver does
+        not know the struct version this pynvml sends) is skipped for this device from then on.
         """
         if probe in dev.dropped:
             return None
@@ -501,7 +622,7 @@ class NvmlBackend:
             try:
                 value = function(*args, **kwargs)
             except nvml.NVMLError as err:
-                if err.value == nvml.NVML_ERROR_FUNCTION_NOT_FOUND and position + 1 < len(names):
+                if err.value in self._next_variant_codes and position + 1 < len(names):
                     dev.newest[probe] = position + 1
                     continue
                 self._on_error(dev, probe, err.value)
@@ -520,6 +641,8 @@ class NvmlBackend:
         self._field_ids: dict[str, int] = {}
         self._missing: dict[str, str] = {}
         for spec in _FIELD_SPECS:
+            if spec.throttle_reason is not None:
+                continue  # by driver version, once NVML is up: _resolve_throttle_ids
             found = next((getattr(nvml, c) for c in spec.constants if hasattr(nvml, c)), None)
             if found is None:
                 self._missing[spec.probe] = f"pynvml has no {spec.constants[0]}"
@@ -542,6 +665,15 @@ class NvmlBackend:
                 if suffix is not None and hasattr(nvml, prefix + suffix):
                     self._reason_bits[reason] = getattr(nvml, prefix + suffix)
                     break
+
+    def _resolve_throttle_ids(self, driver_version: str) -> None:
+        """Throttle-time field ids from the driver's version; reasons without one are unsupported."""
+        ids, missing = throttle_field_ids(driver_version)
+        for reason, field_id in ids.items():
+            self._field_ids[f"throttle_seconds.{reason}"] = field_id
+        for reason, why in missing.items():
+            self._missing[f"throttle_seconds.{reason}"] = why
+        self._throttle_value_types = {getattr(self._nvml, n) for n in _THROTTLE_VALUE_TYPES if hasattr(self._nvml, n)}
 
     def _unavailable(self, during: str, code: int | None, detail: str = "") -> str:
         """The one-line ProbeUnavailable message for a failure while starting."""
@@ -616,6 +748,29 @@ class NvmlBackend:
 
     # ----------------------------------------------------------------------------------------------------
     # Device loss and NVML re-initialisation
+
+    def _sample_device_guarded(self, dev: _Device) -> GpuSample | None:
+        """``_sample_device``, where an unexpected exception loses this device's sample for this tick only.
+
+        The device is left out of the tick rather than reported down: the ledger then integrates the next
+        sample over both intervals (counters are exact across the gap) instead of restarting, and the
+        other GPUs are read as usual. A device that fails like this EXCEPTIONS_BEFORE_DOWN times in a row
+        is marked down, so a read that can never work shows as a lost GPU, not as a frozen one.
+        """
+        try:
+            sample = self._sample_device(dev)
+        except NvmlFatalError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one device's surprise must not cost every GPU its sample
+            dev.exceptions_in_a_row += 1
+            self._count(dev, "device", type(err).__name__, detail=str(err))
+            if dev.exceptions_in_a_row >= EXCEPTIONS_BEFORE_DOWN:
+                dev.exceptions_in_a_row = 0
+                self._mark_down(dev, f"{type(err).__name__} on {EXCEPTIONS_BEFORE_DOWN} reads in a row")
+                return self._down_sample(dev)
+            return None
+        dev.exceptions_in_a_row = 0
+        return sample
 
     def _sample_device(self, dev: _Device) -> GpuSample:
         if not dev.up and not self._reacquire(dev):
@@ -729,7 +884,8 @@ class NvmlBackend:
         - pcie_transmit_bytes, pcie_receive_bytes: fields 197 / 198 (byte counters) -> none
         - nvlink_transmit_bytes, nvlink_receive_bytes: fields 138 / 139, scope UINT_MAX (KiB * 1024)
           -> none (nvidia-smi nvlink -gt d)
-        - throttle_seconds: fields 74, 76, 269, 270, 271 (ns / 1e9) -> none (nvidia-smi -q -d PERFORMANCE)
+        - throttle_seconds: fields 74, 76 and, by driver version, 251-253 (575 - 580.65) or 269-271
+          (580.82+) (ns / 1e9) -> none (nvidia-smi -q -d PERFORMANCE)
         - utilization ratios: nvmlDeviceGetUtilizationRates (% / 100) -> utilization.gpu / .memory
         - memory_*_bytes: nvmlDeviceGetMemoryInfo v2, else v1 (bytes) -> memory.total / .used / .reserved
         - energy_joules: nvmlDeviceGetTotalEnergyConsumption (mJ / 1e3) -> none (total energy since load)
@@ -813,7 +969,13 @@ class NvmlBackend:
         throttle: dict[str, float] = {}
         for spec, entry in zip(specs, entries):
             if entry.nvmlReturn != nvml.NVML_SUCCESS:
-                self._on_error(dev, spec.probe, entry.nvmlReturn)
+                self._on_entry_error(dev, spec.probe, entry.nvmlReturn)
+                continue
+            if spec.throttle_reason is not None and entry.valueType not in self._throttle_value_types:
+                # Throttle counters are unsigned 64-bit nanoseconds: another type means the id names some
+                # other field on this driver (a power-smoothing setting, say). Never read it as time.
+                self._drop(dev, spec.probe, f"field {entry.fieldId} answered value type {entry.valueType}, "
+                                            "not a nanosecond counter")
                 continue
             raw = self._field_value(dev, spec.probe, entry)
             if raw is None:
@@ -937,7 +1099,7 @@ class NvmlBackend:
             return None
         code, value = entry
         if code != self._nvml.NVML_SUCCESS:
-            self._on_error(dev, probe, code)
+            self._on_entry_error(dev, probe, code)
             return None
         return metric.convert(value)
 

@@ -12,6 +12,10 @@ Typical use::
     gpu0 = nvml.fake.gpus[0]
     gpu0.errors["nvmlDeviceGetUtilizationRates"] = pynvml.NVML_ERROR_NOT_SUPPORTED
     gpu0.field_errors[pynvml.NVML_FI_DEV_POWER_INSTANT] = pynvml.NVML_ERROR_NO_PERMISSION
+    gpu0.field_errors[pynvml.NVML_FI_DEV_MEMORY_TEMP] = pynvml.NVML_ERROR_UNKNOWN   # one entry of the batch
+    gpu0.gpm_metric_errors[pynvml.NVML_GPM_METRIC_SM_UTIL] = pynvml.NVML_ERROR_UNKNOWN  # one GPM metric
+    gpu0.raises["nvmlDeviceGetClockInfo"] = TypeError("odd")  # a binding surprise, not an NVMLError
+    make_nvml_stub(driver_version="575.57.08", binding_numbering="269")  # driver and pynvml disagree
     nvml.fake.lose(0)                               # GpuIsLost on every call; old handles stay dead
     nvml.fake.recover(0)                            # nvmlDeviceGetHandleByUUID works again (new handle)
     nvml.fake.init_error = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND   # nvmlInit fails
@@ -47,14 +51,41 @@ GIB = 1024 * 1024 * 1024
 
 _ALL_LINKS = 0xFFFFFFFF  # scopeId that sums the NVLink throughput fields over all links
 
-# Throttle-time field id (by pynvml name) -> FakeGpu.throttle_ns key.
-_THROTTLE_FIELDS = {
-    "NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP": "sw_power_cap",
-    "NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST": "sync_boost",
-    "NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN": "sw_thermal_slowdown",
-    "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN": "hw_thermal_slowdown",
-    "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN": "hw_power_brake_slowdown",
+# How each driver generation numbers the throttle-time and power-smoothing fields (nvml.h of that driver;
+# the FAKE DRIVER interprets ids by these, whatever constants the stub module carries, as a real driver
+# does). Generation -> ({field id: FakeGpu.throttle_ns key}, first power-smoothing field id or None).
+_STABLE_THROTTLE = {74: "sw_power_cap", 76: "sync_boost"}  # NVML_FI_DEV_PERF_POLICY_POWER / _SYNC_BOOST
+_THERMAL_KEYS = ("sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown")
+POWER_SMOOTHING_COUNT = 18  # NVML_FI_PWR_SMOOTHING_ENABLED ... _ADMIN_OVERRIDE_RAMP_DOWN_HYST_VAL
+DRIVER_NUMBERINGS: dict[str, tuple[dict[int, str], int | None]] = {
+    "before-570": (dict(_STABLE_THROTTLE), None),  # 535-560: no power smoothing, no thermal counters
+    "570": (dict(_STABLE_THROTTLE), 251),  # power smoothing 251-268, nothing at 269+
+    "575": ({**_STABLE_THROTTLE, **dict(zip((251, 252, 253), _THERMAL_KEYS))}, 256),  # 575.x, 580.65
+    "580.82": ({**_STABLE_THROTTLE, **dict(zip((269, 270, 271), _THERMAL_KEYS))}, 251),  # 580.82 and later
 }
+# The pynvml constants of each binding numbering (nvidia-ml-py 12.575.51 / 13.580.65 vs 13.580.82+).
+BINDING_NUMBERINGS: dict[str, dict[str, int]] = {
+    "251": {"NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN": 251,
+            "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN": 252,
+            "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN": 253,
+            "NVML_FI_PWR_SMOOTHING_ENABLED": 256},
+    "269": {"NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN": 269,
+            "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN": 270,
+            "NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN": 271,
+            "NVML_FI_PWR_SMOOTHING_ENABLED": 251},
+}
+
+
+def driver_numbering(driver_version: str) -> str:
+    """The DRIVER_NUMBERINGS key of a driver version such as "580.82.07" (the fake driver's own rule)."""
+    version = tuple(int(p) for p in driver_version.split("."))
+    if version < (570,):
+        return "before-570"
+    if version < (575,):
+        return "570"
+    if version < (580, 82):
+        return "575"
+    return "580.82"
 
 _VALUE_MEMBER = {
     pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
@@ -141,11 +172,17 @@ class FakeGpu:
             "hw_power_brake_slowdown": 0,
         }
     )
+    # Power-smoothing fields in the driver's numbering: (enabled, privilege level, immediate ramp-down, TMP
+    # ceiling W, TMP floor W, ...). Answered as unsigned long long, so a backend that asked for them as
+    # throttle time could not tell them apart by their type.
+    power_smoothing: tuple[int, ...] = (1, 2, 1, 700, 350) + (0,) * (POWER_SMOOTHING_COUNT - 5)
     # Faults and overrides
     errors: dict[str, int] = field(default_factory=dict)  # pynvml function name -> NVML error code raised
     field_errors: dict[int, int] = field(default_factory=dict)  # field id -> nvmlReturn of that entry
     field_values: dict[int, Any] = field(default_factory=dict)  # field id -> raw value replacing the default
     field_value_types: dict[int, int] = field(default_factory=dict)  # field id -> NVML_VALUE_TYPE_* to use
+    # pynvml function name -> exception instance raised from it (not an NVMLError: a binding surprise)
+    raises: dict[str, BaseException] = field(default_factory=dict)
     # GPM (Hopper+)
     gpm_supported: bool = True
     gpm_mig_supported: bool = True
@@ -302,6 +339,8 @@ class FakeNvml:
             raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)  # a handle from before a reset
         if function in gpu.errors:
             raise _error(gpu.errors[function])
+        if function in gpu.raises:
+            raise gpu.raises[function]
         mig = None
         if mig_slot is not None:
             if not gpu.mig_enabled or mig_slot >= len(gpu.mig_instances):
@@ -479,10 +518,11 @@ def _install(fake: FakeNvml) -> None:
         return info
 
     # -- field values -------------------------------------------------------------------------------------
-    throttle_ids = {getattr(P, name): key for name, key in _THROTTLE_FIELDS.items() if hasattr(P, name)}
+    # The fake driver's numbering, from its version: never from the module's constants (see DRIVER_NUMBERINGS).
+    throttle_ids, smoothing_first = DRIVER_NUMBERINGS[driver_numbering(fake.driver_version)]
 
     def field_default(gpu: FakeGpu, field_id: int, scope: int) -> tuple[int, int, Any]:
-        """(nvmlReturn, valueType, value) that a real H100 would give."""
+        """(nvmlReturn, valueType, value) that a real H100 with this driver would give."""
         ull, uint = P.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, P.NVML_VALUE_TYPE_UNSIGNED_INT
         if field_id in (P.NVML_FI_DEV_POWER_INSTANT, P.NVML_FI_DEV_POWER_AVERAGE):
             if scope != P.NVML_POWER_SCOPE_GPU:
@@ -504,6 +544,8 @@ def _install(fake: FakeNvml) -> None:
             return P.NVML_ERROR_INVALID_ARGUMENT, 0, None
         if field_id in throttle_ids:
             return P.NVML_SUCCESS, ull, gpu.throttle_ns.get(throttle_ids[field_id], 0)
+        if smoothing_first is not None and 0 <= field_id - smoothing_first < POWER_SMOOTHING_COUNT:
+            return P.NVML_SUCCESS, ull, gpu.power_smoothing[field_id - smoothing_first]
         return P.NVML_ERROR_NOT_SUPPORTED, 0, None
 
     @device("nvmlDeviceGetFieldValues")
@@ -723,12 +765,16 @@ def _install(fake: FakeNvml) -> None:
 def make_nvml_stub(
     devices: list[FakeGpu] | None = None,
     *,
-    driver_version: str = "550.54.15",
+    driver_version: str = "580.95.05",
     legacy_bytes: bool = False,
     init_error: int | None = None,
+    binding_numbering: str | None = None,
 ) -> Any:
     """A pynvml stand-in over ``devices`` (default: two H100-like GPUs); its state is ``stub.fake``.
 
+    ``driver_version`` decides how the fake driver numbers the throttle-time and power-smoothing fields
+    (``DRIVER_NUMBERINGS``). ``binding_numbering`` ("251" or "269") gives the module the constants of a
+    pynvml release of that numbering, as installed against any driver (default: the real module's).
     ``legacy_bytes`` answers names, UUIDs and the driver version as bytes, like pynvml before 11.5.
     ``init_error`` makes nvmlInit raise that NVML error code (also settable later as ``stub.fake.init_error``).
     """
@@ -741,6 +787,8 @@ def make_nvml_stub(
         elif isinstance(value, types.FunctionType) and name.startswith("nvml"):
             getattr(module, name).side_effect = _not_implemented(name)
     module.nvmlExceptionClass = pynvml.nvmlExceptionClass  # pure lookup, no library call
+    for name, value in BINDING_NUMBERINGS.get(binding_numbering or "", {}).items():
+        setattr(module, name, value)
     fake = FakeNvml(module, devices if devices is not None else default_gpus(), driver_version, legacy_bytes)
     fake.init_error = init_error
     _install(fake)
