@@ -73,6 +73,10 @@ def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
 def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU, from the hardware counter; "
                                  "kept monotonic across driver resets.", labels=_GPU)
+    unattributed = CounterMetricFamily(P + "gpu_unattributed_energy_joules", "GPU energy charged to no workload: "
+                                       "time no workload held the GPU, and gaps (device lost, energy unreadable) "
+                                       "no workload held throughout. Workload energy plus this is the GPU's "
+                                       "energy.", labels=_GPU)
     busy = CounterMetricFamily(P + "gpu_busy_seconds", "Seconds the engine was busy, integrated at the sample "
                                "rate: rate() is the exact mean utilization over any window.", labels=_GPU + ["engine"])
     throttle = CounterMetricFamily(P + "gpu_throttle_seconds", "Seconds the clocks were held back, by reason.",
@@ -91,6 +95,7 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
         ids = [str(gpu.info.index), gpu.info.uuid]
         if "energy" in gpu.seen:
             energy.add_metric(ids, gpu.energy.total)
+            unattributed.add_metric(ids, gpu.unattributed_energy_joules)
         for engine, seconds in gpu.busy_seconds.items():
             busy.add_metric(ids + [engine], seconds)
         for reason, seconds in sorted(gpu.throttle_seconds.items()):
@@ -108,7 +113,15 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
             ecc.add_metric(ids + ["uncorrected"], gpu.ecc_uncorrected.total)
         for engine, hist in gpu.histograms.items():
             histogram.add_metric(ids + [engine], hist.cumulative(), hist.total)
-    yield from (energy, busy, throttle, pcie_tx, pcie_rx, nvlink_tx, nvlink_rx, ecc, histogram)
+    yield from (energy, unattributed, busy, throttle, pcie_tx, pcie_rx, nvlink_tx, nvlink_rx, ecc, histogram)
+
+    lost = GaugeMetricFamily(P + "gpu_field_lost", "1 for each field that was read and no longer is (unsupported "
+                             "or failing for over a second): its counters are absent, not frozen.",
+                             labels=_GPU + ["field"])
+    for gpu in snapshot.gpus:
+        for name in gpu.lost_fields:
+            lost.add_metric([str(gpu.info.index), gpu.info.uuid, name], 1.0)
+    yield lost
 
     xid = CounterMetricFamily(P + "gpu_xid_errors", "XID errors reported by the driver, by code.",
                               labels=_GPU + ["xid"])
@@ -116,6 +129,16 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     for (index, code), count in sorted(snapshot.xid_counts.items()):
         xid.add_metric([str(index), uuids.get(index, ""), str(code)], count)
     yield xid
+
+    # Failures that would repeat every tick are logged once by the backend and counted here instead.
+    errors = CounterMetricFamily(P + "gpu_read_errors", "Unexpected errors reading the GPU backend, by probe "
+                                 "and error (each logged once, then only counted; gpu is empty for the XID "
+                                 "event thread).", labels=_GPU + ["probe", "error"])
+    for (index, probe, error), count in sorted(snapshot.backend_error_counts.items(),
+                                               key=lambda item: (-1 if item[0][0] is None else item[0][0],) + item[0][1:]):
+        gpu_label = "" if index is None else str(index)
+        errors.add_metric([gpu_label, uuids.get(index, "") if index is not None else "", probe, error], count)
+    yield errors
 
     mig_used = GaugeMetricFamily(P + "mig_memory_used_bytes", "Memory used in one MIG instance.",
                                  labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
@@ -136,16 +159,18 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
 
 def _host(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     host = snapshot.host
-    cpu = CounterMetricFamily(P + "host_cpu_busy_seconds", "CPU time spent busy, all cores (not idle, not iowait).")
+    cpu = CounterMetricFamily(P + "host_cpu_busy_seconds", "CPU time spent busy, all cores: every /proc/stat "
+                              "column but idle, iowait and steal (guest time is inside user and nice).")
     if snapshot.host_cpu_busy_seconds is not None:
         cpu.add_metric([], snapshot.host_cpu_busy_seconds)
     yield cpu
-    core = CounterMetricFamily(P + "host_cpu_core_busy_seconds", "CPU time spent busy, per core.", labels=["core"])
+    core = CounterMetricFamily(P + "host_cpu_core_busy_seconds", "CPU time spent busy, per online core "
+                               "(columns as host_cpu_busy_seconds).", labels=["core"])
     for index, seconds in sorted(snapshot.host_cpu_core_busy_seconds.items()):
         core.add_metric([str(index)], seconds)
     yield core
     for metric, attribute, doc in (
-        ("host_cpu_count", "cpu_count", "Logical CPUs."),
+        ("host_cpus", "cpu_count", "Logical CPUs."),  # not host_cpu_count: promtool reserves _count for histograms
         ("host_memory_total_bytes", "memory_total_bytes", "Host DRAM size (MemTotal)."),
         ("host_memory_used_bytes", "memory_used_bytes", "Host DRAM in use (MemTotal - MemAvailable)."),
         ("host_memory_available_bytes", "memory_available_bytes", "Host DRAM available (MemAvailable)."),
@@ -245,6 +270,24 @@ class LedgerCollector(Collector):
         yield from _host(snapshot)
         yield from _workloads(snapshot)
         yield from _self(snapshot, self._version)
+
+
+class SinkStatusCollector(Collector):
+    """The sampler's sinks (the ``--record`` file as ``sink="record"``): whether each still runs, and
+    how often one failed. ``statuses()`` returns objects with ``name``, ``active`` and ``failures``."""
+
+    def __init__(self, statuses: Callable[[], list]):
+        self._statuses = statuses
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(P + "sink_active", "1 while the sink (e.g. the --record file) is written, "
+                                   "0 once a failure (a full disk) switched it off.", labels=["sink"])
+        failures = CounterMetricFamily(P + "sink_failures", "Failures that switched a sink off.", labels=["sink"])
+        for status in sorted(self._statuses(), key=lambda s: s.name):
+            active.add_metric([status.name], 1.0 if status.active else 0.0)
+            failures.add_metric([status.name], status.failures)
+        yield active
+        yield failures
 
 
 def make_registry(ledger: Ledger, version: str) -> CollectorRegistry:

@@ -141,8 +141,12 @@ class HostSample:
     """One reading of the host."""
 
     monotonic_ns: int
-    cpu_busy_seconds: float | None = None  # counter: all cores, non-idle, non-iowait time
-    cpu_busy_seconds_per_core: tuple[float, ...] | None = None
+    # Counter: all cores, seconds not idle, iowait or steal (node_exporter's usual utilisation).
+    cpu_busy_seconds: float | None = None
+    cpu_busy_seconds_per_core: tuple[float, ...] | None = None  # online cores, ascending core number
+    # The core number of each entry above (N of /proc/stat's cpuN); None: positions 0, 1, ... An offline
+    # core has no entry, so without these the cores after it would shift onto its counter.
+    cpu_core_ids: tuple[int, ...] | None = None
     cpu_count: int | None = None
     memory_total_bytes: int | None = None  # MemTotal
     memory_used_bytes: int | None = None  # MemTotal - MemAvailable

@@ -28,6 +28,7 @@ from wattledger.probes.procfs import (
     parse_pid_stat,
     parse_pid_status,
     parse_proc_stat,
+    parse_proc_stat_cpus,
 )
 from wattledger.probes.rapl import RaplReader
 
@@ -156,9 +157,12 @@ class ProcfsHostBackend:
 
     def sample(self) -> HostSample:
         now_ns = self._clock_ns()
-        cpu_total = cpu_per_core = None
+        cpu_total = cpu_per_core = core_ids = None
         try:
-            cpu_total, cpu_per_core = parse_proc_stat(_read_proc_text(self._stat_path), self._clk_tck)
+            busy = parse_proc_stat_cpus(_read_proc_text(self._stat_path), self._clk_tck)
+            cpu_total = busy.total_seconds
+            core_ids = tuple(core for core, _ in busy.cores)
+            cpu_per_core = tuple(seconds for _, seconds in busy.cores)
             self._fields.ok("cpu_busy_seconds")
         except (OSError, ProcfsParseError) as exc:
             self._fields.fail("cpu_busy_seconds", f"{self._stat_path}: {_one_line(exc)}")
@@ -190,6 +194,7 @@ class ProcfsHostBackend:
             monotonic_ns=now_ns,
             cpu_busy_seconds=cpu_total,
             cpu_busy_seconds_per_core=cpu_per_core,
+            cpu_core_ids=core_ids,
             cpu_count=len(cpu_per_core) if cpu_per_core is not None else None,
             memory_total_bytes=total,
             memory_used_bytes=total - available if total is not None and available is not None else None,
@@ -286,14 +291,15 @@ class ProcfsHostBackend:
 class PsutilHostBackend:
     """HostBackend over psutil, for hosts without a Linux /proc.
 
-    CPU busy seconds are every ``cpu_times`` column except idle, iowait, guest and guest_nice (the last
+    CPU busy seconds are every ``cpu_times`` column except idle, iowait, steal, guest and guest_nice (the last
     two are already in user and nice on Linux); memory used is ``total - available`` as in the procfs
     backend. Locked and pinned memory and RAPL energy are ``None``: psutil has no such figures.
     """
 
     name = "psutil"
 
-    _NOT_BUSY = frozenset({"idle", "iowait", "guest", "guest_nice"})
+    # As the procfs backend: node_exporter's usual utilisation leaves out idle, iowait and steal.
+    _NOT_BUSY = frozenset({"idle", "iowait", "steal", "guest", "guest_nice"})
 
     def __init__(self, clock_ns: Callable[[], int] = time.monotonic_ns, process_interval_s: float = 1.0) -> None:
         if process_interval_s < 0:

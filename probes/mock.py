@@ -81,9 +81,10 @@ FAULTABLE_FIELDS = (
 class Fault:
     """A scheduled fault. Times are seconds of simulated time after the backend starts.
 
-    kinds: ``field_unsupported`` (``field`` reads as unsupported from ``at_s`` on), ``gpu_lost``
-    (down from ``at_s`` to ``until_s``), ``energy_reset`` (the counter restarts from 0 at ``at_s``, as
-    after a driver reload), ``init_failure`` (the backend refuses to open, as NVML init failing).
+    kinds: ``field_unsupported`` (``field`` reads as unsupported from ``at_s`` on, until ``until_s`` if
+    given), ``gpu_lost`` (down from ``at_s`` to ``until_s``), ``energy_reset`` (the counter restarts from 0
+    at ``at_s``, as after a driver reload), ``init_failure`` (the backend refuses to open, as NVML init
+    failing).
     """
 
     kind: str
@@ -103,11 +104,15 @@ class Fault:
             raise ValueError("gpu must be a GPU index >= 0")
         if self.until_s is not None and not math.isfinite(self.until_s):
             raise ValueError("until must be a finite number of seconds")
-        if self.kind == "gpu_lost" and self.until_s is not None and self.until_s <= self.at_s:
-            raise ValueError("gpu_lost: until_s must come after at_s")
+        if self.kind in ("gpu_lost", "field_unsupported") and self.until_s is not None and self.until_s <= self.at_s:
+            raise ValueError(f"{self.kind}: until_s must come after at_s")
 
     def applies_to(self, gpu: int) -> bool:
         return self.gpu is None or self.gpu == gpu
+
+    def active(self, elapsed_s: float) -> bool:
+        """Whether a lasting fault (gpu_lost, field_unsupported) holds at ``elapsed_s``."""
+        return self.at_s <= elapsed_s and (self.until_s is None or elapsed_s < self.until_s)
 
 
 def parse_fault(text: str) -> Fault:
@@ -119,6 +124,8 @@ def parse_fault(text: str) -> Fault:
         key, sep, value = pair.partition("=")
         if not sep or key not in ("gpu", "at", "until", "field"):
             raise ValueError(f"bad fault option {pair!r} in {text!r}: use gpu=, at=, until=, field=")
+        if key in values:  # the later one would silently win: say so instead
+            raise ValueError(f"fault option {key}= given twice in {text!r}")
         values[key] = value
     try:
         return Fault(
@@ -159,6 +166,7 @@ class _SimulatedGpu:
         self.now_ns = start_ns
         self.true_energy_joules = 0.0
         self.counter_base_joules = 0.0  # true energy when the counter last reset
+        self.counter_reset_ns: int | None = None  # when it last reset (an energy_reset fault)
         self.temperature_celsius = spec.ambient_celsius + spec.celsius_per_watt * spec.idle_power_watts
         self.pcie_transmit_bytes = 0.0
         self.pcie_receive_bytes = 0.0
@@ -265,11 +273,11 @@ class MockGpuBackend:
         self._delay_ns = round(delay_s * NS_PER_S)
         self._source = activity
         self._faults = tuple(faults)
-        self._fired: set[int] = set()
+        self._fired: set[int] = set()  # energy_reset faults already applied
         start = self._sim_now()
         self._start_ns = start
         self._gpus = [_SimulatedGpu(i, self.spec, start, limit) for i in range(count)]
-        self._unsupported: dict[int, set[str]] = {i: set() for i in range(count)}
+        self._unsupported: dict[int, frozenset[str]] = {i: frozenset() for i in range(count)}
         self._infos = [
             GpuInfo(
                 index=i,
@@ -298,38 +306,40 @@ class MockGpuBackend:
         return self._gpus[index].true_energy_joules
 
     def _apply_faults(self, now_ns: int) -> None:
+        """Fires energy resets that are due and sets which fields read as unsupported now.
+
+        Called once per ``sample()``, after every device has been advanced to ``now_ns``, so a reset
+        finds each device's energy at the reset time in its history."""
         elapsed_s = (now_ns - self._start_ns) / NS_PER_S
         for number, fault in enumerate(self._faults):
-            if number in self._fired or fault.at_s > elapsed_s:
+            if fault.kind != "energy_reset" or number in self._fired or fault.at_s > elapsed_s:
                 continue
-            if fault.kind == "field_unsupported":
-                for gpu in self._gpus:
-                    if fault.applies_to(gpu.index):
-                        self._unsupported[gpu.index].add(fault.field)
-                self._fired.add(number)
-            elif fault.kind == "energy_reset":
-                for gpu in self._gpus:
-                    if fault.applies_to(gpu.index):
-                        gpu.counter_base_joules = gpu.energy_at(self._start_ns + round(fault.at_s * NS_PER_S))
-                self._fired.add(number)
+            reset_ns = self._start_ns + round(fault.at_s * NS_PER_S)
+            for gpu in self._gpus:
+                if fault.applies_to(gpu.index):
+                    gpu.counter_base_joules = gpu.energy_at(reset_ns)
+                    gpu.counter_reset_ns = reset_ns
+            self._fired.add(number)
+        for gpu in self._gpus:
+            self._unsupported[gpu.index] = frozenset(
+                f.field for f in self._faults
+                if f.kind == "field_unsupported" and f.applies_to(gpu.index) and f.active(elapsed_s)
+            )
 
     def _is_lost(self, index: int, now_ns: int) -> bool:
         elapsed_s = (now_ns - self._start_ns) / NS_PER_S
-        return any(
-            f.kind == "gpu_lost" and f.applies_to(index) and f.at_s <= elapsed_s
-            and (f.until_s is None or elapsed_s < f.until_s)
-            for f in self._faults
-        )
+        return any(f.kind == "gpu_lost" and f.applies_to(index) and f.active(elapsed_s) for f in self._faults)
 
     def sample(self) -> list[GpuSample]:
         now = self._sim_now()
-        samples = []
-        for gpu, info in zip(self._gpus, self._infos):
+        for gpu in self._gpus:
             if now > gpu.now_ns:
                 segments = self._source.segments(gpu.index, gpu.now_ns, now) if self._source else []
                 gpu.advance(now, segments)
-            if self._faults:
-                self._apply_faults(now)
+        if self._faults:
+            self._apply_faults(now)
+        samples = []
+        for gpu, info in zip(self._gpus, self._infos):
             if self._faults and self._is_lost(gpu.index, now):
                 gpu.has_sampled = False  # GPM-style ratios restart after the device comes back
                 samples.append(GpuSample(index=gpu.index, uuid=info.uuid, monotonic_ns=gpu.now_ns, up=False))
@@ -337,12 +347,21 @@ class MockGpuBackend:
             samples.append(self._read(gpu, info))
         return samples
 
+    @staticmethod
+    def _energy_counter_mj(gpu: _SimulatedGpu, now_ns: int) -> int:
+        """The hardware counter: energy since the last reset at the newest 100 ms boundary, whole mJ.
+
+        It is never negative: between a reset and the first boundary after it the counter reads 0, as a
+        counter that restarted and has not ticked yet does (the reset time is not on the 100 ms grid)."""
+        boundary = now_ns - now_ns % ENERGY_COUNTER_PERIOD_NS
+        if gpu.counter_reset_ns is not None and boundary <= gpu.counter_reset_ns:
+            return 0
+        return max(0, math.floor((gpu.energy_at(boundary) - gpu.counter_base_joules) * 1000.0))
+
     def _read(self, gpu: _SimulatedGpu, info: GpuInfo) -> GpuSample:
         spec = self.spec
         now = gpu.now_ns
-        # The counter holds the energy at the last 100 ms boundary, in whole millijoules.
-        boundary = now - now % ENERGY_COUNTER_PERIOD_NS
-        counter_mj = math.floor((gpu.energy_at(boundary) - gpu.counter_base_joules) * 1000.0)
+        counter_mj = self._energy_counter_mj(gpu, now)
         window_start = max(now - BOXCAR_NS, self._start_ns)
         average_power = (
             (gpu.true_energy_joules - gpu.energy_at(window_start)) * NS_PER_S / (now - window_start)

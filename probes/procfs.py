@@ -14,6 +14,7 @@ import os
 from typing import NamedTuple
 
 __all__ = [
+    "CpuBusy",
     "ProcfsParseError",
     "PidStat",
     "PidStatus",
@@ -22,6 +23,7 @@ __all__ = [
     "parse_pid_stat",
     "parse_pid_status",
     "parse_proc_stat",
+    "parse_proc_stat_cpus",
 ]
 
 # The kernel prints these counters as u64 / unsigned long: at most 20 decimal digits. Refusing longer
@@ -82,13 +84,26 @@ def _check_clk_tck(clk_tck: int | None) -> int:
     return clk_tck
 
 
-def parse_proc_stat(text: str, clk_tck: int | None = None) -> tuple[float, tuple[float, ...]]:
-    """CPU busy time from /proc/stat: ``(all cores, per core)``, in seconds since boot.
+class CpuBusy(NamedTuple):
+    """Busy CPU time from /proc/stat, in seconds since boot."""
 
-    Busy is every column except ``idle`` (4th) and ``iowait`` (5th): user, nice, system, irq, softirq,
-    steal. ``guest`` and ``guest_nice`` are left out because the kernel already counts them inside
-    ``user`` and ``nice``. Old kernels print fewer columns; at least user, nice, system and idle are
-    required. Per-core values come in ``cpuN`` order; offline cores have no line and are simply absent.
+    total_seconds: float  # the aggregate ``cpu`` line
+    cores: tuple[tuple[int, float], ...]  # (core number N of ``cpuN``, seconds), ascending; offline cores absent
+
+
+# /proc/stat columns, in order: user nice system idle iowait irq softirq steal guest guest_nice.
+# Busy is node_exporter's usual utilisation (1 - idle - iowait - steal): user, nice, system, irq, softirq.
+_BUSY_COLUMNS = (0, 1, 2, 5, 6)
+
+
+def parse_proc_stat_cpus(text: str, clk_tck: int | None = None) -> CpuBusy:
+    """CPU busy time from /proc/stat, all cores and per core by core number, in seconds since boot.
+
+    Busy is every column except ``idle`` (4th), ``iowait`` (5th) and ``steal`` (8th): user, nice, system,
+    irq, softirq, as node_exporter's usual ``1 - idle - iowait - steal`` utilisation counts it. Steal is
+    time the hypervisor gave another guest, not work done here. ``guest`` and ``guest_nice`` are left out
+    because the kernel already counts them inside ``user`` and ``nice``. Old kernels print fewer columns;
+    at least user, nice, system and idle are required. Offline cores have no line and are absent.
     """
     tck = _check_clk_tck(clk_tck)
     total: float | None = None
@@ -102,8 +117,7 @@ def parse_proc_stat(text: str, clk_tck: int | None = None) -> tuple[float, tuple
         if len(fields) < 5:
             raise ProcfsParseError(f"/proc/stat: line {label!r} has {len(fields) - 1} columns, need at least 4")
         ticks = [_uint(tok, f"/proc/stat {label}") for tok in fields[1:]]
-        busy_ticks = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system | irq softirq steal
-        busy_seconds = busy_ticks / tck
+        busy_seconds = sum(ticks[i] for i in _BUSY_COLUMNS if i < len(ticks)) / tck
         if label == "cpu":
             if total is not None:
                 raise ProcfsParseError("/proc/stat: more than one aggregate 'cpu' line")
@@ -117,7 +131,14 @@ def parse_proc_stat(text: str, clk_tck: int | None = None) -> tuple[float, tuple
     if total is None:
         raise ProcfsParseError("/proc/stat: no aggregate 'cpu' line")
     cores.sort()
-    return total, tuple(seconds for _, seconds in cores)
+    return CpuBusy(total, tuple(cores))
+
+
+def parse_proc_stat(text: str, clk_tck: int | None = None) -> tuple[float, tuple[float, ...]]:
+    """``(all cores, per core)`` busy seconds from /proc/stat (see :func:`parse_proc_stat_cpus`); per-core
+    values in ``cpuN`` order, without the core numbers."""
+    busy = parse_proc_stat_cpus(text, clk_tck)
+    return busy.total_seconds, tuple(seconds for _, seconds in busy.cores)
 
 
 def _kb_line(key: str, rest: str, source: str) -> int:

@@ -205,3 +205,64 @@ def test_fault_parser_accepts_or_gives_one_line_value_error(text):
         assert "\n" not in str(err)
     else:
         assert isinstance(fault, Fault)
+
+
+# -- energy_reset and field faults (issue 8) --------------------------------------------------------
+
+
+def _energy_at(backend: MockGpuBackend, index: int, ns: int) -> float:
+    return backend._gpus[index].energy_at(ns)  # the simulated truth at a past instant
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.floats(min_value=0.5, max_value=5.0), st.floats(min_value=0.0, max_value=0.5),
+       st.sampled_from([0.01, 0.05, 0.1, 0.13, 0.25]))
+def test_energy_counter_is_never_negative_and_restarts_at_the_reset_time(reset_at_s, delay_s, period_s):
+    # Off the 100 ms grid, the reset used to come after the last counter update and read negative.
+    clock = FakeClock()
+    timeline = ScriptedTimeline(clock.ns()).add(0, 10, MEDIUM)
+    backend = MockGpuBackend(1, activity=timeline, clock_ns=clock.ns, delay_s=delay_s,
+                             faults=[Fault("energy_reset", at_s=reset_at_s)])
+    reset_ns = backend._start_ns + round(reset_at_s * NS_PER_S)
+    readings = []
+    while clock.now_ns - delay_s * NS_PER_S < reset_ns + 2 * NS_PER_S:
+        clock.advance(period_s)
+        (sample,) = backend.sample()
+        readings.append(sample)
+        assert sample.energy_joules >= 0
+    last = readings[-1]
+    boundary = last.monotonic_ns - last.monotonic_ns % 100_000_000
+    assert last.energy_joules == pytest.approx(_energy_at(backend, 0, boundary) - _energy_at(backend, 0, reset_ns),
+                                               abs=0.002)
+
+
+def test_energy_reset_restarts_every_gpus_counter_at_the_same_instant():
+    # Faults used to fire while the first GPU had been advanced and the others had not.
+    clock = FakeClock()
+    timeline = ScriptedTimeline(clock.ns()).add(0, 10, HEAVY, gpus=[0]).add(0, 10, MEDIUM, gpus=[1])
+    backend = MockGpuBackend(2, activity=timeline, clock_ns=clock.ns, faults=[Fault("energy_reset", at_s=4.95)])
+    for _ in range(50):
+        clock.advance(0.1)  # samples at 0.1 s steps: the reset is found at 5.0 s
+        samples = backend.sample()
+    clock.advance(0.1)
+    samples = backend.sample()
+    reset_ns = backend._start_ns + round(4.95 * NS_PER_S)
+    for index, sample in enumerate(samples):
+        boundary = sample.monotonic_ns - sample.monotonic_ns % 100_000_000
+        since_reset = _energy_at(backend, index, boundary) - _energy_at(backend, index, reset_ns)
+        assert sample.energy_joules == pytest.approx(since_reset, abs=0.002)
+
+
+def test_field_unsupported_until_a_time_makes_the_field_readable_again():
+    clock = FakeClock()
+    backend = MockGpuBackend(1, activity=ScriptedTimeline(clock.ns()).add(0, 10, MEDIUM), clock_ns=clock.ns,
+                             faults=[parse_fault("field_unsupported:field=energy_joules:at=2:until=4")])
+    seen = []
+    for _ in range(60):
+        clock.advance(0.1)
+        seen.append(backend.sample()[0].energy_joules)
+    assert seen[18] is not None and seen[21] is None and seen[38] is None and seen[41] is not None
+    assert seen[41] > seen[18]  # the hardware counter kept counting while unreadable
+    assert dict((s.name, s.supported) for s in backend.field_status(0))["energy_joules"]
+    with pytest.raises(ValueError, match="until_s must come after"):
+        Fault("field_unsupported", field="power_watts", at_s=3, until_s=2)
