@@ -2,7 +2,13 @@
 
 ``Agent`` is what ``wattledger agent`` runs, and what tests and the benchmark command start
 in-process. Opening the GPU backend follows ``backend``: ``nvml`` (real GPUs), ``mock`` (simulated),
-``replay`` (a recorded file) or ``auto`` (NVML when it initialises, otherwise the mock, saying so).
+``replay`` (a recorded file) or ``auto``.
+
+When NVML does not work at start: ``nvml`` fails with one line (the CLI exits 1, and systemd or the
+kubelet restarts it). ``auto`` looks for signs of an NVIDIA driver (device nodes, /proc/driver/nvidia,
+an NVML library that loaded but failed): on a machine with none, a laptop, it serves the mock, saying
+so; on a GPU node it keeps the host probes, retries NVML with backoff and exports
+``wattledger_probe_success{probe="gpu"} 0`` until NVML opens. It never serves simulated GPUs there.
 """
 
 from __future__ import annotations
@@ -13,16 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wattledger.agent import version
-from wattledger.agent.accounting import Accounting
+from wattledger.agent.accounting import Accounting, procfs_start_ticks
 from wattledger.agent.config import AgentConfig
 from wattledger.agent.ledger import Ledger
-from wattledger.agent.sampler import Sampler
+from wattledger.agent.sampler import Sampler, SinkGuard
 from wattledger.agent.span_activity import SpanActivitySource
 from wattledger.exporters.jsonl import JsonlRecorder
-from wattledger.exporters.prometheus import make_registry
+from wattledger.exporters.prometheus import SinkStatusCollector, make_registry
 from wattledger.probes.base import GpuBackend, HostBackend, ProbeUnavailable
 from wattledger.probes.host import open_host_backend
 from wattledger.probes.mock import MockGpuBackend, parse_fault
+from wattledger.probes.nvml_retry import RetryingNvmlBackend, nvidia_driver_evidence
 from wattledger.probes.replay import ReplayGpuBackend
 
 log = logging.getLogger(__name__)
@@ -34,18 +41,41 @@ class OpenedGpuBackend:
     notes: list[str]  # one line each: what was chosen and why (printed at startup)
 
 
-def open_gpu_backend(config: AgentConfig, clock_ns: Callable[[], int] = time.monotonic_ns) -> OpenedGpuBackend:
-    """The GPU backend the config asks for; ``backend=None`` when there is no GPU data to read."""
+def open_gpu_backend(
+    config: AgentConfig,
+    clock_ns: Callable[[], int] = time.monotonic_ns,
+    *,
+    retry_nvml: bool = True,
+    open_nvml: Callable[[], GpuBackend] | None = None,
+    dev_root: str = "/dev",
+) -> OpenedGpuBackend:
+    """The GPU backend the config asks for; ``backend=None`` when there is no GPU data to read.
+
+    Raises ``ProbeUnavailable`` (one line) when ``backend`` is ``nvml`` and NVML does not open, and when
+    it is ``auto`` on a machine with an NVIDIA driver but ``retry_nvml`` is off (``wattledger devices``,
+    which reads once). ``open_nvml`` (tests) replaces ``NvmlBackend(clock_ns=clock_ns)``; ``dev_root`` is
+    where the NVIDIA device nodes are looked for.
+    """
     notes: list[str] = []
     if config.backend in ("auto", "nvml"):
-        from wattledger.probes.nvml import NvmlBackend  # only this path needs pynvml
+        if open_nvml is None:
+            from wattledger.probes.nvml import NvmlBackend  # only this path needs pynvml
+
+            def open_nvml() -> GpuBackend:
+                return NvmlBackend(clock_ns=clock_ns)
 
         try:
-            return OpenedGpuBackend(NvmlBackend(clock_ns=clock_ns), notes)
+            return OpenedGpuBackend(open_nvml(), notes)
         except ProbeUnavailable as err:
             if config.backend == "nvml":
-                notes.append(f"no GPU data: {err}; running the host probes only")
-                return OpenedGpuBackend(None, notes)
+                raise  # no fallback: exit, so that the supervisor restarts the agent
+            evidence = nvidia_driver_evidence(err, dev_root=dev_root, procfs=config.procfs)
+            if evidence is not None:
+                if not retry_nvml:
+                    raise ProbeUnavailable(f"{err} ({evidence}, so no simulated GPU either)") from None
+                notes.append(f"no GPU data yet: {err}; {evidence}, so this is a GPU node: retrying NVML with "
+                             'backoff, wattledger_probe_success{probe="gpu"} is 0 until it opens')
+                return OpenedGpuBackend(RetryingNvmlBackend(open_nvml, str(err), clock_ns), notes)
             notes.append(f"{err}; using the mock GPU backend instead (SIMULATED figures)")
     if config.backend == "replay":
         backend = ReplayGpuBackend(config.replay, speed=config.replay_speed, loop=config.replay_loop,
@@ -95,21 +125,29 @@ class Agent:
                            if not st.supported and st.name == "rapl"]
         gpu_indices = [info.index for info in gpu.devices()] if gpu is not None else []
         self.accounting = Accounting(gpu_indices, clock_ns=clock_ns, max_workloads=config.max_workloads,
-                                     name_pattern=config.workload_name_pattern)
+                                     name_pattern=config.workload_name_pattern,
+                                     process_start_ticks=procfs_start_ticks(config.procfs))
         if isinstance(gpu, MockGpuBackend):
             gpu.set_activity_source(SpanActivitySource(self.accounting))
         if host is not None:
             self.accounting.add_process_listener(self._on_workload_process)
         self.ledger = Ledger(self.accounting, clock_ns=clock_ns)
+        self.accounting.add_forget_listener(self.ledger.forget_workload)
         self.sampler = Sampler(self.ledger, gpu, host, config.interval_seconds,
-                               host_interval_seconds=config.host_interval_seconds)
+                               host_interval_seconds=config.host_interval_seconds,
+                               housekeeping=self.accounting.maintain)
+        # GPUs found after start (NVML retried with backoff) become GPUs that workloads may name.
+        self.sampler.add_device_listener(lambda infos: self.accounting.set_gpus([i.index for i in infos]))
         self.registry = make_registry(self.ledger, version.VERSION)
+        self.registry.register(SinkStatusCollector(self.sampler.sink_status))
         self.recorder: JsonlRecorder | None = None
         if config.record:
             self.recorder = JsonlRecorder(config.record, gpu.name if gpu else None, bool(gpu and gpu.simulated),
                                           gpu.devices() if gpu else [], config.interval_seconds)
-            self.sampler.add_sink(self.recorder.write_samples)
-            self.accounting.add_span_listener(self.recorder.write_span)
+            # One guard for both call sites: a full disk stops the whole recording, with one line.
+            guard = SinkGuard("record", on_failure=self.recorder.close)
+            self.sampler.add_sink(self.recorder.write_samples, guard=guard)
+            self.accounting.add_span_listener(guard.wrap(self.recorder.write_span))
         self._serve_http = serve_http
         self.server = None
 

@@ -4,6 +4,11 @@ A fixed-deadline loop (``next += interval; sleep(next - now)``) reads the GPU an
 writes into the ledger. Deadlines do not drift with the time the probes take; a tick that finishes
 after the next deadline counts as an overrun and the schedule skips ahead rather than bursting to
 catch up. Each probe's duration and success become self-metrics.
+
+Sinks (the ``--record`` file, the benchmark's recorder) run on this thread after each tick. A sink that
+raises is switched off with one log line and counted (``sink_status``); sampling and /metrics go on. A
+housekeeping callable (the accounting's ``maintain``: workloads whose process exited, stopped workloads
+past their retention) runs about once a second on the same schedule.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from wattledger.agent.ledger import Ledger
 from wattledger.probes.base import GpuBackend, GpuSample, HostBackend, HostSample
@@ -24,6 +30,67 @@ DEFAULT_INTERVAL_SECONDS = 0.100
 # less often, and reading /proc/stat makes the kernel format every CPU's and interrupt's counts: so the
 # host is read on its own, slower cadence by default. Memory gauges still see anything lasting 0.5 s.
 DEFAULT_HOST_INTERVAL_SECONDS = 0.5
+# How often housekeeping runs (workload processes checked for exit): a dead workload holds its GPU's
+# energy share for at most about this long.
+HOUSEKEEPING_INTERVAL_SECONDS = 1.0
+
+SampleSink = Callable[[list[GpuSample], "HostSample | None"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStatus:
+    """One sink as the self-metrics show it."""
+
+    name: str
+    active: bool
+    failures: int
+    last_error: str | None
+
+
+class SinkGuard:
+    """Runs one sink's calls; the first exception switches the sink off (one log line), for good.
+
+    One guard may wrap several call sites of the same sink (the recorder takes samples from the
+    sampler and spans from the accounting), so a failure at either stops both.
+    """
+
+    def __init__(self, name: str, on_failure: Callable[[], None] | None = None):
+        self.name = name
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self.active = True
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def wrap(self, function: Callable[..., None]) -> Callable[..., None]:
+        def guarded(*args: object) -> None:
+            if not self.active:
+                return
+            try:
+                function(*args)
+            except Exception as err:  # noqa: BLE001 - a sink must never stop the sampler or an API call
+                self._fail(err)
+        return guarded
+
+    def _fail(self, err: Exception) -> None:
+        with self._lock:
+            self.failures += 1
+            first = self.active
+            self.active = False
+            self.last_error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        if not first:
+            return
+        log.error("sink %s failed and is switched off (%s); sampling and /metrics go on", self.name,
+                  self.last_error)
+        if self._on_failure is not None:
+            try:
+                self._on_failure()
+            except Exception as cleanup_err:  # noqa: BLE001 - e.g. closing a file on a full disk
+                log.debug("sink %s cleanup failed: %s", self.name, cleanup_err)
+
+    def status(self) -> SinkStatus:
+        with self._lock:
+            return SinkStatus(self.name, self.active, self.failures, self.last_error)
 
 
 class Sampler:
@@ -37,8 +104,10 @@ class Sampler:
         interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         host_interval_seconds: float | None = None,
-        sinks: Sequence[Callable[[list[GpuSample], HostSample | None], None]] = (),
+        sinks: Sequence[SampleSink] = (),
         wait: Callable[[float], bool] | None = None,
+        housekeeping: Callable[[], None] | None = None,
+        housekeeping_interval_seconds: float = HOUSEKEEPING_INTERVAL_SECONDS,
     ):
         if interval_seconds < MIN_INTERVAL_SECONDS:
             raise ValueError(f"the sampling interval must be at least {MIN_INTERVAL_SECONDS * 1000:g} ms")
@@ -53,7 +122,13 @@ class Sampler:
         )
         self._next_host_read: float | None = None
         self._clock = clock
-        self._sinks = list(sinks)
+        self._sinks: list[tuple[SinkGuard, SampleSink]] = []
+        for sink in sinks:
+            self.add_sink(sink)
+        self._housekeeping = housekeeping
+        self._housekeeping_interval = housekeeping_interval_seconds
+        self._next_housekeeping: float | None = None
+        self._housekeeping_error: str | None = None
         self._stop = threading.Event()
         # wait(seconds) sleeps until then or until stop(); returns True once stopped. Tests pass one that
         # moves a fake clock instead.
@@ -62,30 +137,82 @@ class Sampler:
         self._last_tick_end: float | None = None
         self.fatal_error: BaseException | None = None
         self.ticks = 0
+        self._probe_errors: dict[str, str] = {}  # probe -> its last failure, logged once (see _timed)
+        # A backend whose devices appear later (NVML retried with backoff) bumps ``devices_generation``:
+        # the ledger and the device listeners then learn the new list before its samples are recorded.
+        self._device_listeners: list[Callable[[list], None]] = []
+        self._devices_generation = getattr(gpu, "devices_generation", None)
         gpu_infos = gpu.devices() if gpu is not None else []
         ledger.set_devices(gpu.name if gpu else None, bool(gpu and gpu.simulated), gpu_infos)
 
-    def add_sink(self, sink: Callable[[list[GpuSample], HostSample | None], None]) -> None:
-        self._sinks.append(sink)
+    def add_device_listener(self, listener: Callable[[list], None]) -> None:
+        """Call ``listener(gpu_infos)`` when the GPU backend's device list changes after start."""
+        self._device_listeners.append(listener)
+
+    def _record_gpus(self, samples: list[GpuSample]) -> None:
+        generation = getattr(self.gpu, "devices_generation", None)
+        if generation != self._devices_generation:
+            self._devices_generation = generation
+            infos = self.gpu.devices()
+            self.ledger.set_devices(self.gpu.name, bool(self.gpu.simulated), infos)
+            for listener in self._device_listeners:
+                listener(infos)
+        self.ledger.record_gpus(samples)
+
+    def add_sink(self, sink: SampleSink, name: str | None = None, guard: SinkGuard | None = None) -> SinkGuard:
+        """Call ``sink(gpu_samples, host_sample)`` after every tick, under a guard (``guard``, to share
+        one with the sink's other call sites, or a new one named ``name``)."""
+        if guard is None:
+            guard = SinkGuard(name or getattr(sink, "__name__", "sink"))
+        self._sinks.append((guard, guard.wrap(sink)))
+        return guard
+
+    def sink_status(self) -> list[SinkStatus]:
+        """Each sink's state, for the self-metrics."""
+        seen: dict[int, SinkStatus] = {}
+        for guard, _ in self._sinks:
+            seen.setdefault(id(guard), guard.status())
+        return list(seen.values())
 
     def tick(self) -> None:
         """Read every backend once. Tests call this directly with an injected clock."""
         gpu_samples: list[GpuSample] = []
         host_sample: HostSample | None = None
         if self.gpu is not None:
-            gpu_samples = self._timed("gpu", self.gpu.sample, self.ledger.record_gpus) or []
+            gpu_samples = self._timed("gpu", self.gpu.sample, self._record_gpus) or []
             xid_counts = getattr(self.gpu, "xid_counts", None)
             if xid_counts is not None:
                 self.ledger.record_xids(xid_counts())
+            error_counts = getattr(self.gpu, "error_counts", None)
+            if error_counts is not None:
+                self.ledger.record_backend_errors(error_counts())
         now = self._clock()
         if self.host is not None and (self._next_host_read is None or now >= self._next_host_read):
             # Half an interval of slack keeps jitter from skipping a read.
             self._next_host_read = now + self.host_interval_seconds - self.interval_seconds / 2
             host_sample = self._timed("host", self.host.sample, self.ledger.record_host)
-        for sink in self._sinks:
+        for _, sink in self._sinks:
             sink(gpu_samples, host_sample)
+        self._run_housekeeping()
         self.ticks += 1
         self._last_tick_end = self._clock()
+
+    def _run_housekeeping(self) -> None:
+        if self._housekeeping is None:
+            return
+        now = self._clock()
+        if self._next_housekeeping is not None and now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self._housekeeping_interval
+        try:
+            self._housekeeping()
+        except Exception as err:  # noqa: BLE001 - housekeeping must not stop sampling
+            message = f"{type(err).__name__}: {err}"
+            if message != self._housekeeping_error:  # once per distinct failure, not once a second
+                log.warning("housekeeping failed: %s", message)
+            self._housekeeping_error = message
+        else:
+            self._housekeeping_error = None
 
     def _timed(self, probe: str, read, record):
         started = self._clock()
@@ -94,9 +221,14 @@ class Sampler:
         except Exception as err:  # noqa: BLE001 - every probe failure must show up, not kill the loop
             if getattr(err, "fatal", False):
                 raise
-            self.ledger.record_probe(probe, False, self._clock() - started, f"{type(err).__name__}: {err}")
-            log.warning("%s probe failed: %s", probe, err)
+            message = f"{type(err).__name__}: {err}"
+            self.ledger.record_probe(probe, False, self._clock() - started, message)
+            if self._probe_errors.get(probe) != message:  # once per distinct failure, not every tick
+                log.warning("%s probe failed: %s (logged once; wattledger_probe_success shows it)", probe, err)
+            self._probe_errors[probe] = message
             return None
+        if self._probe_errors.pop(probe, None) is not None:
+            log.info("%s probe works again", probe)
         self.ledger.record_probe(probe, True, self._clock() - started)
         record(result)
         return result

@@ -2,6 +2,8 @@
 
 ``JsonlWriter`` appends records and flushes at least every ``flush_interval_seconds`` (default 2 s), and on
 close, so a process killed outright loses at most that much; a clean stop loses nothing.
+A write that fails (a full disk: ENOSPC) closes the file and raises once; later writes are dropped
+quietly, so the agent's sink guard can switch recording off with one line while sampling goes on.
 ``JsonlRecorder`` is the agent's ``--record`` file: a header, then samples and spans.
 """
 
@@ -41,22 +43,43 @@ class JsonlWriter:
         with self._lock:
             if self._closed:
                 return
-            self._file.write(text)
-            if self._clock() - self._last_flush >= self._flush_interval:
-                self._file.flush()
-                self._last_flush = self._clock()
+            try:
+                self._file.write(text)
+                if self._clock() - self._last_flush >= self._flush_interval:
+                    self._file.flush()
+                    self._last_flush = self._clock()
+            except OSError:
+                self._abandon()
+                raise
 
     def flush(self) -> None:
         with self._lock:
             if not self._closed:
-                self._file.flush()
+                try:
+                    self._file.flush()
+                except OSError:
+                    self._abandon()
+                    raise
                 self._last_flush = self._clock()
 
     def close(self) -> None:
+        """Flush and close; never raises for a file that could not be written (the failure was raised
+        by the write that met it)."""
         with self._lock:
             if not self._closed:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError:
+                    pass  # the buffered tail could not be written either; the file is closed anyway
                 self._closed = True
+
+    def _abandon(self) -> None:
+        """Close after a failed write, dropping what is still buffered. Call with the lock held."""
+        self._closed = True
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 class JsonlRecorder:

@@ -206,7 +206,8 @@ def test_every_route_is_documented_and_every_documented_route_is_served():
 def test_documented_examples_are_valid_and_accepted():
     accounting = Accounting([0])
     app = make_app(accounting, make_registry(), lambda: True)
-    order = ["/v1/workloads/start", "/v1/memory", "/v1/tokens", "/v1/spans", "/v1/workloads/stop"]
+    order = ["/v1/workloads/start", "/v1/memory", "/v1/tokens", "/v1/spans", "/v1/workloads/stop",
+             "/v1/workloads/forget"]
     assert sorted(order) == sorted(WRITE_PATHS)
     for path in order:
         example = OPENAPI["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
@@ -703,6 +704,7 @@ FIELDS = {
         "timestamp_ns": ns, "extra": json_values,
     },
     "/v1/workloads/stop": {"workload": names, "timestamp_ns": ns, "extra": json_values},
+    "/v1/workloads/forget": {"workload": names, "extra": json_values},
     "/v1/memory": {
         "workload": names, "gpu": st.integers(-1, 3) | json_values,
         "bytes": st.integers(-1, 2**50 + 1) | st.floats(), "extra": json_values,
@@ -738,6 +740,7 @@ GOOD_BODIES = {
         optional={"pid": st.none() | st.integers(1, 2**31 - 1), "timestamp_ns": good_stamps}),
     "/v1/workloads/stop": st.fixed_dictionaries({"workload": seeded_names},
                                                 optional={"timestamp_ns": st.none() | st.integers(0, 10**12)}),
+    "/v1/workloads/forget": st.fixed_dictionaries({"workload": seeded_names}),
     "/v1/memory": st.fixed_dictionaries({"workload": seeded_names, "gpu": st.sampled_from([0, 0, 1]),
                                          "bytes": st.integers(0, 2**50 - 1)}),
     "/v1/spans": good_spans(),

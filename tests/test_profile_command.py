@@ -117,11 +117,23 @@ def test_exit_status_of_the_command_is_passed_through(tmp_path):
     assert summary["status"] == "complete"  # the command ran to its end; its failure is its own
 
 
+def test_a_command_that_exits_at_once_is_still_profiled(tmp_path):
+    # The child may be a zombie before the workload is registered; the agent's "pid must be alive" check
+    # would refuse it, and its exit check would race the command's own stop. `run` waits on the child.
+    result = wattledger_run(["--backend", "mock", "--idle", "0", "--output", "runs", "--json", "--", "true"],
+                            tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.splitlines()[-1])
+    summary = check_summary(Path(printed["run_dir"]))
+    assert summary["regimes"]["command"]["workload"]["exit_code"] == 0
+
+
 class EngineServer:
     """A stand-in vLLM /metrics endpoint on 127.0.0.1 whose counters advance once it has been read once."""
 
-    def __init__(self, steps: int, every_s: float, prompt_step: int, generated_step: int):
+    def __init__(self, steps: int, every_s: float, prompt_step: int, generated_step: int, fail_reads: int = 0):
         self.template = (FIXTURES / "vllm.prom").read_text()
+        self.fail_reads = fail_reads  # the first reads answer 503 (an engine too busy to answer /metrics)
         self.prompt, self.generated = 120345, 45678  # engine="0"'s values in the fixture
         self.steps, self.every_s = steps, every_s
         self.prompt_step, self.generated_step = prompt_step, generated_step
@@ -132,6 +144,11 @@ class EngineServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                with server.lock:
+                    failing, server.fail_reads = server.fail_reads > 0, max(0, server.fail_reads - 1)
+                if failing:
+                    self.send_error(503)
+                    return
                 body = server.body().encode()
                 server.first_read.set()
                 self.send_response(200)
@@ -190,11 +207,35 @@ def test_tokens_from_a_serving_engines_metrics(tmp_path):
     workload = regime["workload"]
     assert workload["token_source"]["engine"] == "vllm"
     assert workload["token_source"]["tokens"] == {"prompt": 8 * 300, "generated": 8 * 100}
+    assert workload["token_source"]["lower_bound"] is False and workload["token_source"]["series"] == 4
     assert workload["whole_phase"]["tokens"] == {"prompt": 8 * 300, "generated": 8 * 100}
     assert raw_token_total(run_dir, "serve/generated") == 8 * 100
     assert raw_token_total(run_dir, "serve/prompt") == 8 * 300
     assert regime["tokens"]["generated"] > 0
     assert summary["settings"]["tokens_from"] == engine.url
+
+
+def test_tokens_from_an_engine_whose_first_read_fails_never_count_its_history(tmp_path):
+    # The engine already holds 218,345 prompt tokens of history (two DP engines) and its first /metrics
+    # read fails: the run counts from the first good read and its summary says the figure is a lower bound.
+    engine = EngineServer(steps=6, every_s=0.4, prompt_step=300, generated_step=100, fail_reads=1)
+    try:
+        result = wattledger_run(["--backend", "mock", "--idle", "0", "--output", "runs", "--name", "serve",
+                                 "--tokens-from", engine.url, "--",
+                                 sys.executable, "-c", "import time; time.sleep(4.5)"], tmp_path)
+    finally:
+        engine.close()
+    assert result.returncode == 0, result.stderr
+    assert "lower bound" in result.stderr and "HTTP 503" in result.stderr
+    summary = json.loads((latest_run(tmp_path) / "summary.json").read_text())
+    jsonschema.validate(summary, SCHEMA)
+    source = summary["regimes"]["serve"]["workload"]["token_source"]
+    assert source["errors"] == 1
+    # The counters advance only after the first good read, so all of it is ours: 1,800 / 600 exactly.
+    # (Counting the history, as before, gave 218,345 + 1,800 prompt tokens and 84,690 + 600 generated.)
+    assert source["tokens"] == {"prompt": 6 * 300, "generated": 6 * 100}
+    # Its series' _created is from before the run, so nothing could tell what it held at the run's start.
+    assert source["lower_bound"] is True and "first read failed" in source["lower_bound_reasons"][0]
 
 
 def test_sigterm_is_passed_on_and_the_run_is_partial(tmp_path):

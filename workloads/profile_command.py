@@ -12,7 +12,11 @@ and one regime, named after the workload (default "command"):
    Tokens come from the command itself (``POST $WATTLEDGER_AGENT_URL/v1/tokens`` with ``{"workload":
    $WATTLEDGER_WORKLOAD, "kind": "generated", "count": N}``; spans through ``/v1/spans`` drive the mock
    GPU), or from a serving engine's Prometheus endpoint with ``--tokens-from URL``
-   (``workloads/token_sources.py``). Use one or the other: both add to the same counts.
+   (``workloads/token_sources.py``). Use one or the other: both add to the same counts. The phase's
+   ``token_source`` in the summary says how the engine was read; ``lower_bound: true`` there (with
+   ``lower_bound_reasons``) means the engine's counters could not rule out missed tokens (a failed first
+   read while the engine already held counts, a restart while reads were failing), so the token figure may
+   be low and joules per token high; without it, the count is within one poll interval of the engine's.
 3. the summary is computed and printed; the exit status is the command's (128+N when a signal N ended it).
 
 SIGINT and SIGTERM are passed on to the command and the run is marked partial. A SIGINT typed at the
@@ -357,7 +361,9 @@ def run_command(options: RunCommandOptions, pricing, signals: _Signals, say, war
             returncode = None
             if child is not None:
                 signals.child = child
-                agent.accounting.start(name, gpus, pid=child.pid, at_ns=started_ns)
+                # This loop waits on the child and stops the workload at its exact exit time, so the
+                # agent's own exit check (which would also refuse a child that exited at once) is off.
+                agent.accounting.start(name, gpus, pid=child.pid, at_ns=started_ns, ends_with_process=False)
                 if signals.received is not None:  # a signal came before the child could be told: tell it now
                     try:
                         child.send_signal(signals.received)
@@ -390,10 +396,10 @@ def run_command(options: RunCommandOptions, pricing, signals: _Signals, say, war
             if returncode is not None and returncode < 0:
                 summary["signal"] = signal.Signals(-returncode).name
             if poller is not None:
-                summary["token_source"] = {"url": options.tokens_from,
-                                           "engine": poller.scraper.engine.name if poller.scraper.engine else None,
-                                           "tokens": poller.totals, "reads": poller.reads, "errors": poller.errors,
-                                           "last_error": poller.failing}
+                summary["token_source"] = poller.summary()
+                if poller.counters.lower_bound:  # joules per token is then an upper bound: say so where it is read
+                    warn(f"{PROG}: token counts from {options.tokens_from} are a lower bound: "
+                         f"{poller.counters.lower_bound_reasons[0]}")
             # Stamped when the command ended (written now, once the ledger has caught up).
             recorder.event("phase_end", phase=name, workload_summary=summary, monotonic_ns=ended_ns)
     finally:
