@@ -32,7 +32,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS  # flags left out stay out, so the environment and config file can fill them
     parser.add_argument("--backend", choices=BACKENDS, default=s,
-                        help="GPU backend: auto = NVML when it initialises, else the mock (default auto)")
+                        help="GPU backend: auto = NVML; on a machine with no NVIDIA driver the mock, on a GPU "
+                             "node whose NVML fails NVML retried with backoff; nvml = exit 1 if NVML fails "
+                             "(default auto)")
     parser.add_argument("--mock-gpus", type=int, default=s, help="number of simulated GPUs (default 1)")
     parser.add_argument("--mock-preset", choices=sorted(PRESETS), default=s,
                         help="simulated GPU model (default h100-sxm-80gb)")
@@ -97,6 +99,15 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _probe_failure(err: Exception) -> int:
+    """One line for a backend that cannot open: exit 2 when the user's input is at fault (a replay file
+    that cannot be played), 1 when the machine is (NVML would not initialise)."""
+    from wattledger.probes.replay import ReplayFileError
+
+    print(f"wattledger: {err}", file=sys.stderr)
+    return EXIT_USAGE if isinstance(err, ReplayFileError) else EXIT_FAILED
+
+
 def run_agent(config: AgentConfig) -> int:
     from wattledger.agent.daemon import Agent
     from wattledger.agent.http_api import ServerStartError
@@ -106,8 +117,7 @@ def run_agent(config: AgentConfig) -> int:
     try:
         agent = Agent(config)
     except ProbeUnavailable as err:
-        print(f"wattledger: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return _probe_failure(err)
     except OSError as err:  # e.g. the --record file cannot be created
         print(f"wattledger: cannot start: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILED
@@ -151,10 +161,9 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
 
     _setup_logging("warning")
     try:
-        opened = open_gpu_backend(config)
+        opened = open_gpu_backend(config, retry_nvml=False)  # one reading: no waiting for NVML
     except ProbeUnavailable as err:
-        print(f"wattledger: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return _probe_failure(err)
     gpu = opened.backend
     report: dict = {"notes": opened.notes, "simulated": bool(gpu and gpu.simulated), "gpus": [], "host": []}
     if gpu is not None:

@@ -69,56 +69,130 @@ def parse_duration_seconds(text: str) -> float:
     return value
 
 
-def _coerce(name: str, value: object, source: str):
-    """Convert a raw setting to its field's type, with a one-line error naming where it came from."""
-    kind = _FIELDS[name].type
-    try:
-        if name in ("interval_seconds", "host_interval_seconds", "mock_delay_seconds"):
-            return value if isinstance(value, float) else parse_duration_seconds(str(value))
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError(f"expected a number, got {value!r}")
-            result = float(value)
-            if not math.isfinite(result):
-                raise ValueError(f"expected a finite number, got {value!r}")
-            return result
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            lowered = str(value).strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(f"expected true or false, got {value!r}")
-        if kind == "list[str]":
-            if isinstance(value, str):
-                return [part for part in value.split(",") if part.strip()]
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                return list(value)
-            raise ValueError("expected a list of strings")
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
+class _BadValue(ValueError):
+    """A value of the wrong type or out of range; the message is one line without the setting's name."""
+
+
+def _describe(value: object) -> str:
+    """A value as the error shows it: short, one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _as_duration_seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _BadValue(f"expected a duration such as 100ms or 0.5, got {_describe(value)}")
+    if isinstance(value, str):
+        return parse_duration_seconds(value)
+    seconds = float(value)
+    if not math.isfinite(seconds):  # nan would pass every range check below and busy-loop the sampler
+        raise _BadValue(f"expected a finite duration, got {_describe(value)}")
+    return seconds
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise _BadValue(f"expected an integer, got {_describe(value)}")
+    if isinstance(value, int):
         return value
-    except ValueError as err:
-        raise ConfigError(f"{source}: {name.replace('_seconds', '')}: {err}") from None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise _BadValue(f"expected an integer, got {_describe(value)}")
+
+
+def _as_float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _BadValue(f"expected a number, got {_describe(value)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _BadValue(f"expected a number, got {_describe(value)}") from None
+    if not math.isfinite(number):
+        raise _BadValue(f"expected a finite number, got {_describe(value)}")
+    return number
+
+
+def _as_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower() if isinstance(value, str) else None
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise _BadValue(f"expected true or false, got {_describe(value)}")
+
+
+def _as_string_list(value: object) -> list[str]:
+    if isinstance(value, str):  # environment and flags: comma separated
+        return [part for part in value.split(",") if part.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _BadValue(f"expected a list of strings, got {_describe(value)}")
+
+
+def _as_string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _BadValue(f"expected a string, got {_describe(value)}")
+    return value
+
+
+_DURATION_FIELDS = ("interval_seconds", "host_interval_seconds", "mock_delay_seconds")
+_CONVERTERS = {"int": _as_int, "float": _as_float, "bool": _as_bool, "list[str]": _as_string_list,
+               "str": _as_string, "str | None": _as_string}
+
+
+def setting_name(name: str) -> str:
+    """A field as users write it: ``interval_seconds`` -> ``interval``."""
+    return name.removesuffix("_seconds")
+
+
+def _coerce(name: str, value: object, source: str):
+    """Convert a raw setting to its field's type, with a one-line error naming where it came from.
+
+    Every value is type-checked here whatever its source: TOML hands over ints, floats, lists and
+    tables as they are, the environment and flags hand over strings."""
+    convert = _as_duration_seconds if name in _DURATION_FIELDS else _CONVERTERS[_FIELDS[name].type]
+    try:
+        return convert(value)
+    except ValueError as err:  # _BadValue, or parse_duration_seconds' own
+        raise ConfigError(f"{source}: {setting_name(name)}: {err}") from None
+
+
+def _decode_utf8(data: bytes, path: str) -> str:
+    """TOML is UTF-8 by definition; say where it is not, in one line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}, line {line})") from None
 
 
 def load_toml(path: str) -> dict:
+    """The agent settings of a TOML file: the ``[agent]`` table, or the top level when there is none."""
     try:
         with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+            data = handle.read()
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        document = tomllib.loads(_decode_utf8(data, path))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    section = data.get("agent", data)  # settings may sit at the top or under [agent]
+    if "agent" not in document:
+        return document  # settings may sit at the top level ...
+    section = document["agent"]
     if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: [agent] must be a table")
+        raise ConfigError(f"config file {path}: agent must be a table ([agent])")
+    beside = sorted(key for key in document if key != "agent")
+    if beside:  # ... or under [agent], but not both: a key beside [agent] would be silently ignored
+        raise ConfigError(f"config file {path}: key {beside[0]!r} sits outside the [agent] table "
+                          "(move it under [agent])")
     return section
 
 
@@ -131,6 +205,23 @@ def _key_to_field(key: str) -> str | None:
     return aliases.get(key)
 
 
+# WATTLEDGER_* variables that other parts of wattledger read, not the agent: the workloads a profiled command
+# starts find the agent through WATTLEDGER_AGENT_URL and WATTLEDGER_WORKLOAD (wattledger run sets them, and
+# an agent started from such a shell inherits them); the test suite's switches. Every other WATTLEDGER_*
+# name must be an agent setting, so that a misspelt one stops the agent instead of being ignored.
+NOT_AGENT_ENV_VARS = frozenset({
+    "WATTLEDGER_CONFIG",  # the --config default, read by the command line
+    "WATTLEDGER_AGENT_URL", "WATTLEDGER_WORKLOAD",
+    "WATTLEDGER_UPDATE_GOLDEN", "WATTLEDGER_SCREENSHOT_DIR",
+})
+
+
+def environment_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The agent's settings among the environment variables, by lower-case key without the prefix."""
+    return {key[len(ENV_PREFIX):].lower(): value for key, value in environ.items()
+            if key.startswith(ENV_PREFIX) and key not in NOT_AGENT_ENV_VARS}
+
+
 def build_config(
     flags: Mapping[str, object],
     environ: Mapping[str, str],
@@ -141,9 +232,7 @@ def build_config(
     layers: list[tuple[str, Mapping[str, object]]] = []
     if config_file:
         layers.append((f"config file {config_file}", load_toml(config_file)))
-    layers.append(("environment", {
-        k[len(ENV_PREFIX):].lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k != "WATTLEDGER_CONFIG"
-    }))
+    layers.append(("environment", environment_settings(environ)))
     layers.append(("command line", flags))
     for source, values in layers:
         for key, value in values.items():
@@ -156,50 +245,110 @@ def build_config(
     return config
 
 
+def _require(condition: bool, message: str) -> None:
+    """Refuse a setting; ``condition`` is written so that nan fails it (``not lo <= x <= hi``)."""
+    if not condition:
+        raise ConfigError(message)
+
+
 def validate(config: AgentConfig) -> None:
-    if not 0 <= config.port <= 65535:
-        raise ConfigError(f"port must be 0-65535, got {config.port}")
-    if config.interval_seconds < MIN_INTERVAL_SECONDS:
-        raise ConfigError(f"interval must be at least {MIN_INTERVAL_SECONDS * 1000:g}ms, got "
-                          f"{config.interval_seconds * 1000:g}ms")
-    if config.interval_seconds > 60:
-        raise ConfigError("interval must be at most 60s")
-    if not MIN_INTERVAL_SECONDS <= config.host_interval_seconds <= 60:
-        raise ConfigError("host-interval must be 10ms to 60s")
-    if config.backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
-    if config.backend == "replay" and not config.replay:
-        raise ConfigError("backend replay needs --replay FILE")
-    if config.replay and config.backend not in ("replay", "auto"):
-        raise ConfigError("--replay FILE goes with --backend replay")
-    if config.replay:
-        config.backend = "replay"
-    if not 1 <= config.mock_gpus <= 64:
-        raise ConfigError(f"mock-gpus must be 1-64, got {config.mock_gpus}")
-    if config.mock_preset not in PRESETS:
-        raise ConfigError(f"mock-preset must be one of {', '.join(PRESETS)}, got {config.mock_preset!r}")
-    if not 0 <= config.mock_delay_seconds <= 60:
-        raise ConfigError("mock-delay must be 0-60s")
-    if not config.replay_speed > 0:
-        raise ConfigError("replay-speed must be positive")
-    for fault in config.mock_faults:
-        try:
-            parse_fault(fault)
-        except ValueError as err:
-            raise ConfigError(f"mock-fault: {err}") from None
-    if not 1 <= config.max_workloads <= 10_000:
-        raise ConfigError("max-workloads must be 1-10000")
+    """Check every setting's range and the combinations; ConfigError (one line) on the first bad one.
+
+    Ranges are written as ``lo <= value <= hi`` so that nan, which fails every comparison, is refused
+    even on a config built in code rather than by ``build_config``."""
+    _validate_network(config)
+    _validate_intervals(config)
+    _validate_backend(config)
+    _validate_mock(config)
+    _require(1 <= config.max_workloads <= 10_000, "max-workloads must be 1-10000")
     try:
         re.compile(config.workload_name_pattern)
     except re.error as err:
         raise ConfigError(f"workload-name-pattern is not a regular expression: {err}") from None
+    for name in ("procfs", "sysfs"):
+        _require(bool(getattr(config, name).strip()), f"path.{name} must not be empty")
     if config.record:
-        parent = Path(config.record).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise ConfigError(f"record: directory {parent} does not exist")
-        if not os.access(parent, os.W_OK) or parent.is_relative_to("/proc") or parent.is_relative_to("/sys"):
-            raise ConfigError(f"record: directory {parent} is not writable")
-    if config.token is not None and len(config.token) < 16:
-        raise ConfigError("token must be at least 16 characters")
-    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log-level must be debug, info, warning or error")
+        check_record_path(config.record)
+    if config.token is not None:
+        config.token = check_token(config.token)
+    _require(config.log_level.lower() in ("debug", "info", "warning", "error"),
+             "log-level must be debug, info, warning or error")
+
+
+def check_port(port: int, allow_zero: bool = True) -> None:
+    """A TCP port: 1-65535, or 0 (any free port) where ``allow_zero``."""
+    low = 0 if allow_zero else 1
+    _require(not isinstance(port, bool) and isinstance(port, int) and low <= port <= 65535,
+             f"port must be {low}-65535, got {port}")
+
+
+def _validate_network(config: AgentConfig) -> None:
+    check_port(config.port)
+    _require(bool(config.address.strip()), "address must not be empty (0.0.0.0 listens on every interface)")
+
+
+def _validate_intervals(config: AgentConfig) -> None:
+    interval = config.interval_seconds
+    _require(math.isfinite(interval), f"interval must be a finite duration, got {interval!r}")
+    _require(interval >= MIN_INTERVAL_SECONDS,
+             f"interval must be at least {MIN_INTERVAL_SECONDS * 1000:g}ms, got {interval * 1000:g}ms")
+    _require(interval <= 60, "interval must be at most 60s")
+    _require(MIN_INTERVAL_SECONDS <= config.host_interval_seconds <= 60, "host-interval must be 10ms to 60s")
+    _require(0 <= config.mock_delay_seconds <= 60, "mock-delay must be 0-60s")
+
+
+def _validate_backend(config: AgentConfig) -> None:
+    _require(config.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    _require(not (config.backend == "replay" and not config.replay), "backend replay needs --replay FILE")
+    _require(not config.replay or config.backend in ("replay", "auto"), "--replay FILE goes with --backend replay")
+    if config.replay:
+        config.backend = "replay"
+    _require(0 < config.replay_speed < math.inf, "replay-speed must be a positive finite number")
+
+
+def _validate_mock(config: AgentConfig) -> None:
+    _require(1 <= config.mock_gpus <= 64, f"mock-gpus must be 1-64, got {config.mock_gpus}")
+    _require(config.mock_preset in PRESETS,
+             f"mock-preset must be one of {', '.join(PRESETS)}, got {config.mock_preset!r}")
+    for text in config.mock_faults:
+        try:
+            fault = parse_fault(text)
+        except ValueError as err:
+            raise ConfigError(f"mock-fault: {err}") from None
+        _require(fault.gpu is None or fault.gpu < config.mock_gpus,
+                 f"mock-fault {text!r}: there is no GPU {fault.gpu} (the mock has GPUs 0-{config.mock_gpus - 1}; "
+                 "see --mock-gpus)")
+
+
+def check_record_path(text: str) -> None:
+    """The ``--record`` file can be created and written; tried for real (root passes every access check)."""
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~name" for a user this machine does not have
+        raise ConfigError(f"record: cannot expand {text!r}: no such user's home directory") from None
+    _require(not path.is_dir(), f"record: {path} is a directory; give a file name, e.g. {path / 'samples.jsonl'}")
+    parent = path.resolve().parent
+    _require(parent.is_dir(), f"record: directory {parent} does not exist")
+    _require(os.access(parent, os.W_OK) and not parent.is_relative_to("/proc") and not parent.is_relative_to("/sys"),
+             f"record: directory {parent} is not writable")
+    existed = path.exists()
+    try:
+        # O_NONBLOCK: a FIFO nobody reads fails at once instead of hanging the agent's start.
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644))
+    except OSError as err:
+        raise ConfigError(f"record: cannot write {path}: {err.strerror or err}") from None
+    if not existed:
+        path.unlink(missing_ok=True)  # the recorder creates it when the agent starts; nothing left if it does not
+
+
+def check_token(token: str) -> str:
+    """The bearer token a client can actually send: printable ASCII, 16+ characters; returned stripped.
+
+    Surrounding whitespace is dropped rather than refused: a token read from a file or a Kubernetes Secret
+    usually ends in a newline, which no client sends (HTTP drops it from the header)."""
+    token = token.strip()
+    _require(bool(token), "token is empty or only whitespace")
+    _require(all(33 <= ord(c) <= 126 for c in token), "token must be printable ASCII without spaces "
+             "(it travels in an HTTP header)")
+    _require(len(token) >= 16, "token must be at least 16 characters")
+    return token

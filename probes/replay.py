@@ -105,40 +105,84 @@ def _present_fields(sample: GpuSample) -> set[str]:
     return {name for name in _SAMPLE_VALUE_FIELDS if getattr(sample, name) is not None}
 
 
-def _load(path: Path) -> tuple[list[GpuInfo], bool, dict[int, tuple[list[int], list[GpuSample]]]]:
-    """Read a sample file; ProbeUnavailable with the line at fault if it cannot be played."""
+class ReplayFileError(ProbeUnavailable):
+    """The replay file cannot be played (missing, not a sample file, a bad value): bad input, one line
+    naming the file and the line at fault. The command line exits 2 on it."""
+
+
+Timelines = dict[int, tuple[list[int], list[GpuSample]]]
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """The file's non-blank lines with their numbers (from 1), decoded as UTF-8 one by one.
+
+    The recorder writes ASCII JSON, so bytes that are not UTF-8 mean a file of another kind; only the last
+    line is excused, as it may be cut short by a crash while recording."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
-        raise ProbeUnavailable(f"cannot read replay file {path}: {err.strerror or err}") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ProbeUnavailable(f"replay file {path} is empty")
+        raise ReplayFileError(f"cannot read replay file {path}: {err.strerror or err}") from None
+    raw_lines = data.split(b"\n")
+    out = []
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if number == len(raw_lines) and out:
+                break
+            raise ReplayFileError(f"cannot replay {path}: line {number}: not UTF-8 text (is this a "
+                                  "wattledger --record file?)") from None
+        if line.strip():
+            out.append((number, line))
+    return out
+
+
+def _parse_header(line: str) -> tuple[list[GpuInfo], bool]:
+    """Line 1: the format, its version and the GPUs; RecordError naming what is wrong."""
     try:
-        head = records.parse_line(lines[0], 1)
-        if head.get("type") != "header" or head.get("format") != records.FORMAT_NAME:
-            raise records.RecordError("line 1: not a wattledger-samples header")
-        if head.get("version") != records.FORMAT_VERSION:
-            raise records.RecordError(f"line 1: format version {head.get('version')!r} is not supported")
-        infos = [records.gpu_info_from_record(g) for g in head.get("gpus", [])]
-        timelines: dict[int, tuple[list[int], list[GpuSample]]] = {i.index: ([], []) for i in infos}
-        for number, line in enumerate(lines[1:], start=2):
-            try:
-                record = records.parse_line(line, number)
-            except records.RecordError:
-                if number == len(lines):
-                    break  # a last line cut short by a crash while recording: play what came before
-                raise
-            if record["type"] != "gpu":
-                continue
-            sample = records.gpu_sample_from_record(record)
-            times, samples = timelines.setdefault(sample.index, ([], []))
-            if times and sample.monotonic_ns < times[-1]:
-                raise records.RecordError(f"line {number}: samples go back in time")
-            times.append(sample.monotonic_ns)
-            samples.append(sample)
+        return records.header_from_record(records.parse_line(line, 1))
     except records.RecordError as err:
-        raise ProbeUnavailable(f"cannot replay {path}: {err}") from None
+        message = str(err)
+        raise records.RecordError(message if message.startswith("line ") else f"line 1: {message}") from None
+
+
+def _parse_samples(lines: list[tuple[int, str]], infos: list[GpuInfo]) -> Timelines:
+    """Every GPU sample after the header, checked for type, range and order, by GPU index."""
+    timelines: Timelines = {info.index: ([], []) for info in infos}
+    last_number = lines[-1][0]
+    for number, line in lines:
+        try:
+            record = records.parse_line(line, number)
+        except records.RecordError:
+            if number == last_number:
+                break  # a last line cut short by a crash while recording: play what came before
+            raise
+        if record["type"] != "gpu":
+            continue
+        try:
+            sample = records.gpu_sample_from_record(record)
+        except records.RecordError as err:
+            raise records.RecordError(f"line {number}: {err}") from None
+        if sample.index not in timelines:
+            raise records.RecordError(f"line {number}: GPU {sample.index} is not among the header's GPUs")
+        times, samples = timelines[sample.index]
+        if times and sample.monotonic_ns < times[-1]:
+            raise records.RecordError(f"line {number}: samples go back in time")
+        times.append(sample.monotonic_ns)
+        samples.append(sample)
+    return timelines
+
+
+def _load(path: Path) -> tuple[list[GpuInfo], bool, Timelines]:
+    """Read a sample file; ReplayFileError with the line at fault if it cannot be played."""
+    lines = _read_lines(path)
+    if not lines:
+        raise ReplayFileError(f"replay file {path} is empty")
+    try:
+        infos, simulated = _parse_header(lines[0][1])
+        timelines = _parse_samples(lines[1:], infos) if len(lines) > 1 else {}
+    except records.RecordError as err:
+        raise ReplayFileError(f"cannot replay {path}: {err}") from None
     if not any(times for times, _ in timelines.values()):
-        raise ProbeUnavailable(f"replay file {path} holds no GPU samples")
-    return infos, bool(head.get("simulated", False)), timelines
+        raise ReplayFileError(f"replay file {path} holds no GPU samples")
+    return infos, simulated, timelines

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg
+from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg, port_arg
 
 _duration = duration_arg(allow_zero=True)
 
@@ -83,7 +83,7 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--backend", choices=["auto", "nvml", "mock"], default="auto")
     parser.add_argument("--mock-gpus", type=int, default=1)
     parser.add_argument("--address", default="127.0.0.1", help="where /metrics is served during the run")
-    parser.add_argument("--port", type=int, default=0, help="port for /metrics (default: any free port)")
+    parser.add_argument("--port", type=port_arg, default=0, help="port for /metrics (default: any free port)")
     parser.add_argument("--interval", type=_duration, default=0.05, help="sampling interval (default 50ms)")
     parser.add_argument("--seed", type=int, default=0)
     add_pricing_arguments(parser)
@@ -149,7 +149,11 @@ def report_main(argv: list[str]) -> int:
     start = run.event("run_start") or {}
     kind = start.get("kind", "bench")
     regimes = tuple(start.get("settings", {}).get("workloads") or ("training", "chat", "agentic"))
-    summary = build_outputs(args.run_dir, pricing, kind=kind, regimes=regimes)
+    try:
+        summary = build_outputs(args.run_dir, pricing, kind=kind, regimes=regimes)
+    except OSError as err:  # e.g. a run directory on a read-only mount
+        print(f"wattledger report: error: cannot write into {args.run_dir}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_FAILED
     console = _console()
     print_table(summary, console)
     console.print(f"wrote {args.run_dir}/summary.json and {args.run_dir}/report.html", markup=False, highlight=False)

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from wattledger.agent.config import ConfigError, check_token
 from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg
 
 _duration = duration_arg(allow_zero=False)
@@ -88,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"wattledger workload: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    reporter = make_reporter(args.workload, options.gpus, agent_url=args.agent,
-                             token=os.environ.get("WATTLEDGER_TOKEN"))
+    token = os.environ.get("WATTLEDGER_TOKEN")
+    try:
+        if token is not None:
+            token = check_token(token)  # the agent refuses the same tokens: say so now rather than as a 401 later
+    except ConfigError as err:
+        print(f"wattledger workload: error: WATTLEDGER_TOKEN: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    reporter = make_reporter(args.workload, options.gpus, agent_url=args.agent, token=token)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

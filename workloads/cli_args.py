@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from wattledger.agent.config import parse_duration_seconds
+from wattledger.agent.config import ConfigError, check_port, parse_duration_seconds
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -32,3 +32,16 @@ def duration_arg(allow_zero: bool = True):
         return seconds
 
     return parse
+
+
+def port_arg(text: str) -> int:
+    """An argparse ``type`` for a TCP port: 1-65535, or 0 for any free one (checked as the agent checks it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    try:
+        check_port(port)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return port

@@ -20,11 +20,14 @@ fixed delay behind but on the same clock, so windows cut on one timeline line up
 
 from __future__ import annotations
 
-import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from wattledger.probes import records
 
 
 NS_PER_S = 1_000_000_000
@@ -55,35 +58,114 @@ class RunData:
         return bool(self.header.get("simulated"))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Every complete JSON line of a file; a line cut short by a kill at the very end is skipped."""
+def _is_ns(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_event(record: dict) -> str | None:
+    """What is wrong with an events.jsonl record, or None."""
+    if not isinstance(record.get("type"), str) or not _is_ns(record.get("monotonic_ns")):
+        return "an event needs a type and monotonic_ns (nanoseconds)"
+    if record["type"] in ("phase_start", "phase_end") and not isinstance(record.get("phase"), str):
+        return f"a {record['type']} event needs a phase name"
+    if record["type"] == "run_start":
+        settings = record.get("settings", {})
+        if not isinstance(settings, dict):
+            return "run_start settings must be an object"
+        workloads = settings.get("workloads")
+        if workloads is not None and not (isinstance(workloads, list) and all(isinstance(w, str) for w in workloads)):
+            return "run_start settings.workloads must be a list of names"
+    if record["type"] == "phase_end" and not isinstance(record.get("workload_summary") or {}, dict):
+        return "phase_end workload_summary must be an object"
+    return None
+
+
+def _check_sample(record: dict) -> str | None:
+    """What is wrong with a samples.jsonl record, or None. GPU samples get the replay backend's checks."""
+    kind = record.get("type")
+    try:
+        if kind == "header":
+            records.header_from_record(record)
+        elif kind == "gpu":
+            records.gpu_sample_from_record(record)
+    except records.RecordError as err:
+        return str(err)
+    if not isinstance(kind, str):
+        return "a record needs a type"
+    if kind in ("host", "tokens", "truth") and not _is_ns(record.get("monotonic_ns")):
+        return f"a {kind} record needs monotonic_ns (nanoseconds)"
+    if kind == "tokens" and not (isinstance(record.get("counts", {}), dict)
+                                 and all(_is_number(v) for v in record.get("counts", {}).values())):
+        return "tokens counts must map names to numbers"
+    if kind == "truth" and not (isinstance(record.get("energy_joules", []), list)
+                                and all(_is_number(v) for v in record.get("energy_joules", []))):
+        return "truth energy_joules must be a list of numbers"
+    if kind == "host" and not isinstance(record.get("rapl_energy_joules") or {}, dict):
+        return "host rapl_energy_joules must map zones to joules"
+    if kind == "host" and not (isinstance(record.get("processes") or [], list)
+                               and all(isinstance(p, dict) for p in record.get("processes") or [])):
+        return "host processes must be a list of objects"
+    return None
+
+
+def _check_span(record: dict) -> str | None:
+    """What is wrong with a spans.jsonl record, or None."""
+    if not (isinstance(record.get("workload"), str) and isinstance(record.get("kind"), str)):
+        return "a span needs a workload and a kind"
+    if not (_is_ns(record.get("start_ns")) and _is_ns(record.get("end_ns"))):
+        return "a span needs start_ns and end_ns (nanoseconds)"
+    return None
+
+
+def _read_jsonl(path: Path, check: Callable[[dict], str | None]) -> list[dict]:
+    """Every complete record of a JSON-lines file, each checked; a line cut short by a kill at the very end is
+    skipped. ValueError (one line, with the file and line number) for anything else that is not a record."""
     if not path.exists():
         return []
+    try:
+        raw_lines = path.read_bytes().split(b"\n")
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+    while raw_lines and not raw_lines[-1].strip():
+        raw_lines.pop()
     out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
+    for number, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
+            record = records.load_json_line(raw.decode("utf-8"), number)
+        except (UnicodeDecodeError, records.RecordError) as err:
+            if number == len(raw_lines):
                 break
-            raise ValueError(f"{path}: line {number} is not JSON") from None
+            reason = f"line {number}: not UTF-8 text" if isinstance(err, UnicodeDecodeError) else str(err)
+            raise ValueError(f"{path}: {reason}") from None
+        problem = "not a JSON object" if not isinstance(record, dict) else check(record)
+        if problem is not None:
+            raise ValueError(f"{path}: line {number}: {problem}")
+        out.append(record)
     return out
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory's raw files. ValueError (one line) when it is not a run directory."""
+    """Read a run directory's raw files. ValueError (one line) when it is not a run directory or a file in it
+    is malformed."""
     run_dir = Path(run_dir)
-    if not (run_dir / "events.jsonl").exists() or not (run_dir / "samples.jsonl").exists():
-        raise ValueError(f"{run_dir} is not a wattledger run directory (no events.jsonl and samples.jsonl)")
-    events = _read_jsonl(run_dir / "events.jsonl")
+    if not run_dir.is_dir():
+        why = "not a directory" if run_dir.exists() else "no such directory"
+        raise ValueError(f"{run_dir} is not a wattledger run directory ({why})")
+    missing = [name for name in ("events.jsonl", "samples.jsonl") if not (run_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"{run_dir} is not a wattledger run directory (no {' and no '.join(missing)})")
+    events = _read_jsonl(run_dir / "events.jsonl", _check_event)
     start = next((e for e in events if e.get("type") == "run_start"), None)
     if start is None:
         raise ValueError(f"{run_dir}/events.jsonl has no run_start event")
     origin = int(start["monotonic_ns"])
-    raw = _read_jsonl(run_dir / "samples.jsonl")
+    raw = _read_jsonl(run_dir / "samples.jsonl", _check_sample)
     header = next((r for r in raw if r.get("type") == "header"), {})
     gpu_rows, host_rows, token_rows, truth_rows = [], [], [], []
     for record in raw:
@@ -94,7 +176,7 @@ def load_run(run_dir: str | Path) -> RunData:
             gpu_rows.append(row)
         elif kind == "host":
             row = {k: v for k, v in record.items() if k not in ("type", "processes", "cpu_busy_seconds_per_core",
-                                                               "rapl_energy_joules")}
+                                                               "cpu_core_ids", "rapl_energy_joules")}
             for zone, joules in (record.get("rapl_energy_joules") or {}).items():
                 row[f"rapl_{zone}_joules"] = joules
             processes = record.get("processes") or []
@@ -118,7 +200,7 @@ def load_run(run_dir: str | Path) -> RunData:
             frame["t"] = (frame["monotonic_ns"] - origin) / NS_PER_S
         return frame
 
-    spans = pd.DataFrame(_read_jsonl(run_dir / "spans.jsonl"))
+    spans = pd.DataFrame(_read_jsonl(run_dir / "spans.jsonl", _check_span))
     if not spans.empty:
         spans["t_start"] = (spans["start_ns"] - origin) / NS_PER_S
         spans["t_end"] = (spans["end_ns"] - origin) / NS_PER_S
