@@ -8,7 +8,7 @@ Cases, each on a mock agent with 8 GPUs and no HTTP server (the sampler ticked b
   a writer can make one tick do;
 - running workloads at the default cap (64) and at 1,000 (``max_workloads`` raised), all started in one
   sampling interval on every GPU: the attribution sweep's worst case;
-- span history at its byte limit (16 MiB): how many spans that holds;
+- span history at its byte limit (1 MiB by default): how many spans that holds;
 - the scrape (prometheus_client text rendering of the registry) at each workload count.
 """
 
