@@ -563,17 +563,14 @@ class NvmlBackend:
             raise _DeviceDown(name)
         if action is _Action.LIBRARY_DOWN:
             raise _LibraryDown(name)
-        if action is _Action.DROP:
-            self._drop(dev, probe, name)
-        elif action is _Action.SKIP:
-            dev.transient[probe] = name
-        else:
-            self._count(dev, probe, name)
+        self._affect_one_probe(dev, probe, action, name)
 
     def _on_entry_error(self, dev: _Device, probe: str, code: int) -> None:
         """A per-entry return code (one field of a batch, one GPM metric): that entry alone is affected."""
-        action = self._codes.entry_action(code)
-        name = self._codes.name(code)
+        self._affect_one_probe(dev, probe, self._codes.entry_action(code), self._codes.name(code))
+
+    def _affect_one_probe(self, dev: _Device, probe: str, action: "_Action", name: str) -> None:
+        """Drop the probe for good, skip it this tick, or count an unexpected failure of it."""
         if action is _Action.DROP:
             self._drop(dev, probe, name)
         elif action is _Action.SKIP:
