@@ -29,7 +29,6 @@ unexpected exception is logged here and answered 500, never with a traceback.
 from __future__ import annotations
 
 import errno
-import gzip
 import hmac
 import io
 import ipaddress
@@ -45,12 +44,13 @@ from http import HTTPStatus
 from urllib.parse import parse_qs
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
 from wattledger.agent.accounting import MAX_SPANS_PER_CALL, TOKEN_KINDS, Accounting, AccountingError, Span
 from wattledger.agent.scrape_cache import ScrapeCache
+from wattledger.exporters.render import RowFamily, choose_renderer, compress
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +453,7 @@ class _AgentApp:
         # The key holds what changes the answer, normalised: the format chosen (not the Accept header's
         # spelling), whether gzip is accepted, and the sorted, unique name[] filters. Other query
         # parameters are ignored, so no query string can bypass the cache.
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        encoder, content_type = choose_renderer(environ.get("HTTP_ACCEPT", ""))
         names = sorted(set(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", [])))
         if len(names) > _MAX_NAME_FILTERS:
             raise HttpError(400, f"at most {_MAX_NAME_FILTERS} name[] filters per scrape")
@@ -461,17 +461,18 @@ class _AgentApp:
         return self._scrape_cache.get(key, lambda key: self._render_metrics(key, encoder))
 
     def _render_metrics(self, key: tuple, encoder: Callable | None = None) -> _Response:
-        """The exposition for a cache key, as prometheus_client's own app would answer it."""
+        """The exposition for a cache key, as prometheus_client's own app would answer it (the agent's
+        families written by the direct renderer, ``exporters/render.py``; gzip at its measured level)."""
         content_type, use_gzip, names = key
         if encoder is None:
-            encoder, _ = choose_encoder(content_type)
+            encoder, _ = choose_renderer(content_type)
         families = self._families.get()
         if names:
             families = _restricted(families, set(names))
-        body = encoder(_Families(families))
+        body = encoder(families)
         headers = [("Content-Type", content_type)]
         if use_gzip:
-            body = gzip.compress(body)
+            body = compress(body)
             headers.append(("Content-Encoding", "gzip"))
         return 200, headers, body
 
@@ -548,20 +549,20 @@ class _AgentApp:
         return span
 
 
-class _Families:
-    """A collector-shaped holder of already collected families, for prometheus_client's encoders."""
-
-    def __init__(self, families: list[Metric]):
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
 def _restricted(families: list[Metric], names: set[str]) -> list[Metric]:
-    """The samples named (prometheus_client's name[] semantics: sample names), family by family."""
+    """The samples named (prometheus_client's name[] semantics: sample names), family by family.
+
+    A row family whose samples are all named is kept whole (the direct renderer still writes it); one
+    with none named is skipped without building its samples; the rest are filtered sample by sample."""
     out = []
     for family in families:
+        if isinstance(family, RowFamily):
+            wanted = family.sample_names & names
+            if not wanted or not family.rows:
+                continue
+            if wanted == family.sample_names:
+                out.append(family)
+                continue
         samples = [sample for sample in family.samples if sample.name in names]
         if samples:
             restricted = Metric(family.name, family.documentation, family.type, family.unit)

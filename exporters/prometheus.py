@@ -4,24 +4,31 @@ It never touches hardware, so a scrape costs the same whatever the GPUs are doin
 scrapes may run at once (each works on its own snapshot). The metric names here are the contract the
 dashboards and recording rules use; ``tests/golden/`` holds the exposition they must keep producing.
 A series that cannot be read is absent, never zero.
+
+The families are ``exporters/render.py``'s row families: prometheus_client's encoders read them as any
+family (the golden file is written that way), and /metrics writes their rows straight to bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from wattledger.agent.ledger import Ledger, LedgerSnapshot
+from wattledger.agent.ledger import UTILIZATION_BUCKETS, Histogram, Ledger, LedgerSnapshot
+from wattledger.exporters.render import CounterFamily, GaugeFamily, HistogramFamily
 
 P = "wattledger_"
 _GPU = ["gpu", "uuid"]
+_LE = tuple(repr(bound) for bound in UTILIZATION_BUCKETS)  # the le values, as Histogram.cumulative spells them
+
+
+def _cumulative(histogram: Histogram) -> list[tuple[str, int]]:
+    """``histogram.cumulative()``, without spelling the bounds again: a scrape of 64 GPUs writes 320
+    histograms, and spelling their bounds was a tenth of collecting them."""
+    return [*zip(_LE, accumulate(histogram.bucket_counts)), ("+Inf", histogram.count)]
 
 
 def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
@@ -39,20 +46,20 @@ def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
          "Resident warps over the maximum, averaged over the last sample interval (GPM)."),
     )
     for metric, attribute, doc in simple:
-        family = GaugeMetricFamily(P + metric, doc, labels=_GPU)
+        family = GaugeFamily(P + metric, doc, labels=_GPU)
         for gpu in snapshot.gpus:
             value = getattr(gpu.last, attribute) if gpu.up and gpu.last else None
             if value is not None:
                 family.add_metric([str(gpu.info.index), gpu.info.uuid], value)
         yield family
 
-    temperature = GaugeMetricFamily(P + "gpu_temperature_celsius",
-                                    "Die (sensor=gpu) and HBM (sensor=memory) temperature.",
-                                    labels=_GPU + ["sensor"])
-    clock = GaugeMetricFamily(P + "gpu_clock_hertz", "Current SM and memory clock.", labels=_GPU + ["clock"])
-    throttle_active = GaugeMetricFamily(P + "gpu_throttle_active",
-                                        "1 for each clock-event reason active at the newest sample.",
-                                        labels=_GPU + ["reason"])
+    temperature = GaugeFamily(P + "gpu_temperature_celsius",
+                              "Die (sensor=gpu) and HBM (sensor=memory) temperature.",
+                              labels=_GPU + ["sensor"])
+    clock = GaugeFamily(P + "gpu_clock_hertz", "Current SM and memory clock.", labels=_GPU + ["clock"])
+    throttle_active = GaugeFamily(P + "gpu_throttle_active",
+                                  "1 for each clock-event reason active at the newest sample.",
+                                  labels=_GPU + ["reason"])
     for gpu in snapshot.gpus:
         if not (gpu.up and gpu.last):
             continue
@@ -71,26 +78,26 @@ def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
 
 
 def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
-    energy = CounterMetricFamily(P + "gpu_energy_joules", "Energy used by the GPU, from the hardware counter; "
-                                 "kept monotonic across driver resets.", labels=_GPU)
-    unattributed = CounterMetricFamily(P + "gpu_unattributed_energy_joules", "GPU energy charged to no workload: "
-                                       "time no workload held the GPU, and gaps (device lost, energy unreadable) "
-                                       "no workload held throughout. Workload energy plus this is the GPU's "
-                                       "energy.", labels=_GPU)
-    busy = CounterMetricFamily(P + "gpu_busy_seconds", "Seconds the engine was busy, integrated at the sample "
-                               "rate: rate() is the exact mean utilization over any window.", labels=_GPU + ["engine"])
-    throttle = CounterMetricFamily(P + "gpu_throttle_seconds", "Seconds the clocks were held back, by reason.",
-                                   labels=_GPU + ["reason"])
-    pcie_tx = CounterMetricFamily(P + "gpu_pcie_transmit_bytes", "Bytes sent over PCIe by the GPU.", labels=_GPU)
-    pcie_rx = CounterMetricFamily(P + "gpu_pcie_receive_bytes", "Bytes received over PCIe by the GPU.", labels=_GPU)
-    nvlink_tx = CounterMetricFamily(P + "gpu_nvlink_transmit_bytes", "Bytes sent over NVLink, all links.",
-                                    labels=_GPU)
-    nvlink_rx = CounterMetricFamily(P + "gpu_nvlink_receive_bytes", "Bytes received over NVLink, all links.",
-                                    labels=_GPU)
-    ecc = CounterMetricFamily(P + "gpu_ecc_errors", "Volatile ECC errors since the agent started.",
-                              labels=_GPU + ["type"])
-    histogram = HistogramMetricFamily(P + "gpu_utilization_ratio", "Per-sample utilization by engine: the "
-                                      "bursts a scrape-time gauge misses.", labels=_GPU + ["engine"])
+    energy = CounterFamily(P + "gpu_energy_joules", "Energy used by the GPU, from the hardware counter; "
+                           "kept monotonic across driver resets.", labels=_GPU)
+    unattributed = CounterFamily(P + "gpu_unattributed_energy_joules", "GPU energy charged to no workload: "
+                                 "time no workload held the GPU, and gaps (device lost, energy unreadable) "
+                                 "no workload held throughout. Workload energy plus this is the GPU's "
+                                 "energy.", labels=_GPU)
+    busy = CounterFamily(P + "gpu_busy_seconds", "Seconds the engine was busy, integrated at the sample "
+                         "rate: rate() is the exact mean utilization over any window.", labels=_GPU + ["engine"])
+    throttle = CounterFamily(P + "gpu_throttle_seconds", "Seconds the clocks were held back, by reason.",
+                             labels=_GPU + ["reason"])
+    pcie_tx = CounterFamily(P + "gpu_pcie_transmit_bytes", "Bytes sent over PCIe by the GPU.", labels=_GPU)
+    pcie_rx = CounterFamily(P + "gpu_pcie_receive_bytes", "Bytes received over PCIe by the GPU.", labels=_GPU)
+    nvlink_tx = CounterFamily(P + "gpu_nvlink_transmit_bytes", "Bytes sent over NVLink, all links.",
+                              labels=_GPU)
+    nvlink_rx = CounterFamily(P + "gpu_nvlink_receive_bytes", "Bytes received over NVLink, all links.",
+                              labels=_GPU)
+    ecc = CounterFamily(P + "gpu_ecc_errors", "Volatile ECC errors since the agent started.",
+                        labels=_GPU + ["type"])
+    histogram = HistogramFamily(P + "gpu_utilization_ratio", "Per-sample utilization by engine: the "
+                                "bursts a scrape-time gauge misses.", labels=_GPU + ["engine"])
     for gpu in snapshot.gpus:
         ids = [str(gpu.info.index), gpu.info.uuid]
         if "energy" in gpu.seen:
@@ -112,40 +119,40 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
             ecc.add_metric(ids + ["corrected"], gpu.ecc_corrected.total)
             ecc.add_metric(ids + ["uncorrected"], gpu.ecc_uncorrected.total)
         for engine, hist in gpu.histograms.items():
-            histogram.add_metric(ids + [engine], hist.cumulative(), hist.total)
+            histogram.add_metric(ids + [engine], _cumulative(hist), hist.total)
     yield from (energy, unattributed, busy, throttle, pcie_tx, pcie_rx, nvlink_tx, nvlink_rx, ecc, histogram)
 
-    lost = GaugeMetricFamily(P + "gpu_field_lost", "1 for each field that was read and no longer is (unsupported "
-                             "or failing for over a second): its counters are absent, not frozen.",
-                             labels=_GPU + ["field"])
+    lost = GaugeFamily(P + "gpu_field_lost", "1 for each field that was read and no longer is (unsupported "
+                       "or failing for over a second): its counters are absent, not frozen.",
+                       labels=_GPU + ["field"])
     for gpu in snapshot.gpus:
         for name in gpu.lost_fields:
             lost.add_metric([str(gpu.info.index), gpu.info.uuid, name], 1.0)
     yield lost
 
-    xid = CounterMetricFamily(P + "gpu_xid_errors", "XID errors reported by the driver, by code.",
-                              labels=_GPU + ["xid"])
+    xid = CounterFamily(P + "gpu_xid_errors", "XID errors reported by the driver, by code.",
+                        labels=_GPU + ["xid"])
     uuids = {g.info.index: g.info.uuid for g in snapshot.gpus}
     for (index, code), count in sorted(snapshot.xid_counts.items()):
         xid.add_metric([str(index), uuids.get(index, ""), str(code)], count)
     yield xid
 
     # Failures that would repeat every tick are logged once by the backend and counted here instead.
-    errors = CounterMetricFamily(P + "gpu_read_errors", "Unexpected errors reading the GPU backend, by probe "
-                                 "and error (each logged once, then only counted; gpu is empty for the XID "
-                                 "event thread).", labels=_GPU + ["probe", "error"])
+    errors = CounterFamily(P + "gpu_read_errors", "Unexpected errors reading the GPU backend, by probe "
+                           "and error (each logged once, then only counted; gpu is empty for the XID "
+                           "event thread).", labels=_GPU + ["probe", "error"])
     for (index, probe, error), count in sorted(snapshot.backend_error_counts.items(),
                                                key=lambda item: (-1 if item[0][0] is None else item[0][0],) + item[0][1:]):
         gpu_label = "" if index is None else str(index)
         errors.add_metric([gpu_label, uuids.get(index, "") if index is not None else "", probe, error], count)
     yield errors
 
-    mig_used = GaugeMetricFamily(P + "mig_memory_used_bytes", "Memory used in one MIG instance.",
-                                 labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
-    mig_total = GaugeMetricFamily(P + "mig_memory_total_bytes", "Memory size of one MIG instance.",
-                                  labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
-    mig_sm = GaugeMetricFamily(P + "mig_sm_activity_ratio", "SM activity in one MIG instance (GPM).",
-                               labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
+    mig_used = GaugeFamily(P + "mig_memory_used_bytes", "Memory used in one MIG instance.",
+                           labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
+    mig_total = GaugeFamily(P + "mig_memory_total_bytes", "Memory size of one MIG instance.",
+                            labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
+    mig_sm = GaugeFamily(P + "mig_sm_activity_ratio", "SM activity in one MIG instance (GPM).",
+                         labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
     for gpu in snapshot.gpus:
         for mig in (gpu.last.mig_instances or ()) if gpu.up and gpu.last else ():
             labels = [str(gpu.info.index), gpu.info.uuid, str(mig.gpu_instance_id), str(mig.compute_instance_id),
@@ -159,13 +166,13 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
 
 def _host(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     host = snapshot.host
-    cpu = CounterMetricFamily(P + "host_cpu_busy_seconds", "CPU time spent busy, all cores: every /proc/stat "
-                              "column but idle, iowait and steal (guest time is inside user and nice).")
+    cpu = CounterFamily(P + "host_cpu_busy_seconds", "CPU time spent busy, all cores: every /proc/stat "
+                        "column but idle, iowait and steal (guest time is inside user and nice).")
     if snapshot.host_cpu_busy_seconds is not None:
         cpu.add_metric([], snapshot.host_cpu_busy_seconds)
     yield cpu
-    core = CounterMetricFamily(P + "host_cpu_core_busy_seconds", "CPU time spent busy, per online core "
-                               "(columns as host_cpu_busy_seconds).", labels=["core"])
+    core = CounterFamily(P + "host_cpu_core_busy_seconds", "CPU time spent busy, per online core "
+                         "(columns as host_cpu_busy_seconds).", labels=["core"])
     for index, seconds in sorted(snapshot.host_cpu_core_busy_seconds.items()):
         core.add_metric([str(index)], seconds)
     yield core
@@ -176,46 +183,46 @@ def _host(snapshot: LedgerSnapshot) -> Iterator[Metric]:
         ("host_memory_available_bytes", "memory_available_bytes", "Host DRAM available (MemAvailable)."),
         ("host_memory_locked_bytes", "memory_locked_bytes", "Host DRAM locked with mlock (Mlocked)."),
     ):
-        family = GaugeMetricFamily(P + metric, doc)
+        family = GaugeFamily(P + metric, doc)
         value = getattr(host, attribute) if host is not None else None
         if value is not None:
             family.add_metric([], value)
         yield family
-    energy = CounterMetricFamily(P + "host_energy_joules", "RAPL energy by zone (package-N, dram-N), "
-                                 "wraparound unwrapped.", labels=["zone"])
+    energy = CounterFamily(P + "host_energy_joules", "RAPL energy by zone (package-N, dram-N), "
+                           "wraparound unwrapped.", labels=["zone"])
     for zone, joules in sorted(snapshot.host_energy_joules.items()):
         energy.add_metric([zone], joules)
     yield energy
 
 
 def _workloads(snapshot: LedgerSnapshot) -> Iterator[Metric]:
-    tokens = CounterMetricFamily(P + "workload_tokens", "Tokens reported by each workload, by kind.",
-                                 labels=["workload", "kind"])
+    tokens = CounterFamily(P + "workload_tokens", "Tokens reported by each workload, by kind.",
+                           labels=["workload", "kind"])
     for (name, kind), count in sorted(snapshot.workload_tokens.items()):
         tokens.add_metric([name, kind], count)
-    energy = CounterMetricFamily(P + "workload_energy_joules", "GPU energy used while the workload held the GPU, "
-                                 "idle gaps included.", labels=["workload", "gpu"])
+    energy = CounterFamily(P + "workload_energy_joules", "GPU energy used while the workload held the GPU, "
+                           "idle gaps included.", labels=["workload", "gpu"])
     for (name, gpu), joules in sorted(snapshot.workload_energy_joules.items()):
         energy.add_metric([name, str(gpu)], joules)
-    active = CounterMetricFamily(P + "workload_active_seconds", "Seconds the workload held the GPU.",
-                                 labels=["workload", "gpu"])
+    active = CounterFamily(P + "workload_active_seconds", "Seconds the workload held the GPU.",
+                           labels=["workload", "gpu"])
     for (name, gpu), seconds in sorted(snapshot.workload_active_seconds.items()):
         active.add_metric([name, str(gpu)], seconds)
     yield from (tokens, energy, active)
 
-    gpu_memory = GaugeMetricFamily(P + "workload_gpu_memory_used_bytes", "GPU memory held by the workload's "
-                                   "processes.", labels=["workload", "gpu"])
+    gpu_memory = GaugeFamily(P + "workload_gpu_memory_used_bytes", "GPU memory held by the workload's "
+                             "processes.", labels=["workload", "gpu"])
     for (name, gpu), used in sorted(snapshot.workload_gpu_memory_bytes.items()):
         gpu_memory.add_metric([name, str(gpu)], used)
     yield gpu_memory
-    resident = GaugeMetricFamily(P + "workload_resident_bytes", "Resident memory of the workload's processes.",
-                                 labels=["workload"])
-    cpu = CounterMetricFamily(P + "workload_cpu_seconds", "CPU time of the workload's processes.",
-                              labels=["workload"])
-    locked = GaugeMetricFamily(P + "workload_locked_bytes", "mlock()ed memory of the workload's processes (VmLck).",
-                               labels=["workload"])
-    pinned = GaugeMetricFamily(P + "workload_pinned_bytes", "Pinned memory of the workload's processes (VmPin).",
-                               labels=["workload"])
+    resident = GaugeFamily(P + "workload_resident_bytes", "Resident memory of the workload's processes.",
+                           labels=["workload"])
+    cpu = CounterFamily(P + "workload_cpu_seconds", "CPU time of the workload's processes.",
+                        labels=["workload"])
+    locked = GaugeFamily(P + "workload_locked_bytes", "mlock()ed memory of the workload's processes (VmLck).",
+                         labels=["workload"])
+    pinned = GaugeFamily(P + "workload_pinned_bytes", "Pinned memory of the workload's processes (VmPin).",
+                         labels=["workload"])
     for name, figures in sorted(snapshot.workload_processes.items()):
         resident.add_metric([name], figures.resident_bytes)
         cpu.add_metric([name], figures.cpu_seconds)
@@ -225,22 +232,23 @@ def _workloads(snapshot: LedgerSnapshot) -> Iterator[Metric]:
 
 
 def _self(snapshot: LedgerSnapshot, version: str) -> Iterator[Metric]:
-    success = GaugeMetricFamily(P + "probe_success", "1 if the probe's last read succeeded.", labels=["probe"])
-    duration = GaugeMetricFamily(P + "probe_duration_seconds", "How long the probe's last read took.",
-                                 labels=["probe"])
+    success = GaugeFamily(P + "probe_success", "1 if the probe's last read succeeded.", labels=["probe"])
+    duration = GaugeFamily(P + "probe_duration_seconds", "How long the probe's last read took.",
+                           labels=["probe"])
     for name, stats in sorted(snapshot.probes.items()):
         success.add_metric([name], 1.0 if stats.success else 0.0)
         duration.add_metric([name], stats.duration_seconds)
     yield success
     yield duration
-    age = GaugeMetricFamily(P + "sample_age_seconds", "Seconds since the sampler last recorded a sample.")
+    age = GaugeFamily(P + "sample_age_seconds", "Seconds since the sampler last recorded a sample.")
     if snapshot.sample_age_seconds is not None:
         age.add_metric([], snapshot.sample_age_seconds)
     yield age
-    yield CounterMetricFamily(P + "sampler_overruns", "Ticks that ended after the next deadline.",
-                              value=snapshot.overruns)
-    build = GaugeMetricFamily(P + "build_info", "The running wattledger version and GPU backend (value 1).",
-                              labels=["version", "backend"])
+    overruns = CounterFamily(P + "sampler_overruns", "Ticks that ended after the next deadline.")
+    overruns.add_metric([], snapshot.overruns)
+    yield overruns
+    build = GaugeFamily(P + "build_info", "The running wattledger version and GPU backend (value 1).",
+                        labels=["version", "backend"])
     build.add_metric([version, snapshot.backend or "none"], 1.0)
     yield build
 
@@ -255,9 +263,9 @@ class LedgerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._ledger.snapshot()
-        info = GaugeMetricFamily(P + "gpu_info", "Static facts about each GPU (value 1).",
-                                 labels=_GPU + ["model_name", "driver_version", "simulated"])
-        up = GaugeMetricFamily(P + "gpu_up", "1 while the GPU answers, 0 while it is lost.", labels=_GPU)
+        info = GaugeFamily(P + "gpu_info", "Static facts about each GPU (value 1).",
+                           labels=_GPU + ["model_name", "driver_version", "simulated"])
+        up = GaugeFamily(P + "gpu_up", "1 while the GPU answers, 0 while it is lost.", labels=_GPU)
         for gpu in snapshot.gpus:
             i = gpu.info
             info.add_metric([str(i.index), i.uuid, i.model_name, i.driver_version, "true" if i.simulated else "false"],
@@ -280,9 +288,9 @@ class SinkStatusCollector(Collector):
         self._statuses = statuses
 
     def collect(self) -> Iterator[Metric]:
-        active = GaugeMetricFamily(P + "sink_active", "1 while the sink (e.g. the --record file) is written, "
-                                   "0 once a failure (a full disk) switched it off.", labels=["sink"])
-        failures = CounterMetricFamily(P + "sink_failures", "Failures that switched a sink off.", labels=["sink"])
+        active = GaugeFamily(P + "sink_active", "1 while the sink (e.g. the --record file) is written, "
+                             "0 once a failure (a full disk) switched it off.", labels=["sink"])
+        failures = CounterFamily(P + "sink_failures", "Failures that switched a sink off.", labels=["sink"])
         for status in sorted(self._statuses(), key=lambda s: s.name):
             active.add_metric([status.name], 1.0 if status.active else 0.0)
             failures.add_metric([status.name], status.failures)

@@ -1,7 +1,9 @@
 """The whole /metrics exposition from the mock backend, against a checked-in file.
 
 The metric names are the contract dashboards and recording rules depend on: any rename shows here as
-a diff and has to be made deliberately. Regenerate with ``WATTLEDGER_UPDATE_GOLDEN=1 pytest
+a diff and has to be made deliberately. The file is prometheus_client's encoding of the agent's families;
+/metrics writes them with the direct renderer, which must give these same bytes
+(tests/test_direct_renderer.py). Regenerate with ``WATTLEDGER_UPDATE_GOLDEN=1 pytest
 tests/test_golden_exposition.py`` and review the diff.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from fakes import FakeClock, run_ticks
 from host_tree import FIXTURE_PROC, FIXTURE_SYS
@@ -27,6 +29,11 @@ GOLDEN = Path(__file__).parent / "golden" / "metrics_mock.prom"
 
 
 def render_mock_exposition() -> str:
+    return generate_latest(build_mock_registry()).decode()
+
+
+def build_mock_registry() -> CollectorRegistry:
+    """The agent's registry over 2 mock GPUs after 10 s of a scripted load (a fresh one each call)."""
     clock = FakeClock()
     timeline = (
         ScriptedTimeline(clock.ns())
@@ -46,7 +53,7 @@ def render_mock_exposition() -> str:
     accounting.add_tokens("training", "trained", 65536)
     accounting.add_tokens("chat", "prompt", 1020)
     accounting.add_tokens("chat", "generated", 129)
-    return generate_latest(make_registry(ledger, "0.0.0-golden")).decode()
+    return make_registry(ledger, "0.0.0-golden")
 
 
 def test_exposition_matches_the_golden_file():
