@@ -14,10 +14,14 @@ Limits (each refused with a one-line error, never by slowing the agent down):
   stopped workload (or one that only ever reported tokens or spans) is forgotten, series included,
   ``stopped_retention_s`` (default 600 s) after its last report, or at once through ``forget``. Past the
   cap a new workload is refused with 409. So at most ``max_workloads`` workloads ever run at once;
-- finished spans kept for reports: the newest ``span_history_bytes`` (default 16 MiB) of them, the
+- finished spans kept for reports: the newest ``span_history_bytes`` (default 1 MiB) of them, the
   oldest dropped first;
 - spans per call: ``MAX_SPANS_PER_CALL``; span gates (the mock's pending-span index) may refuse a batch
   with 429 when they are full.
+
+In-process reporters show each step to the span gates (the mock) as it ends with ``announce_spans``, and
+record the merged span later with ``add_spans(..., announced=True)``: the mock sees activity by the spans'
+own timestamps within a step of it happening (see ``agent/span_activity.py``).
 
 A workload started with a ``pid`` ends when that process exits: ``check_processes`` (the sampler calls
 ``maintain`` about once a second) compares each registered process's start time with the one read at
@@ -46,7 +50,9 @@ DEFAULT_MAX_WORKLOADS = 64
 # Long enough for Prometheus (15-60 s scrapes) to read a stopped workload's final counters several times.
 DEFAULT_STOPPED_RETENTION_SECONDS = 600.0
 # About 60,000 spans as Python holds them (~280 bytes each): hours of history for a reporting workload.
-DEFAULT_SPAN_HISTORY_BYTES = 16 * 1024 * 1024
+# Nothing in the daemon reads the history (the recorder takes spans as they arrive): it is for in-process
+# readers. The 10-minute soak (tests/benchmarks/soak.py) saw 16 MiB of it as +24 MB of RSS, hence 1 MiB.
+DEFAULT_SPAN_HISTORY_BYTES = 1024 * 1024
 # One request may add at most this many tokens: larger numbers are a client bug, not a real batch.
 MAX_TOKENS_PER_CALL = 10**9
 MAX_SPANS_PER_CALL = 1000
@@ -516,20 +522,37 @@ class Accounting:
             raise AccountingError("activity must be an object of ratios (gpu, sm, tensor, dram)")
         return Span(workload, kind, start, end, self._check_gpus(gpus), activity)
 
-    def add_spans(self, spans: Iterable[Span]) -> None:
+    def add_spans(self, spans: Iterable[Span], announced: bool = False) -> None:
         """Record finished spans, all or none: the workload cap and every span gate judge the whole batch
-        (409 too many workloads, 429 a gate is full) before anything is recorded."""
-        batch = list(spans)
+        (409 too many workloads, 429 a gate is full) before anything is recorded.
+
+        ``announced``: the batch's activity already reached the span gates, piece by piece as it happened,
+        through ``announce_spans`` (an in-process reporter merging back-to-back steps): it is recorded and
+        passed to the listeners, not shown to the gates (the mock) a second time."""
+        self._add_spans(list(spans), announced)
+
+    def _add_spans(self, batch: list[Span], announced: bool, closing_handle: int | None = None,
+                   record: bool = True) -> None:
+        """``add_spans``; with ``closing_handle``, the open span it ends is removed under the same lock
+        hold as the gates see the closed span, so the mock sees one of the two at any time (see ``end_span``).
+        ``record=False``: only the gates see the batch."""
         if len(batch) > MAX_SPANS_PER_CALL:
             raise AccountingError(f"at most {MAX_SPANS_PER_CALL} spans per call")
         now = self._clock_ns()
         forgotten: list[str] = []
         try:
             with self._lock:
+                if closing_handle is not None and closing_handle not in self._open_spans:
+                    raise AccountingError(f"no open span with handle {closing_handle}", status=404)  # closed meanwhile
                 new_names = {s.workload for s in batch} - set(self._workloads)
                 self._make_room_locked(len(new_names), now, forgotten)
-                for gate in self._span_gates:
-                    gate(batch)  # the last check: a gate that takes the batch may not fail after it
+                if not announced:
+                    for gate in self._span_gates:
+                        gate(batch)  # the last check: a gate that takes the batch may not fail after it
+                if closing_handle is not None:
+                    self._open_spans.pop(closing_handle, None)
+                if not record:
+                    return
                 for span in batch:
                     self._workload_for_write(span.workload, now, forgotten)
                     self._remember_span_locked(span)
@@ -540,20 +563,38 @@ class Accounting:
             for listener in listeners:
                 listener(span)
 
+    def announce_spans(self, spans: Iterable[Span]) -> None:
+        """Show finished pieces of activity to the span gates (the mock GPU) now, without recording them.
+
+        An in-process reporter calls this with each step as it ends, then records the merged span with
+        ``add_spans(..., announced=True)``: the mock learns of activity within a step of it happening,
+        whatever the reporter holds back for merging. A full gate refuses the batch with 429, as in
+        ``add_spans``."""
+        batch = list(spans)
+        if len(batch) > MAX_SPANS_PER_CALL:
+            raise AccountingError(f"at most {MAX_SPANS_PER_CALL} spans per call")
+        with self._lock:
+            for gate in self._span_gates:
+                gate(batch)
+
     def _remember_span_locked(self, span: Span) -> None:
         self._spans.append(span)
         self._span_bytes += span_footprint_bytes(span)
         while self._span_bytes > self._span_history_bytes and self._spans:
             self._span_bytes -= span_footprint_bytes(self._spans.popleft())
 
-    def begin_span(self, workload: str, kind: str, gpus: Sequence[int], activity: Activity | None = None) -> int:
-        """Open a span now (in-process only); returns a handle for ``end_span``.
+    def begin_span(self, workload: str, kind: str, gpus: Sequence[int], activity: Activity | None = None,
+                   start_ns: int | None = None) -> int:
+        """Open a span (in-process only), now or at ``start_ns`` (monotonic ns, not after now); returns a
+        handle for ``end_span``.
 
         An open span counts as active up to the present, so the mock GPU sees long compute steps while
-        they run rather than after they end.
+        they run rather than after they end: a step announced when it starts is never late, however long
+        it takes.
         """
         now = self._clock_ns()
-        span = self.make_span(workload, kind, now, now, gpus, activity)
+        start = now if start_ns is None else min(self._check_ns(start_ns, "start_ns"), now)
+        span = self.make_span(workload, kind, start, start, gpus, activity)
         forgotten: list[str] = []
         try:
             with self._lock:
@@ -565,15 +606,22 @@ class Accounting:
             self._notify_forgotten(forgotten)
         return handle
 
-    def end_span(self, handle: int) -> Span:
-        """Close an open span at the present and record it."""
+    def end_span(self, handle: int, end_ns: int | None = None, record: bool = True) -> Span:
+        """Close an open span at the present (or at ``end_ns``, not before its start) and record it.
+
+        ``record=False``: the closed span only reaches the gates (the mock), as ``announce_spans``; the
+        caller records it later, merged, with ``add_spans(..., announced=True)`` (an in-process reporter).
+
+        The open span leaves and the closed one reaches the gates in one lock hold: the mock (which reads
+        open spans, then its index) sees one or the other, so what it simulated while the span was open
+        is never counted late, and nothing after falls between the two."""
         with self._lock:
-            span = self._open_spans.pop(handle, None)
+            span = self._open_spans.get(handle)
         if span is None:
             raise AccountingError(f"no open span with handle {handle}", status=404)
-        closed = Span(span.workload, span.kind, span.start_ns, max(span.start_ns, self._clock_ns()),
-                      span.gpus, span.activity)
-        self.add_spans([closed])
+        end = self._clock_ns() if end_ns is None else self._check_ns(end_ns, "end_ns")
+        closed = Span(span.workload, span.kind, span.start_ns, max(span.start_ns, end), span.gpus, span.activity)
+        self._add_spans([closed], announced=False, closing_handle=handle, record=record)
         return closed
 
     def set_memory(self, name: str, gpu: int, memory_bytes: int) -> None:

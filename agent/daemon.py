@@ -25,7 +25,7 @@ from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler, SinkGuard
 from wattledger.agent.span_activity import SpanActivitySource
 from wattledger.exporters.jsonl import JsonlRecorder
-from wattledger.exporters.prometheus import SinkStatusCollector, make_registry
+from wattledger.exporters.prometheus import LateSpansCollector, SinkStatusCollector, make_registry
 from wattledger.probes.base import GpuBackend, HostBackend, ProbeUnavailable
 from wattledger.probes.host import open_host_backend
 from wattledger.probes.mock import MockGpuBackend, parse_fault
@@ -127,8 +127,10 @@ class Agent:
         self.accounting = Accounting(gpu_indices, clock_ns=clock_ns, max_workloads=config.max_workloads,
                                      name_pattern=config.workload_name_pattern,
                                      process_start_ticks=procfs_start_ticks(config.procfs))
+        span_source: SpanActivitySource | None = None
         if isinstance(gpu, MockGpuBackend):
-            gpu.set_activity_source(SpanActivitySource(self.accounting))
+            span_source = SpanActivitySource(self.accounting)
+            gpu.set_activity_source(span_source)
         if host is not None:
             self.accounting.add_process_listener(self._on_workload_process)
         self.ledger = Ledger(self.accounting, clock_ns=clock_ns)
@@ -140,6 +142,8 @@ class Agent:
         self.sampler.add_device_listener(lambda infos: self.accounting.set_gpus([i.index for i in infos]))
         self.registry = make_registry(self.ledger, version.VERSION)
         self.registry.register(SinkStatusCollector(self.sampler.sink_status))
+        if span_source is not None:
+            self.registry.register(LateSpansCollector(span_source.late))
         self.recorder: JsonlRecorder | None = None
         if config.record:
             self.recorder = JsonlRecorder(config.record, gpu.name if gpu else None, bool(gpu and gpu.simulated),

@@ -298,6 +298,26 @@ class SinkStatusCollector(Collector):
         yield failures
 
 
+class LateSpansCollector(Collector):
+    """The span-driven mock GPU's late spans: activity that reached it after it had simulated that time,
+    so it was counted here and not simulated (SIMULATED figures only; a real GPU has no such thing).
+    ``late()`` returns an object with ``spans`` and ``seconds``, both cumulative."""
+
+    def __init__(self, late: Callable[[], object]):
+        self._late = late
+
+    def collect(self) -> Iterator[Metric]:
+        late = self._late()
+        spans = CounterFamily(P + "mock_late_spans", "Span-GPU entries that reached the mock GPU after it had "
+                              "simulated their time (raise --mock-delay, or report spans sooner).", labels=[])
+        seconds = CounterFamily(P + "mock_late_span_seconds", "Seconds of span activity the mock GPU did not "
+                                "simulate because it arrived late.", labels=[])
+        spans.add_metric([], late.spans)
+        seconds.add_metric([], late.seconds)
+        yield spans
+        yield seconds
+
+
 def make_registry(ledger: Ledger, version: str) -> CollectorRegistry:
     """A fresh registry holding only the wattledger collector (never the global default registry)."""
     registry = CollectorRegistry(auto_describe=False)

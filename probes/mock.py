@@ -17,9 +17,13 @@ Physics, per device (constants in ``mock_presets``; the assumptions are labelled
 Activity between samples is integrated exactly (it is piecewise constant), so ``true_energy_joules``
 is the ground truth the tests compare the exported counter against.
 
-The backend can run ``delay_s`` behind its clock: workloads report spans when they end, so a mock
-driven by spans simulates slightly in the past, where every span is already known. Samples carry the
-simulated time, and the ledger attributes energy by those timestamps, so nothing is skewed.
+The backend can run a fixed lag, ``delay_s``, behind its clock: it simulates time t only once t is
+``delay_s`` old. Workloads report spans when they end (merged, batched, over HTTP), so a mock driven by
+spans simulates in the past, where every span that arrived within the lag is already known and counts by
+its own timestamps (``agent/span_activity.py`` counts the ones that arrive later). How busy the host is
+then changes when spans arrive, not what the mock simulates. Samples carry the simulated time, and the
+ledger attributes energy by those timestamps, so nothing is skewed; the energy counter, utilization and
+``true_energy_joules`` all come from the one simulated timeline.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from uuid import NAMESPACE_URL, uuid5
 
 from wattledger.probes.base import (
@@ -145,6 +149,20 @@ def power_demand_watts(spec: MockPreset, activity: Activity) -> float:
     return spec.idle_power_watts + (spec.power_limit_watts - spec.idle_power_watts) * load
 
 
+def _throttle_reasons(idle: bool, capped: bool) -> frozenset[str]:
+    reasons = set()
+    if idle:
+        reasons.add("gpu_idle")
+    if capped:
+        reasons.add("sw_power_cap")
+    return frozenset(reasons)
+
+
+# The mock's active clock-event reasons by (idle, capped): four immutable sets, shared by every sample
+# instead of one new set per sample.
+_THROTTLE_REASONS = {(idle, capped): _throttle_reasons(idle, capped) for idle in (False, True) for capped in (False, True)}
+
+
 @dataclass(slots=True)
 class _Piece:
     """A stretch of simulated time with constant activity and power."""
@@ -152,8 +170,9 @@ class _Piece:
     start_ns: int
     end_ns: int
     activity: Activity
-    power_watts: float
+    power_watts: float  # drawn: the demand, clipped at the enforced limit
     energy_before_joules: float  # true energy at start_ns
+    demand_watts: float  # what the activity asks for (above power_watts while capped)
 
 
 class _SimulatedGpu:
@@ -176,6 +195,9 @@ class _SimulatedGpu:
         self.last_sample_totals = (0.0, 0.0, 0.0)  # integrated sm, tensor, dram seconds at last sample
         self.integrated = [0.0, 0.0, 0.0]
         self.has_sampled = False
+        # Before the first advance there is no piece: the board idles.
+        self.idle_demand_watts = power_demand_watts(spec, IDLE)
+        self.idle_power_watts = min(self.idle_demand_watts, enforced_limit_watts)
 
     def power_watts(self, activity: Activity) -> float:
         return min(power_demand_watts(self.spec, activity), self.enforced_limit_watts)
@@ -205,7 +227,7 @@ class _SimulatedGpu:
         if last is not None and last.end_ns == start_ns and last.activity == activity:
             last.end_ns = end_ns  # same state continues: extend instead of adding a piece
         else:
-            self.history.append(_Piece(start_ns, end_ns, activity, power, self.true_energy_joules))
+            self.history.append(_Piece(start_ns, end_ns, activity, power, self.true_energy_joules, demand))
         self.true_energy_joules += power * dt
         if demand > self.enforced_limit_watts:
             self.power_capped_seconds += dt
@@ -243,6 +265,14 @@ class _SimulatedGpu:
 
     def current_activity(self) -> Activity:
         return self.history[-1].activity if self.history else IDLE
+
+    def current_state(self) -> tuple[Activity, float, float]:
+        """``(activity, demand W, drawn W)`` now: the newest piece's, kept when it was integrated, so a
+        sample does not compute the power model again."""
+        if self.history:
+            last = self.history[-1]
+            return last.activity, last.demand_watts, last.power_watts
+        return IDLE, self.idle_demand_watts, self.idle_power_watts
 
 
 class MockGpuBackend:
@@ -297,6 +327,16 @@ class MockGpuBackend:
 
     def set_activity_source(self, source: ActivitySource) -> None:
         self._source = source
+
+    @property
+    def activity_source(self) -> ActivitySource | None:
+        """What drives the simulated devices (the agent's span source, a script, or None: idle)."""
+        return self._source
+
+    @property
+    def lag_seconds(self) -> float:
+        """How far behind its clock the mock simulates (``delay_s``): spans arriving within it count."""
+        return self._delay_ns / NS_PER_S
 
     def devices(self) -> list[GpuInfo]:
         return list(self._infos)
@@ -363,52 +403,60 @@ class MockGpuBackend:
         now = gpu.now_ns
         counter_mj = self._energy_counter_mj(gpu, now)
         window_start = max(now - BOXCAR_NS, self._start_ns)
+        # The newest piece's power figures, as _run computed them (no second evaluation of the model).
+        activity, demand, power = gpu.current_state()
         average_power = (
             (gpu.true_energy_joules - gpu.energy_at(window_start)) * NS_PER_S / (now - window_start)
-            if now > window_start else gpu.power_watts(IDLE)
+            if now > window_start else gpu.idle_power_watts
         )
-        activity = gpu.current_activity()
-        demand = power_demand_watts(spec, activity)
-        capped = demand > gpu.enforced_limit_watts
-        if activity.gpu == 0.0:
+        limit = gpu.enforced_limit_watts
+        capped = demand > limit
+        idle = activity.gpu == 0.0
+        if idle:
             sm_clock = spec.sm_clock_idle_hertz
         elif capped:
-            headroom = (gpu.enforced_limit_watts - spec.idle_power_watts) / (demand - spec.idle_power_watts)
+            headroom = (limit - spec.idle_power_watts) / (demand - spec.idle_power_watts)
             sm_clock = spec.sm_clock_idle_hertz + (spec.sm_clock_max_hertz - spec.sm_clock_idle_hertz) * headroom
         else:
             sm_clock = spec.sm_clock_max_hertz
-        reasons = set()
-        if activity.gpu == 0.0:
-            reasons.add("gpu_idle")
-        if capped:
-            reasons.add("sw_power_cap")
-        window = now - gpu.last_sample_ns if gpu.has_sampled and now > gpu.last_sample_ns else FIRST_UTILIZATION_WINDOW_NS
+        since_sample = gpu.has_sampled and now > gpu.last_sample_ns
+        window = now - gpu.last_sample_ns if since_sample else FIRST_UTILIZATION_WINDOW_NS
         util_start = max(now - min(window, MAX_UTILIZATION_WINDOW_NS), self._start_ns)
         utilization_gpu, utilization_dram = gpu.busy_means(util_start)
-        if gpu.has_sampled and now > gpu.last_sample_ns:
+        integrated = gpu.integrated
+        if since_sample:
             span_s = (now - gpu.last_sample_ns) / NS_PER_S
-            sm, tensor, dram = ((cur - old) / span_s for cur, old in zip(gpu.integrated, gpu.last_sample_totals))
+            before = gpu.last_sample_totals
+            sm = (integrated[0] - before[0]) / span_s
+            tensor = (integrated[1] - before[1]) / span_s
+            dram = (integrated[2] - before[2]) / span_s
+            occupancy = 0.5 * sm  # ASSUMPTION: half the warp slots
         else:
-            sm = tensor = dram = None  # GPM needs two samples
+            sm = tensor = dram = occupancy = None  # GPM needs two samples
         gpu.last_sample_ns = now
-        gpu.last_sample_totals = tuple(gpu.integrated)
+        gpu.last_sample_totals = (integrated[0], integrated[1], integrated[2])
         gpu.has_sampled = True
         allocated = self._source.allocated_bytes(gpu.index) if self._source else 0
         temperature = round(gpu.temperature_celsius, 1)
-        values = dict(
+        # Keyword arguments straight into the constructor: a dict of them built and unpacked per sample
+        # was a fifth of the mock's cost.
+        sample = GpuSample(
+            index=gpu.index,
+            uuid=info.uuid,
+            monotonic_ns=now,
             utilization_gpu_ratio=utilization_gpu,
             utilization_memory_controller_ratio=utilization_dram,
             sm_activity_ratio=sm,
-            sm_occupancy_ratio=None if sm is None else 0.5 * sm,  # ASSUMPTION: half the warp slots
+            sm_occupancy_ratio=occupancy,
             tensor_activity_ratio=tensor,
             dram_activity_ratio=dram,
             memory_used_bytes=min(allocated, spec.memory_total_bytes - spec.memory_reserved_bytes),
             memory_total_bytes=spec.memory_total_bytes,
             memory_reserved_bytes=spec.memory_reserved_bytes,
-            power_watts=gpu.power_watts(activity),
+            power_watts=power,
             power_average_watts=average_power,
             energy_joules=counter_mj / 1000.0,
-            power_limit_watts=gpu.enforced_limit_watts,
+            power_limit_watts=limit,
             sm_clock_hertz=sm_clock,
             memory_clock_hertz=spec.memory_clock_hertz,
             temperature_gpu_celsius=temperature,
@@ -417,14 +465,15 @@ class MockGpuBackend:
             ),
             pcie_transmit_bytes=int(gpu.pcie_transmit_bytes),
             pcie_receive_bytes=int(gpu.pcie_receive_bytes),
-            throttle_reasons=frozenset(reasons),
+            throttle_reasons=_THROTTLE_REASONS[idle, capped],
             throttle_seconds={"sw_power_cap": gpu.power_capped_seconds},
             ecc_corrected_errors=0,
             ecc_uncorrected_errors=0,
         )
-        for name in self._unsupported[gpu.index]:
-            values[name] = None
-        return GpuSample(index=gpu.index, uuid=info.uuid, monotonic_ns=now, **values)
+        unsupported = self._unsupported[gpu.index]
+        if unsupported:  # a field_unsupported fault: rare, so a second construction is no cost
+            sample = replace(sample, **dict.fromkeys(unsupported))
+        return sample
 
     def field_status(self, index: int) -> list[FieldStatus]:
         unsupported = self._unsupported[index]

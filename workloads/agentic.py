@@ -341,6 +341,11 @@ class _SpanLog:
 
     def add(self, kind: str, start_ns: int, end_ns: int, activity) -> None:
         current = self._open
+        # A merged span is held here until its kind changes, which can be seconds of back-to-back decode:
+        # past the mock GPU's lag, so the mock lost its activity. Held at most the reporter's merge length.
+        if current and current[2] - current[1] >= self._reporter.MAX_MERGED_NS:
+            self.flush()
+            current = None
         if current and current[0] == kind and current[3] is activity and start_ns - current[2] <= MERGE_GAP_NS:
             current[2] = end_ns
             return

@@ -28,6 +28,7 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -156,13 +157,14 @@ class _StepClock:
     sync (by then they have completed, so reading them waits for nothing).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock_ns: Callable[[], int] = time.monotonic_ns):
+        self.clock_ns = clock_ns
         self.cuda = device.type == "cuda"
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.cuda else []
         self.start_ns = self.mid_ns = 0
 
     def begin(self) -> None:
-        self.start_ns = time.monotonic_ns()
+        self.start_ns = self.clock_ns()
         if self.cuda:
             self.events[0].record()
 
@@ -170,7 +172,7 @@ class _StepClock:
         if self.cuda:
             self.events[1].record()
         else:
-            self.mid_ns = time.monotonic_ns()
+            self.mid_ns = self.clock_ns()
 
     def before_sync(self) -> None:
         if self.cuda:
@@ -224,7 +226,8 @@ def _warm_up(model, cache: KVCache, decoder: StaticDecoder | None, max_batch: in
 
 
 @torch.no_grad()
-def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threading.Event | None = None) -> dict:
+def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threading.Event | None = None,
+        clock_ns: Callable[[], int] = time.monotonic_ns) -> dict:
     """Serve for ``options.duration_s`` seconds (or until ``stop``); return the summary.
 
     Beyond ``summary_header``: requests_arrived / _completed / _dropped_at_end (arrived but unfinished
@@ -236,6 +239,10 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
     busy_fraction (compute span time / wall time; the warm-up before the clock starts is reported as a
     span but counted only in warm_up_seconds), the resolved settings, and ``requests`` (per-request
     records with admission and last step numbers) when ``config.keep_requests``.
+
+    ``clock_ns`` is the monotonic clock (ns) that arrivals, the deadline and every span read: the tests pass
+    one that advances a fixed amount per reading, so which step a request joins does not depend on how fast
+    the host runs the model. An idle wait still sleeps in real time (at most until the next arrival).
     """
     stop = stop if stop is not None else threading.Event()
     model_config, device, dtype = options.resolve()
@@ -268,10 +275,11 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
     decoder = StaticDecoder(model, cache, compile=True) if options.compile else None
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     reporter.set_memory(weight_bytes + cache.nbytes())
-    warm_start = time.monotonic_ns()
+    warm_start = clock_ns()
     _warm_up(model, cache, decoder, config.max_batch, device)
-    warm_up_seconds = (time.monotonic_ns() - warm_start) / 1e9
-    reporter.span("compute", warm_start, time.monotonic_ns(), PREFILL_ACTIVITY)
+    warm_end = clock_ns()
+    warm_up_seconds = (warm_end - warm_start) / 1e9
+    reporter.span("compute", warm_start, warm_end, PREFILL_ACTIVITY)
 
     pending = deque(requests)
     waiting: deque[_Request] = deque()
@@ -279,14 +287,14 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
     free_slots = list(range(config.max_batch - 1, -1, -1))
     reserved = 0
     totals = _Totals()
-    clock = _StepClock(device)
+    clock = _StepClock(device, clock_ns)
     vocab = model_config.vocab_size
-    start_ns = time.monotonic_ns()
+    start_ns = clock_ns()
     end_ns = start_ns + round(options.duration_s * 1e9)
     next_log_ns = start_ns + round(config.log_every_s * 1e9)
 
     while not stop.is_set():
-        now_ns = time.monotonic_ns()
+        now_ns = clock_ns()
         if now_ns >= end_ns:
             break
         while pending and start_ns + pending[0].arrival_s * 1e9 <= now_ns:
@@ -310,6 +318,9 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
         totals.steps += 1
         step = totals.steps
         clock.begin()
+        # Announced now (its first span starts here, prefill if any), so an in-process mock GPU counts the
+        # step while it runs: a step longer than the mock's lag (seen on a busy host) would come too late.
+        reporter.span_started("compute", clock.start_ns, PREFILL_ACTIVITY if admitted else DECODE_ACTIVITY)
         sampled = []
         if admitted:
             # Random prompt ids (content does not matter, lengths do); padding beyond each length is dropped.
@@ -330,7 +341,7 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
         clock.before_sync()
         # The step's one host sync: the tokens go back to their clients. Spans end after it.
         tokens = (torch.cat(sampled) if len(sampled) > 1 else sampled[0]).tolist()
-        step_end_ns = time.monotonic_ns()
+        step_end_ns = clock_ns()
         mid_ns = clock.split(step_end_ns, bool(admitted), bool(decoding))
         if admitted:
             reporter.span("compute", clock.start_ns, mid_ns, PREFILL_ACTIVITY)
@@ -369,7 +380,7 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
                      elapsed, len(requests) - len(pending), len(running), len(waiting), totals.generated / elapsed,
                      100 * (totals.prefill_seconds + totals.decode_seconds) / elapsed)
 
-    finished_ns = time.monotonic_ns()
+    finished_ns = clock_ns()
     return _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config,
                     scale, max_len, kv_budget, weight_bytes + cache.nbytes(), warm_up_seconds)
 

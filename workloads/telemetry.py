@@ -8,6 +8,18 @@ the spans, so a workload's summary and the tests read the same figures the agent
 
 Span timing is taken from the CPU clock at points where the loop already waits for the device (reading
 sampled tokens back, a loss value, a finished copy), so reporting adds no device synchronisation.
+
+How soon the agent hears of a span matters on CPU-only machines: the mock GPU simulates time t once t is
+its lag old (``--mock-delay``, 1 s) and counts a span by its own timestamps only if it arrived by then
+(``agent/span_activity.py``). So a reporter bounds its delivery delay:
+
+- in-process (``AccountingReporter``): a step the workload announces with ``span_started`` counts as
+  active from its start while it runs (an open span): never late, however long it takes. Any other step is
+  shown to the mock the moment the workload reports it (``Accounting.announce_spans``); merging only shapes
+  what is recorded. Delay: the step's own length.
+- over HTTP (``HttpReporter``): a merged span is held at most ``MAX_MERGED_NS`` (or until ``MERGE_GAP_NS``
+  passes without an extension) and batches go out every ``flush_interval_s`` (0.25 s). Delay: a step,
+  plus 0.25 s, plus 0.25 s, plus the post, inside the agent's default lag.
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ class Reporter:
         self._pending_lock = threading.Lock()
         self._stop_flusher = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._started_span: tuple[str, int, Activity | None] | None = None  # from span_started, not yet ended
 
     # -- what workloads call --------------------------------------------------------------------
 
@@ -92,12 +105,33 @@ class Reporter:
             self.tokens[kind] += count
             self._sink_tokens(kind, count)
 
+    def span_started(self, kind: str, start_ns: int, activity: Activity | None = None) -> None:
+        """Say that a span has begun at ``start_ns`` (monotonic ns); ``span()`` with the same kind and start
+        ends it. An in-process mock GPU counts it active while it runs, so a long step is never late;
+        other sinks ignore it. A span started and never ended is ended by the next ``span()`` or ``flush()``."""
+        self._end_started_span(start_ns)
+        self._started_span = (kind, start_ns, activity)
+        self._sink_open(kind, start_ns, activity)
+
+    def _end_started_span(self, end_ns: int) -> bool:
+        """End the span from ``span_started`` at ``end_ns``, if there is one."""
+        if self._started_span is None:
+            return False
+        self._started_span = None
+        self._sink_close(end_ns)
+        return True
+
     def span(self, kind: str, start_ns: int, end_ns: int, activity: Activity | None = None) -> None:
         """Report a finished span (monotonic ns)."""
         span = ReportedSpan(kind, start_ns, end_ns, activity)
         self.span_seconds[kind] = self.span_seconds.get(kind, 0.0) + span.seconds
         if self.spans is not None:
             self.spans.append(span)
+        if self._started_span == (kind, start_ns, activity):
+            self._end_started_span(end_ns)  # the mock has seen it from its start: close it, at its end
+        else:
+            self._end_started_span(start_ns)  # not what was started: that one ended when this began
+            self._sink_progress(span)
         with self._pending_lock:
             pending = self._pending
             if (pending is not None and pending.kind == kind and pending.activity == activity
@@ -118,6 +152,7 @@ class Reporter:
 
     def flush(self) -> None:
         """Send everything held back: the span being merged, and whatever the sink batches."""
+        self._end_started_span(time.monotonic_ns())
         with self._pending_lock:
             pending, self._pending = self._pending, None
             if pending is not None:
@@ -144,6 +179,16 @@ class Reporter:
     def _sink_tokens(self, kind: str, count: int) -> None:
         pass
 
+    def _sink_open(self, kind: str, start_ns: int, activity: Activity | None) -> None:
+        """A span began (``span_started``); ``_sink_close`` ends it. Only the in-process sink uses these."""
+
+    def _sink_close(self, end_ns: int) -> None:
+        pass
+
+    def _sink_progress(self, span: ReportedSpan) -> None:
+        """A step, as soon as the workload reports it (before merging). Sinks that can show activity to
+        the mock at once do so here; ``_sink_span`` then gets the merged span to record."""
+
     def _sink_span(self, span: ReportedSpan) -> None:
         pass
 
@@ -155,11 +200,16 @@ class Reporter:
 
 
 class AccountingReporter(Reporter):
-    """Reports straight into an in-process ``Accounting`` (the benchmark and tests)."""
+    """Reports straight into an in-process ``Accounting`` (the benchmark and tests).
+
+    A step announced with ``span_started`` is an open span in the accounting while it runs; any other step
+    reaches the mock as it is reported (``announce_spans``). The merged spans are recorded with
+    ``add_spans(announced=True)``, so the mock's activity never waits for a merged span to close."""
 
     def __init__(self, accounting, workload: str, gpus: list[int], keep_spans: bool = False):
         super().__init__(workload, gpus, keep_spans, flush_interval_s=0.1)
         self._accounting = accounting
+        self._open_handle: int | None = None
 
     def _sink_start(self, pid):
         self._accounting.start(self.workload, self.gpus, pid=pid)
@@ -170,9 +220,23 @@ class AccountingReporter(Reporter):
     def _sink_tokens(self, kind, count):
         self._accounting.add_tokens(self.workload, kind, count)
 
+    def _make_span(self, span: ReportedSpan):
+        return self._accounting.make_span(self.workload, span.kind, span.start_ns, span.end_ns, self.gpus,
+                                          span.activity)
+
+    def _sink_open(self, kind, start_ns, activity):
+        self._open_handle = self._accounting.begin_span(self.workload, kind, self.gpus, activity, start_ns=start_ns)
+
+    def _sink_close(self, end_ns):
+        handle, self._open_handle = self._open_handle, None
+        if handle is not None:
+            self._accounting.end_span(handle, end_ns=end_ns, record=False)
+
+    def _sink_progress(self, span):
+        self._accounting.announce_spans([self._make_span(span)])
+
     def _sink_span(self, span):
-        self._accounting.add_spans([self._accounting.make_span(
-            self.workload, span.kind, span.start_ns, span.end_ns, self.gpus, span.activity)])
+        self._accounting.add_spans([self._make_span(span)], announced=True)
 
     def _sink_memory(self, memory_bytes):
         for gpu in self.gpus:
@@ -187,7 +251,7 @@ class HttpReporter(Reporter):
     """
 
     def __init__(self, base_url: str, workload: str, gpus: list[int], token: str | None = None,
-                 keep_spans: bool = False, flush_interval_s: float = 0.5):
+                 keep_spans: bool = False, flush_interval_s: float = 0.25):
         super().__init__(workload, gpus, keep_spans, flush_interval_s=flush_interval_s)
         from wattledger.agent.client import AgentClient
 

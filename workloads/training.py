@@ -467,6 +467,9 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
     while config.max_steps is None or step < config.max_steps:
         # The previous step ended on a device sync (loss.item()), so the CPU clock is true here.
         step_start_ns = time.monotonic_ns()
+        # Announced now, so an in-process mock GPU counts the step while it runs: a step longer than the
+        # mock's lag (seen on a busy host) would otherwise reach it too late to count in full.
+        reporter.span_started("compute", step_start_ns, TRAIN_ACTIVITY)
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -554,6 +557,9 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
             shutil.rmtree(temporary_folder, ignore_errors=True)
         checkpoint_last_path = None
     if owns_group:
+        # Leave together: a rank that closes its gloo connections while a slower peer (a busy host) is
+        # still finishing the last collective can make that peer's gloo thread throw, which aborts it.
+        dist.barrier()
         dist.destroy_process_group()
 
     steps = len(step_seconds)
