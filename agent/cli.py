@@ -83,7 +83,8 @@ def make_parser() -> argparse.ArgumentParser:
                         add_help=False)
     commands.add_parser("run", help="profile any command: wattledger run -- CMD ...", add_help=False)
 
-    devices = commands.add_parser("devices", help="list GPUs and which fields and probes work on each")
+    devices = commands.add_parser("devices", help="list GPUs and which fields and probes work on each; on a "
+                                  "machine without a GPU say so and exit 1 (--backend mock lists simulated GPUs)")
     devices.add_argument("--json", action="store_true", help="print one JSON object")
     _add_backend_flags(devices)
     return parser
@@ -154,6 +155,21 @@ def _status_text(status: FieldStatus) -> str:
     return "ok" if status.supported else f"not available: {status.reason}"
 
 
+def _no_gpu_found(mock, notes: list[str], as_json: bool) -> int:
+    """``devices`` with the default backend on a machine without a GPU: say so and exit 1, rather than list
+    the mock that ``auto`` falls back to (a script must not read a simulated H100 as this machine's GPU).
+    The mock is listed only when asked for by name (``--backend mock``)."""
+    mock.close()
+    # The fallback's note reads "<why NVML did not open>; using the mock GPU backend instead ...".
+    why = next((n.split("; using the mock")[0] for n in notes if "; using the mock" in n), "NVML did not open")
+    line = (f"wattledger: no GPU found ({why}); `wattledger devices --backend mock` lists simulated GPUs "
+            "instead")
+    if as_json:
+        print(json.dumps({"gpus": [], "simulated": False, "no_gpu": why, "notes": notes}, indent=2))
+    print(line, file=sys.stderr)
+    return EXIT_FAILED
+
+
 def run_devices(config: AgentConfig, as_json: bool) -> int:
     from wattledger.agent.daemon import open_gpu_backend
     from wattledger.probes.base import ProbeUnavailable
@@ -165,6 +181,8 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
     except ProbeUnavailable as err:
         return _probe_failure(err)
     gpu = opened.backend
+    if config.backend == "auto" and gpu is not None and gpu.name == "mock":
+        return _no_gpu_found(gpu, opened.notes, as_json)
     report: dict = {"notes": opened.notes, "simulated": bool(gpu and gpu.simulated), "gpus": [], "host": []}
     if gpu is not None:
         gpu.sample()

@@ -6,6 +6,10 @@ The browser is started with networking features off and a fresh profile; pages a
 
 ``require_chromium()`` returns the two paths or ends the test: it tries ``apt-get install`` once when the
 process is root, then FAILS in CI (env CI=true) and SKIPS elsewhere, with a one-line reason.
+
+As a command it screenshots a page, e.g. the docs' report image from a real ``wattledger bench --quick``::
+
+    python tests/browser.py runs/latest/report.html docs/images/report-simulated.png --width 960 --max-height 2600
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class PageCheck:
     severe: list[str] = field(default_factory=list)
     screenshot: Path | None = None
     title: str = ""
+    text: str = ""  # document.body.innerText: what a reader sees, tags and alt texts left out
+    figures: list[dict] = field(default_factory=list)  # per <figure>: id, has an img, caption text
 
     @property
     def all_images_loaded(self) -> bool:
@@ -63,9 +69,10 @@ def require_chromium() -> tuple[str, str]:
 
 
 def check_page(path: Path, screenshot: Path, width: int = 1280, chromium: tuple[str, str] | None = None,
-               timeout_seconds: float = 20.0) -> PageCheck:
-    """Load ``path`` (a local file) headless; report its images and SEVERE console entries; save a full-page
-    PNG screenshot to ``screenshot``."""
+               timeout_seconds: float = 20.0, max_height: int | None = None) -> PageCheck:
+    """Load ``path`` (a local file) headless; report its images, visible text, figures and SEVERE console
+    entries; save a PNG screenshot of the whole page (or its top ``max_height`` CSS pixels) to
+    ``screenshot``."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
@@ -93,15 +100,48 @@ def check_page(path: Path, screenshot: Path, width: int = 1280, chromium: tuple[
             " naturalWidth: i.naturalWidth, alt: i.alt}));")
         severe = [f"{e.get('source', '')}: {e.get('message', '')}" for e in driver.get_log("browser")
                   if e.get("level") == "SEVERE"]
+        text = driver.execute_script("return document.body.innerText;")
+        figures = driver.execute_script(
+            "return Array.from(document.querySelectorAll('figure')).map(f => ({id: f.id,"
+            " img: f.querySelector('img') !== null, caption: (f.querySelector('figcaption') || {}).innerText"
+            " || ''}));")
         metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
         size = metrics.get("cssContentSize") or metrics["contentSize"]
+        height = min(size["height"], max_height) if max_height else size["height"]
         shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
             "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": height, "scale": 1}})
         screenshot = Path(screenshot)
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
-        return PageCheck(images=images, severe=severe, screenshot=screenshot, title=driver.title)
+        return PageCheck(images=images, severe=severe, screenshot=screenshot, title=driver.title, text=text,
+                         figures=figures)
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Screenshot a local page; exit 1 when an image did not load or the console logged a SEVERE entry."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="headless Chromium screenshot of a local page")
+    parser.add_argument("page", type=Path)
+    parser.add_argument("screenshot", type=Path)
+    parser.add_argument("--width", type=int, default=1280, help="window width in CSS pixels")
+    parser.add_argument("--max-height", type=int, default=None, help="keep only the top of the page")
+    args = parser.parse_args(argv)
+    found = find_chromium()
+    if found is None:
+        print("browser.py: chromium and chromedriver not on PATH (apt-get install chromium chromium-driver)")
+        return 1
+    result = check_page(args.page, args.screenshot, width=args.width, chromium=found, max_height=args.max_height)
+    problems = ([] if result.all_images_loaded else ["an image did not load"]) + result.severe
+    for problem in problems:
+        print(f"browser.py: {problem}")
+    print(f"browser.py: wrote {args.screenshot} ({len(result.images)} images, title {result.title!r})")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,10 +14,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 from run_fixture import make_run_dir
-from wattledger.workloads.report import FIGURE_FILES, render_report
+from wattledger.workloads import report
+from wattledger.workloads.report import FIGURE_FILES, build_figures, render_report
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "summary.schema.json").read_text(encoding="utf-8"))
-FIGURE_IDS = ("fig-utilization", "fig-power", "fig-memory", "fig-joules_per_token", "fig-cost")
+FIGURE_IDS = ("fig-utilization", "fig-activity", "fig-power", "fig-memory", "fig-joules_per_token", "fig-cost")
 SECTIONS = ("id=\"regimes\"", "id=\"gpus\"", "id=\"pricing\"", "id=\"validity\"")
 
 
@@ -31,6 +32,31 @@ def full(tmp_path_factory):
     run, summary = make_run_dir(tmp_path_factory.mktemp("full") / "run")
     page = render_report(run, summary, run.run_dir / "report.html")
     return run, summary, page, page.read_text(encoding="utf-8")
+
+
+RAPL_WATTS = {"package-0": 95.0, "dram-0": 12.0}
+
+
+def with_rapl(run):
+    """The fixture's host samples with RAPL package and DRAM running totals (joules), as load_run reads
+    them from a host whose powercap tree is readable."""
+    for zone, watts in RAPL_WATTS.items():
+        run.host[f"rapl_{zone}_joules"] = 5_000.0 + watts * run.host["t"]
+    return run
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """The fixture run with RAPL, its summary as analysis.summarize computes it (the bench's own path: agentic
+    sessions that do not finish, so no J/session), and the rendered report."""
+    from wattledger.workloads.analysis import summarize
+    from wattledger.workloads.economics import load_pricing
+
+    run, _ = make_run_dir(tmp_path_factory.mktemp("analysed") / "run")
+    with_rapl(run)
+    summary = json.loads(json.dumps(summarize(run, load_pricing()), default=lambda v: v.item()))
+    page = render_report(run, summary, run.run_dir / "report.html")
+    return run, summary, page
 
 
 def image_sources(text: str) -> list[str]:
@@ -159,17 +185,31 @@ def test_empty_tables_and_an_empty_summary(tmp_path):
 
 # -- in a real browser -------------------------------------------------------------------------------------
 
-def test_report_renders_in_headless_chromium(full, tmp_path):
+def test_report_renders_in_headless_chromium(analysed, tmp_path):
+    """The report of what analysis computes, looked at in a real browser: every figure drawn, the labels a
+    reader needs on the page as Chromium lays it out (innerText, not the HTML source), and a screenshot."""
     from browser import check_page, require_chromium
 
     chromium = require_chromium()
-    _, _, page, _ = full
+    run, summary, page = analysed
     result = check_page(page, tmp_path / "report.png", chromium=chromium)
     assert result.title.startswith("SIMULATED (mock GPU)")
     assert len(result.images) == len(FIGURE_FILES)
     assert result.all_images_loaded, result.images
+    assert [f["id"] for f in result.figures] == list(FIGURE_IDS) and all(f["img"] for f in result.figures)
     assert result.severe == []
     assert result.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = " ".join(result.text.split())
+    for label in ("GPU temperature p99 / max", "peak host memory of the workload (RSS)",
+                  "peak host memory used, whole machine", "SM / tensor / DRAM activity (window mean)",
+                  "host CPU energy (RAPL, window)", "J/request (chat)", "J/session (agentic, whole phase)",
+                  "One panel per regime, one time axis", "hatched: the steady-state window", "phase ran",
+                  "Below: host CPU power from the RAPL energy counters (package-0, dram-0)"):
+        assert label in text, label
+    assert "GPU temperature max" not in text and "host DRAM" not in text  # the old, misleading labels
+    chat = summary["regimes"]["chat"]
+    assert f"{html.unescape(report.fmt_energy(chat['joules_per_request']))} per request" in text
+    assert "n/a: " + summary["regimes"]["agentic"]["not_available"]["joules_per_session"] in text
     keep = os.environ.get("WATTLEDGER_SCREENSHOT_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
@@ -215,3 +255,197 @@ def test_report_of_the_summary_analysis_computes(tmp_path):
     assert "PARTIAL" in text and "SIMULATED" in text and "2024-06-01 09:30:00 UTC" in text
     for check in summary["validity"]:
         assert html.escape(check["detail"]) in text
+
+
+# -- issue 9: one panel per regime, windows shaded, activity, RAPL, labels ------------------------------------
+
+def _window_spans(ax) -> list[tuple[float, float]]:
+    """(x0, x1) of the hatched patches on an axes: the steady-state windows (axvspan with hatch)."""
+    out = []
+    for patch in ax.patches:
+        if patch.get_hatch():
+            x0 = patch.get_x() if hasattr(patch, "get_x") else min(v[0] for v in patch.get_xy())
+            width = patch.get_width() if hasattr(patch, "get_width") else max(v[0] for v in patch.get_xy()) - x0
+            out.append((round(x0, 6), round(x0 + width, 6)))
+    return out
+
+
+def test_utilization_and_activity_have_one_panel_per_regime_on_one_time_axis(analysed):
+    run, summary, _ = analysed
+    figures = {f.key: f for f in build_figures(run, summary)}
+    for key in ("utilization", "activity"):
+        axes = figures[key].mpl.axes
+        assert len(axes) == len(summary["regimes"]) == 3, key
+        assert all(axes[0].get_shared_x_axes().joined(axes[0], ax) for ax in axes[1:]), key
+        assert axes[-1].get_xlabel() == "seconds since the run started"
+        for ax, (name, regime) in zip(axes, summary["regimes"].items()):
+            window = (round(regime["window"]["start_seconds"], 6), round(regime["window"]["end_seconds"], 6))
+            assert _window_spans(ax) == [window], (key, name)  # its own window, and only its own
+            assert ax.get_xlim()[0] == 0 and ax.get_xlim() == axes[0].get_xlim()
+    activity_lines = {line.get_label() for line in figures["activity"].mpl.axes[0].get_lines()}
+    assert {"SM", "tensor", "DRAM"} <= activity_lines
+    assert "SIMULATED" in figures["utilization"].mpl.get_suptitle()
+
+
+def test_power_figure_shows_rapl_where_present_and_says_why_not(analysed, tmp_path):
+    run, summary, _ = analysed
+    power = {f.key: f for f in build_figures(run, summary)}["power"]
+    assert len(power.mpl.axes) == 2
+    rapl_lines = {line.get_label(): line for line in power.mpl.axes[1].get_lines()}
+    assert set(rapl_lines) == {"RAPL package-0", "RAPL dram-0"}
+    assert list(rapl_lines["RAPL package-0"].get_ydata()) == pytest.approx([95.0] * len(
+        rapl_lines["RAPL package-0"].get_ydata()), rel=1e-6)
+    for regime in summary["regimes"].values():
+        assert regime["energy"]["rapl_joules"]["package-0"] == pytest.approx(95.0 * regime["duration_seconds"], rel=0.02)
+        assert "rapl_joules" not in regime["not_available"]
+    # Without RAPL: one panel, and the caption and table say why.
+    bare, _ = make_run_dir(tmp_path / "bare", regimes=("training",))
+    from wattledger.workloads.analysis import summarize
+    from wattledger.workloads.economics import load_pricing
+
+    bare_summary = summarize(bare, load_pricing(), regimes=("training",))
+    reason = bare_summary["regimes"]["training"]["not_available"]["rapl_joules"]
+    assert reason == "no RAPL counters in the host samples"
+    figure = {f.key: f for f in build_figures(bare, bare_summary)}["power"]
+    assert len(figure.mpl.axes) == 1 and reason in figure.note
+    text = render_report(bare, bare_summary, tmp_path / "bare.html").read_text(encoding="utf-8")
+    assert text.count(f"Host CPU energy (RAPL): {reason}") == 1 and "n/a (see below the table)" in text
+
+
+def test_labels_say_what_they_measure(analysed):
+    run, summary, page = analysed
+    text = page.read_text(encoding="utf-8")
+    training = summary["regimes"]["training"]
+    assert training["energy"]["temperature_max_celsius"] <= run.gpu["temperature_gpu_celsius"].max()
+    assert training["energy"]["temperature_p99_celsius"] <= training["energy"]["temperature_max_celsius"]
+    assert ">GPU temperature p99 / max<" in text and "GPU temperature max<" not in text
+    # The fixture's workload process holds 6 GiB while the machine uses 24-41 GiB: the two are not confused.
+    assert training["memory"]["workload_host_rss_peak_bytes"] == 6 * 2**30
+    assert training["memory"]["host_peak_bytes"] > 20 * 2**30
+    assert ">peak host memory of the workload (RSS)<" in text and "6.44 GB" in text
+
+
+def test_joules_per_request_and_per_session_or_why_not(analysed, tmp_path):
+    from wattledger.workloads.analysis import summarize
+    from wattledger.workloads.economics import load_pricing
+
+    _, summary, _ = analysed
+    chat, agentic = summary["regimes"]["chat"], summary["regimes"]["agentic"]
+    assert chat["joules_per_request"] > 0 and "joules_per_request" not in chat["not_available"]
+    # The fixture's agentic summary reports no finished sessions: the summary says why there is no figure.
+    assert agentic["joules_per_session"] is None
+    assert agentic["not_available"]["joules_per_session"] == "the agentic workload's summary has no session counts"
+    run, _ = make_run_dir(tmp_path / "run", regimes=("agentic",))
+    events = [json.loads(line) for line in (run.run_dir / "events.jsonl").read_text().splitlines()]
+    for event in events:
+        if event["type"] == "phase_end" and event["phase"] == "agentic":
+            event["workload_summary"].update(sessions_started=4, sessions_completed=0)
+    (run.run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    from wattledger.workloads.rundata import load_run
+
+    reason = summarize(load_run(run.run_dir), load_pricing(), regimes=("agentic",))["regimes"]["agentic"]
+    assert reason["not_available"]["joules_per_session"] == (
+        "none of the 4 sessions finished within the 15 s phase: sessions outlast it (a longer --duration lets "
+        "some finish)")
+    for event in events:
+        if event["type"] == "phase_end" and event["phase"] == "agentic":
+            event["workload_summary"]["sessions_completed"] = 2
+    (run.run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    done = summarize(load_run(run.run_dir), load_pricing(), regimes=("agentic",))["regimes"]["agentic"]
+    assert done["joules_per_session"] == pytest.approx(done["energy"]["whole_phase_joules"] / 2)
+
+
+def _cut_chat(run_dir: Path, after_s: float, reason: str = "SIGTERM") -> None:
+    """Rewrite events.jsonl as ``wattledger bench`` writes it when a stop arrives ``after_s`` into chat: the
+    workload returns early and phase_end says so (interrupted, why, when the stop was asked for)."""
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    starts = {}
+    for event in events:
+        if event["type"] == "phase_start":
+            event["planned_seconds"] = 4.0 if event["phase"] == "idle" else 15.0
+            starts[event["phase"]] = event["monotonic_ns"]
+        if event["type"] == "phase_end" and event["phase"] == "chat":
+            event.update(interrupted=True, stop_reason=reason,
+                         stop_requested_ns=starts["chat"] + round(after_s * 1e9))
+        elif event["type"] == "phase_end":
+            event["interrupted"] = False
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_an_interrupted_phase_fails_phase_finished_and_says_how_long_it_ran(tmp_path):
+    from wattledger.workloads.analysis import summarize
+    from wattledger.workloads.economics import load_pricing
+    from wattledger.workloads.rundata import load_run
+
+    made, _ = make_run_dir(tmp_path / "run")
+    _cut_chat(made.run_dir, 12.2)
+    summary = json.loads(json.dumps(summarize(load_run(made.run_dir), load_pricing()), default=lambda v: v.item()))
+    validate(summary)
+    chat = summary["regimes"]["chat"]
+    assert chat["phase"] == {"planned_seconds": 15.0, "ran_seconds": pytest.approx(12.2), "finished": False,
+                             "stopped_by": "SIGTERM"}
+    check = next(c for c in chat["validity"] if c["check"] == "phase finished")
+    assert check == {"check": "phase finished", "passed": False,
+                     "detail": "interrupted (SIGTERM) after 12.2 s of the planned 15 s: figures cover only what was "
+                               "measured"}
+    for name in ("training", "agentic"):
+        timing = summary["regimes"][name]["phase"]
+        assert timing["finished"] and timing["stopped_by"] is None and timing["ran_seconds"] == pytest.approx(15.0)
+        assert next(c for c in summary["regimes"][name]["validity"] if c["check"] == "phase finished")["passed"]
+    assert summary["idle"]["phase"]["finished"] is True
+    text = render_report(load_run(made.run_dir), summary, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "12.2 s of 15.0 s planned (cut short: SIGTERM)" in text
+
+
+def test_a_killed_phase_is_unfinished_with_what_it_ran(tmp_path):
+    from wattledger.workloads.analysis import summarize
+    from wattledger.workloads.economics import load_pricing
+
+    run, _ = make_run_dir(tmp_path / "run", partial=True)
+    agentic = summarize(run, load_pricing())["regimes"]["agentic"]
+    assert agentic["phase"]["finished"] is False and agentic["phase"]["stopped_by"] == "killed (no phase_end)"
+    assert agentic["phase"]["ran_seconds"] == pytest.approx(0.6 * 15.0, abs=0.3)  # to its last sample
+    assert not next(c for c in agentic["validity"] if c["check"] == "phase finished")["passed"]
+
+
+# -- the closing table --------------------------------------------------------------------------------------
+
+def _closing_table(summary: dict) -> str:
+    import io
+
+    from wattledger.workloads import bench_cli
+
+    buffer = io.StringIO()
+    console = bench_cli._console(file=buffer)  # what `wattledger bench > log` gets: not a terminal
+    bench_cli.print_table(summary, console)
+    return buffer.getvalue()
+
+
+def test_closing_table_fits_80_columns_and_prints_every_failed_check_under_its_regime(tmp_path):
+    from wattledger.workloads.analysis import summarize
+    from wattledger.workloads.economics import load_pricing
+    from wattledger.workloads.rundata import load_run
+
+    made, _ = make_run_dir(tmp_path / "run")
+    _cut_chat(made.run_dir, 3.0)
+    summary = json.loads(json.dumps(summarize(load_run(made.run_dir), load_pricing()), default=lambda v: v.item()))
+    out = _closing_table(summary)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert "…" not in out
+    header = next(line for line in lines if line.lstrip().startswith("regime"))
+    assert header.split() == ["regime", "util", "idle", "W", "tok/s", "J/tok", "J/dyn", "$/Mtok", "$/Mfull", "checks"]
+    for name in summary["regimes"]:
+        assert any(line.split()[:1] == [name] for line in lines), name
+    flat = " ".join(out.split())
+    assert "J/dyn = the same above the idle baseline" in flat and "$/Mfull = the same at full load" in flat
+    scopes = [(n, r["validity"]) for n, r in summary["regimes"].items()] + [("run", summary["validity"])]
+    failing = [(scope, [c for c in checks if not c["passed"]]) for scope, checks in scopes]
+    failing = [(scope, failed) for scope, failed in failing if failed]
+    assert "chat" in [scope for scope, _ in failing]  # the cut phase fails "phase finished"
+    headings = [flat.index(f"{scope}: {len(failed)} of ") for scope, failed in failing]
+    assert headings == sorted(headings)
+    for (scope, failed), start, end in zip(failing, headings, headings[1:] + [len(flat)]):
+        section = flat[start:end]
+        for check in failed:
+            assert f"- {check['check']}: {' '.join(check['detail'].split())}" in section, (scope, check)

@@ -45,15 +45,54 @@ def _check(check: str, passed: bool, detail: str) -> dict:
 
 
 def phases(run: RunData) -> dict[str, tuple[int, int, bool]]:
-    """phase -> (start ns, end ns, finished). An unfinished phase ends at the last sample."""
+    """phase -> (start ns, end ns, finished). An unfinished phase ends at the last sample; a phase is
+    finished only when it has a phase_end that does not say it was interrupted (a stopped workload returns
+    early and its phase_end is still written)."""
     last_ns = int(run.gpu["monotonic_ns"].max()) if not run.gpu.empty else run.origin_ns
     out = {}
     for event in run.events:
         if event.get("type") == "phase_start":
             name = event["phase"]
             end = run.event("phase_end", phase=name)
-            out[name] = (int(event["monotonic_ns"]), int(end["monotonic_ns"]) if end else last_ns, end is not None)
+            finished = end is not None and not end.get("interrupted", False)
+            out[name] = (int(event["monotonic_ns"]), int(end["monotonic_ns"]) if end else last_ns, finished)
     return out
+
+
+def phase_timing(run: RunData, name: str) -> dict | None:
+    """How long a phase was planned to run and how long it ran, in seconds, and whether it finished.
+
+    ``ran_seconds`` runs from phase_start to the moment a stop was asked for (an interrupted phase), to
+    phase_end (a finished one), or to the last sample (no phase_end: the process was killed). The planned
+    length counts the workload's own work only, so a finished phase runs a little longer than planned (model
+    setup). ``stopped_by``: "SIGTERM", "SIGINT", "killed (no phase_end)", or None when it finished.
+    """
+    start = run.event("phase_start", phase=name)
+    if start is None:
+        return None
+    start_ns = int(start["monotonic_ns"])
+    end_ns, finished = phases(run)[name][1:]
+    end = run.event("phase_end", phase=name)
+    stopped_by = None
+    if end is None:
+        stopped_by = "killed (no phase_end)"
+    elif end.get("interrupted"):
+        stopped_by = str(end.get("stop_reason") or "stop requested")
+        requested = end.get("stop_requested_ns")
+        if isinstance(requested, int) and start_ns <= requested <= end_ns:
+            end_ns = requested
+    planned = start.get("planned_seconds")
+    return {"planned_seconds": float(planned) if planned is not None else None,
+            "ran_seconds": (end_ns - start_ns) / NS_PER_S, "finished": finished, "stopped_by": stopped_by}
+
+
+def _finished_check(timing: dict, check: str = "phase finished") -> dict:
+    """The "phase finished" check, saying how long an interrupted phase ran of its plan."""
+    if timing["finished"]:
+        return _check(check, True, "the phase ran to its end")
+    planned = f" of the planned {timing['planned_seconds']:g} s" if timing["planned_seconds"] is not None else ""
+    return _check(check, False, f"interrupted ({timing['stopped_by']}) after {timing['ran_seconds']:.1f} s"
+                  f"{planned}: figures cover only what was measured")
 
 
 def steady_window(start_ns: int, end_ns: int) -> tuple[int, int, str]:
@@ -176,6 +215,22 @@ def _truth_joules(run: RunData, start_ns: int, end_ns: int) -> float | None:
     return total
 
 
+def late_spans_check(run: RunData, name: str) -> dict | None:
+    """The span-driven mock's "late spans" check for one phase: spans that reached the mock after it had
+    simulated their time are activity it never simulated (see agent/span_activity.py). None when the run's
+    events do not carry the mock's counts (real GPUs, older runs)."""
+    start, end = run.event("phase_start", phase=name), run.event("phase_end", phase=name)
+    if not start or not end or "mock_late_spans" not in start or "mock_late_spans" not in end:
+        return None
+    spans = end["mock_late_spans"] - start["mock_late_spans"]
+    seconds = end["mock_late_span_seconds"] - start["mock_late_span_seconds"]
+    lag = end.get("mock_lag_seconds")
+    lag_text = f"{lag:g} s" if isinstance(lag, (int, float)) else "its"
+    return _check("late spans", spans == 0,
+                  f"every span reached the mock within {lag_text} lag" if spans == 0 else
+                  f"{spans} span(s) reached the mock after {lag_text} lag: {seconds:.3f} s of activity not simulated")
+
+
 def _rapl(run: RunData, start_ns: int, end_ns: int) -> dict[str, float]:
     out = {}
     for column in (c for c in run.host.columns if c.startswith("rapl_")):
@@ -194,13 +249,73 @@ def idle_baseline(run: RunData) -> tuple[dict, list[dict]]:
     start, end = steady_window(phase[0], phase[1])[:2]
     energy = window_energy(run, start, end)
     seconds = (energy["end_ns"] - energy["start_ns"]) / NS_PER_S
+    timing = phase_timing(run, "idle")
+    finished = [_finished_check(timing, "idle phase finished")]
     if energy["joules"] is None or seconds <= 0:
-        return {"power_watts": None, "duration_seconds": seconds, "energy_joules": None}, [
-            _check("idle baseline", False, "the energy counter did not move during the idle phase")]
+        return {"power_watts": None, "duration_seconds": seconds, "energy_joules": None, "phase": timing}, [
+            _check("idle baseline", False, "the energy counter did not move during the idle phase"), *finished]
     power = energy["joules"] / seconds
     checks = [_check("idle baseline", seconds >= MIN_WINDOW_SECONDS,
-                     f"{seconds:.1f} s window, {power:.1f} W on {run.gpu['index'].nunique()} GPU(s)")]
-    return {"power_watts": power, "duration_seconds": seconds, "energy_joules": energy["joules"]}, checks
+                     f"{seconds:.1f} s window, {power:.1f} W on {run.gpu['index'].nunique()} GPU(s)"), *finished]
+    return {"power_watts": power, "duration_seconds": seconds, "energy_joules": energy["joules"],
+            "phase": timing}, checks
+
+
+def _peak(frame: pd.DataFrame, column: str, positive: bool = False) -> float | None:
+    """The column's maximum; None when absent (or, with ``positive``, when nothing above 0 was seen)."""
+    if column not in frame:
+        return None
+    peak = _number(frame[column].max())
+    return None if positive and not peak else peak
+
+
+def _temperature(samples: pd.DataFrame) -> dict:
+    """GPU temperature over the phase: p99 (what a sustained load reaches) and the single highest sample."""
+    column = samples.get("temperature_gpu_celsius", pd.Series(dtype=float)).dropna()
+    return {"temperature_p99_celsius": _stats(column)["p99"],
+            "temperature_max_celsius": float(column.max()) if not column.empty else None}
+
+
+def _per_request_and_session(summary: dict, name: str, workload: dict, joules_per_token: float | None,
+                             run: RunData) -> None:
+    """Joules per chat request and per agentic session, or in ``not_available`` why not (in words); and why
+    there is no RAPL energy, when there is none."""
+    why = summary["not_available"]
+    cut = "" if summary["phase"]["finished"] else f" (the phase was cut short after {summary['phase']['ran_seconds']:.1f} s)"
+    if name == "chat":
+        completed = workload.get("requests_completed")
+        generated = (workload.get("tokens") or {}).get("generated")
+        if not workload:
+            why["joules_per_request"] = "the chat workload reported no summary" + cut
+        elif completed is None:
+            why["joules_per_request"] = "the chat workload's summary has no request count"
+        elif completed == 0:
+            why["joules_per_request"] = "no chat request completed during the phase" + cut
+        elif joules_per_token is None or not generated:
+            why["joules_per_request"] = "no joules per generated token in the steady-state window"
+        else:
+            summary["joules_per_request"] = joules_per_token * generated / completed
+    if name == "agentic":
+        sessions, started = workload.get("sessions_completed"), workload.get("sessions_started")
+        whole = summary["energy"]["whole_phase_joules"]
+        seconds = workload.get("duration_seconds", summary["phase_seconds"])
+        if not workload:
+            why["joules_per_session"] = "the agentic workload reported no summary" + cut
+        elif sessions is None:
+            why["joules_per_session"] = "the agentic workload's summary has no session counts"
+        elif sessions == 0:
+            why["joules_per_session"] = (
+                f"none of the {started or 0} sessions finished within the {seconds:.0f} s phase" + cut
+                + ("" if cut else ": sessions outlast it (a longer --duration lets some finish)"))
+        elif not whole:
+            why["joules_per_session"] = "the energy counter did not cover the phase"
+        else:
+            summary["joules_per_session"] = whole / sessions
+    if not summary["energy"]["rapl_joules"]:
+        reasons = [e.get("reason") for e in (run.event("run_start") or {}).get("rapl") or []
+                   if isinstance(e, dict) and not e.get("supported") and e.get("reason")]
+        why["rapl_joules"] = ("RAPL not readable on this host: " + "; ".join(reasons) if reasons
+                              else "no RAPL counters in the host samples")
 
 
 def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pricing, gpus: int) -> dict | None:
@@ -210,6 +325,7 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
     if phase is None:
         return None
     start_ns, end_ns, finished = phase
+    timing = phase_timing(run, name)
     # Ramp-up counts from the workload's first activity: model building and imports before it are setup.
     work_start = start_ns
     if not run.spans.empty and "workload" in run.spans:
@@ -246,8 +362,7 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
                                          for g in energy["per_gpu"].values()),
                "energy counters advanced on every GPU: " + ", ".join(
                    f"GPU {i}: {g['changes']} updates" for i, g in energy["per_gpu"].items())),
-        _check("phase finished", finished, "the phase ran to its end" if finished else
-               "the run was interrupted during this phase: figures cover what was measured"),
+        _finished_check(timing),
         _check("tokens counted", tokens[main_kind] > 0, f"{tokens[main_kind]} {main_kind} tokens in the window"),
     ]
     divergence = None
@@ -262,6 +377,7 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
     summary = {
         "duration_seconds": seconds,
         "phase_seconds": (end_ns - start_ns) / NS_PER_S,
+        "phase": timing,
         "window": {"start_seconds": (a - run.origin_ns) / NS_PER_S, "end_seconds": (b - run.origin_ns) / NS_PER_S,
                    "exclusions": exclusions},
         "gpu_utilization": {
@@ -282,13 +398,14 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
             "counter_vs_integrated_divergence": divergence,
             "rapl_joules": _rapl(run, a, b),
             "whole_phase_joules": window_energy(run, start_ns, end_ns)["joules"],
-            "temperature_max_celsius": _stats(whole_phase.get("temperature_gpu_celsius", pd.Series()))["p99"],
+            **_temperature(whole_phase),
         },
         "memory": {
-            "gpu_peak_bytes": _number(whole_phase["memory_used_bytes"].max()) if "memory_used_bytes" in whole_phase else None,
-            "host_peak_bytes": _number(host_phase["memory_used_bytes"].max()) if "memory_used_bytes" in host_phase else None,
-            "host_pinned_peak_bytes": _number(host_phase["process_pinned_bytes"].max())
-            if "process_pinned_bytes" in host_phase else None,
+            "gpu_peak_bytes": _peak(whole_phase, "memory_used_bytes"),
+            # The machine's used memory (every process on the host) and the workload processes' own RSS.
+            "host_peak_bytes": _peak(host_phase, "memory_used_bytes"),
+            "workload_host_rss_peak_bytes": _peak(host_phase, "process_rss_bytes", positive=True),
+            "host_pinned_peak_bytes": _peak(host_phase, "process_pinned_bytes"),
         },
         "tokens": tokens,
         "tokens_per_second": {kind: n / seconds for kind, n in tokens.items() if seconds > 0},
@@ -299,14 +416,8 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
         "workload": workload,
         "validity": checks,
     }
-    completed = workload.get("requests_completed")
-    if name == "chat" and completed and main["gross"] is not None:
-        per_request = workload["tokens"]["generated"] / completed
-        summary["joules_per_request"] = main["gross"] * per_request
-    sessions = workload.get("sessions_completed")
-    whole = summary["energy"]["whole_phase_joules"]
-    if name == "agentic" and sessions and whole:
-        summary["joules_per_session"] = whole / sessions
+    summary["not_available"] = {}
+    _per_request_and_session(summary, name, workload, main["gross"], run)
     economics = regime_economics(pricing, gpus, seconds, gross, tokens[main_kind], util_mean, idle_power_watts)
     summary["cost_usd_per_million_tokens"] = economics["cost_usd_per_million_tokens"]
     summary["energy_share_of_cost"] = economics["energy_share_of_cost"]
@@ -320,6 +431,9 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
             error = (gross - truth) / truth
             checks.append(_check("mock ground truth", abs(error) <= 0.01,
                                  f"measured energy is {100 * error:+.3f}% from the simulator's exact energy"))
+    late = late_spans_check(run, name)
+    if late is not None:
+        checks.append(late)
     return summary
 
 

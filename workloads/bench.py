@@ -22,11 +22,17 @@ from pathlib import Path
 
 from wattledger.agent.config import build_config
 from wattledger.agent.daemon import Agent
+from wattledger.agent.span_activity import SpanActivitySource
 from wattledger.probes.mock import MockGpuBackend
 from wattledger.exporters.jsonl import JsonlRecorder, JsonlWriter
 
 REGIMES = ("training", "chat", "agentic")
-MOCK_DELAY_SECONDS = 0.5  # the span-driven mock runs this far behind (spans reach it within ~0.1 s)
+# The span-driven mock simulates time t once t is this old (its lag): a span counts by its own timestamps
+# if it reaches the mock within the lag of its start. Training announces each step when it starts (never
+# late: its steps took up to 1.02 s beside 6 busy processes on 2 cores); chat and agentic steps reach the
+# mock when they end, and took at most about 0.6 s there. Later spans are counted ("late spans" in the
+# run's checks), never silently lost.
+MOCK_DELAY_SECONDS = 1.0
 
 
 @dataclass
@@ -58,6 +64,37 @@ class BenchOptions:
         }
 
 
+class StopRequest(threading.Event):
+    """A stop flag that remembers why and when it was first set (``request``), so the run directory can
+    say that a phase was interrupted, by what, and after how long. ``set()`` alone counts as a request with
+    no reason (a test, or code that only has the event)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason: str | None = None
+        self.requested_ns: int | None = None
+
+    def request(self, reason: str) -> None:
+        if self.requested_ns is None:  # a second Ctrl-C does not move the moment the run was cut
+            self.reason, self.requested_ns = reason, time.monotonic_ns()
+        self.set()
+
+
+def _stop_fields(stop: threading.Event) -> dict:
+    """What a phase_end event records about an interruption: the reason and the moment it was asked for
+    (host monotonic ns), where the stop flag knows them."""
+    return {"stop_reason": getattr(stop, "reason", None) or "stop requested",
+            "stop_requested_ns": getattr(stop, "requested_ns", None) or time.monotonic_ns()}
+
+
+def _rapl_status(agent: Agent) -> list[dict]:
+    """The host probe's RAPL entries (readable or why not), so the summary can say why it has no CPU energy."""
+    if agent.host is None:
+        return [{"name": "rapl", "supported": False, "reason": "no host probe"}]
+    return [{"name": st.name, "supported": st.supported, "reason": st.reason} for st in agent.host.field_status()
+            if st.name == "rapl" or st.name.startswith("rapl:")]
+
+
 class RunRecorder:
     """Writes the raw files of a run directory while the run goes on."""
 
@@ -84,7 +121,18 @@ class RunRecorder:
         self.samples.write_records(extra)
 
     def event(self, type_: str, **fields) -> None:
-        self.events.write({"type": type_, "monotonic_ns": time.monotonic_ns(), **fields})
+        self.events.write({"type": type_, "monotonic_ns": time.monotonic_ns(), **self._mock_lateness(), **fields})
+
+    def _mock_lateness(self) -> dict:
+        """The span-driven mock's late spans so far (cumulative; a phase's are its phase_end's less its
+        phase_start's), and its lag. Empty when the GPU is not the span-driven mock."""
+        gpu = self.agent.gpu
+        source = gpu.activity_source if isinstance(gpu, MockGpuBackend) else None
+        if not isinstance(source, SpanActivitySource):
+            return {}
+        late = source.late()
+        return {"mock_late_spans": late.spans, "mock_late_span_seconds": late.seconds,
+                "mock_lag_seconds": gpu.lag_seconds}
 
     def close(self) -> None:
         self.samples.close()
@@ -193,7 +241,7 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
     recorder.event("run_start", wall_time=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                    backend=agent.gpu.name if agent.gpu else None, simulated=simulated, settings=all_settings,
                    host={"hostname": socket.gethostname(), "machine": platform.machine(),
-                         "cpus": os.cpu_count()})
+                         "cpus": os.cpu_count()}, rapl=_rapl_status(agent))
     state = LiveState(agent)
     agent.start()
     console.print(f"wattledger bench: metrics at {agent.metrics_url}; run directory {run_dir}", markup=False,
@@ -207,7 +255,7 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
             if stop.is_set():
                 break
             state.phase, state.phase_started, state.phase_seconds = phase, time.monotonic(), seconds
-            recorder.event("phase_start", phase=phase)
+            recorder.event("phase_start", phase=phase, planned_seconds=seconds)
             summary = {}
             if phase == "idle":
                 stop.wait(seconds)
@@ -222,7 +270,10 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
                     summary = module.run(module_default_config(module), run_options, reporter, stop)
                 finally:
                     reporter.stop()
-            recorder.event("phase_end", phase=phase, workload_summary=_compact(summary))
+            # A workload returns early when stop is set, so a set flag here means the phase was cut short.
+            interrupted = _stop_fields(stop) if stop.is_set() else {}
+            recorder.event("phase_end", phase=phase, workload_summary=_compact(summary),
+                           interrupted=bool(interrupted), **interrupted)
             if number < len(plan) - 1 and not stop.is_set():
                 state.phase, state.phase_started, state.phase_seconds = "cooldown", time.monotonic(), settings["cooldown_s"]
                 stop.wait(settings["cooldown_s"])

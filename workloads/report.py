@@ -5,10 +5,16 @@ the tables from ``summary`` (summary.json, docs/summary.schema.json). The page n
 itself: inline CSS, no scripts, figures embedded as base64 PNG ``<img>`` with alt text. The same figures
 are saved under ``run.run_dir / "figures"``:
 
-- ``utilization_by_regime.png``: each regime's GPU utilization against seconds since its phase started,
-  overlaid (raw samples plus a light rolling mean);
-- ``power_timeline.png``: GPU power over the whole run, phases (idle baseline included) shaded;
-- ``memory.png``: HBM used, and host DRAM used (with pinned bytes when any), over the whole run;
+Every time-series figure has one axis, seconds since the run started, and shades the steady-state window
+each regime's figures come from (``summary["regimes"][name]["window"]``); titles say SIMULATED on the mock.
+
+- ``utilization_by_regime.png``: one panel per regime, stacked on that shared axis: GPU utilization during
+  the regime's phase (raw samples plus a rolling mean);
+- ``activity_by_regime.png``: the same panels for SM, tensor and DRAM activity (GPM fields);
+- ``power_timeline.png``: GPU power over the whole run, phases (idle baseline included) shaded; below it
+  the host CPU power from RAPL when the host's counters were readable;
+- ``memory.png``: HBM used; host memory: the workload processes' RSS (and pinned bytes when any) beside the
+  whole machine's used memory;
 - ``joules_per_token.png``: joules per token, gross and dynamic, per regime;
 - ``cost_curves.png``: dollars per million tokens against utilization, each regime's measured point marked.
 
@@ -26,7 +32,7 @@ import base64
 import html
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,7 @@ GB = 1e9
 FIGURE_DPI = 110
 FIGURE_FILES = {
     "utilization": "utilization_by_regime.png",
+    "activity": "activity_by_regime.png",
     "power": "power_timeline.png",
     "memory": "memory.png",
     "joules_per_token": "joules_per_token.png",
@@ -64,6 +71,7 @@ class Figure:
     alt: str
     png: bytes | None  # None: nothing to draw
     note: str  # caption, or why there is no figure
+    mpl: Any = field(default=None, compare=False, repr=False)  # the matplotlib Figure drawn (tests read its axes)
 
 
 # -- helpers: numbers ------------------------------------------------------------------------------------
@@ -272,60 +280,195 @@ def _shade_phases(ax, phases: list[Phase], names: list[str], label: bool) -> Non
                     ha="center", va="top", fontsize=8.5, color=color, fontweight="bold")
 
 
-def figure_utilization(run: RunData, phases: list[Phase], names: list[str]) -> Figure:
-    title = "GPU utilization by regime"
+def _sim_title(title: str, simulated: bool) -> str:
+    """A figure title that says SIMULATED when the figures came from the mock GPU (saved PNGs travel alone)."""
+    return f"{title} (SIMULATED: mock GPU)" if simulated else title
+
+
+def steady_windows(summary: dict, names: list[str]) -> dict[str, tuple[float, float]]:
+    """regime -> (start, end) of the steady-state window its figures come from, seconds since run start."""
+    out = {}
+    for name in names:
+        window = _get(summary, "regimes", name, "window")
+        start, end = _num(_get(window, "start_seconds")), _num(_get(window, "end_seconds"))
+        if start is not None and end is not None and end > start:
+            out[name] = (start, end)
+    return out
+
+
+def _shade_window(ax, window: tuple[float, float] | None, color: str, label: bool) -> None:
+    """The steady-state window a regime's figures come from, shaded and hatched on its panel."""
+    if window is None:
+        return
+    ax.axvspan(window[0], window[1], facecolor=color, alpha=0.16, edgecolor=color, hatch="//", linewidth=0,
+               label="steady-state window (the summary's figures)" if label else None)
+
+
+def _regime_panels(run: RunData, summary: dict, phases: list[Phase], names: list[str], title: str,
+                   draw, ylabel: str, height_per_panel: float = 1.75):
+    """One panel per regime, stacked on one shared axis of seconds since the run started. ``draw(ax, phase,
+    color)`` plots the regime's data and returns whether there was any. Each panel shades its phase and its
+    steady-state window. Returns (figure, drawn regime names), or (None, []) when no panel had data."""
+    regime_phases = [p for p in phases if p.name in names]
+    if not regime_phases:
+        return None, []
+    fig, axes = _new_figure(10, 0.9 + height_per_panel * len(regime_phases), rows=len(regime_phases))
+    axes = list(axes) if len(regime_phases) > 1 else [axes]
+    windows = steady_windows(summary, names)
+    drawn = []
+    end = max([_data_end(run)] + [p.end_s for p in phases])
+    for ax, phase in zip(axes, regime_phases):
+        color = _color(phase.name, names)
+        ax.axvspan(phase.start_s, phase.end_s, color=color, alpha=0.06, linewidth=0)
+        _shade_window(ax, windows.get(phase.name), color, label=ax is axes[0])
+        if draw(ax, phase, color):
+            drawn.append(phase.name)
+        else:
+            ax.text(0.5, 0.5, f"n/a: no samples in the {phase.name} phase", transform=ax.transAxes, ha="center",
+                    color="#666666")
+        state = "" if phase.finished else " (cut short)"
+        ax.text(0.005, 0.96, f"{phase.name}{state}", transform=ax.transAxes, ha="left", va="top", fontsize=9.5,
+                color=color, fontweight="bold")
+        ax.set_ylabel(ylabel, fontsize=8.5)
+        ax.set_xlim(0, end)
+    axes[-1].set_xlabel("seconds since the run started")
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11)  # above the legend row, clear of it
+    if not drawn:
+        return None, []
+    return fig, drawn
+
+
+def _window_text(summary: dict, names: list[str]) -> str:
+    windows = steady_windows(summary, names)
+    return "; ".join(f"{n} {a:.1f}-{b:.1f} s" for n, (a, b) in windows.items()) or "none in the summary"
+
+
+def figure_utilization(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
+    simulated = bool(summary.get("simulated", run.simulated))
+    title = _sim_title("GPU utilization by regime", simulated)
     # NVML's utilization where the board reports it, else GPM's SM activity.
     column = next((c for c in ("utilization_gpu_ratio", "sm_activity_ratio")
                    if c in run.gpu and run.gpu[c].notna().any()), "utilization_gpu_ratio")
     util = per_tick(run, column)
-    regime_phases = [p for p in phases if p.name in names]
-    if util.empty or not regime_phases:
+    if util.empty or not any(p.name in names for p in phases):
         why = "no GPU utilization samples" if util.empty else "no regime phases in events.jsonl"
         return Figure("utilization", title, title, None, f"n/a: {why}")
-    fig, ax = _new_figure(10, 4.2)
     window = max(3, round(2.0 / _interval(run)))
-    drawn = []
-    for phase in regime_phases:
+
+    def draw(ax, phase: Phase, color: str) -> bool:
         part = util[(util["t"] >= phase.start_s) & (util["t"] < phase.end_s)]
         if part.empty:
-            continue
-        x = part["t"] - phase.start_s
-        color = _color(phase.name, names)
-        ax.plot(x, part["value"] * 100, color=color, linewidth=0.9, alpha=0.85,
-                label=phase.name + ("" if phase.finished else " (cut short)"))
+            return False
+        ax.plot(part["t"], part["value"] * 100, color=color, linewidth=0.8, alpha=0.85)
         smooth = part["value"].rolling(window, center=True, min_periods=1).mean()
-        ax.plot(x, smooth * 100, color=color, linewidth=2.6, alpha=0.28)
-        drawn.append(phase.name)
-    if not drawn:
-        return Figure("utilization", title, title, None, "n/a: no samples inside the regime phases")
-    ax.set_ylim(-3, 108)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("seconds since the phase started")
-    gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
-    ax.set_ylabel("GPU utilization (%" + (f", mean of {gpus} GPUs)" if gpus > 1 else ")"))
-    ax.set_title(title, loc="left", fontsize=11)
-    from matplotlib.lines import Line2D
+        ax.plot(part["t"], smooth * 100, color=color, linewidth=2.4, alpha=0.35)
+        ax.set_ylim(-3, 108)
+        return True
 
-    handles, _ = ax.get_legend_handles_labels()
-    handles.append(Line2D([], [], color="#888888", linewidth=2.6, alpha=0.4, label=f"rolling mean ({window} samples)"))
-    _legend_above(ax, handles)
-    alt = (f"Line chart: GPU utilization (%) against seconds since each phase started, for {', '.join(drawn)}; "
-           f"thin lines are raw samples, thick faint lines a {window}-sample rolling mean.")
-    note = (f"Thin lines: every sample ({column}); thick faint lines: {window}-sample rolling mean. "
+    gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
+    fig, drawn = _regime_panels(run, summary, phases, names, title, draw,
+                                "utilization %" + (f"\n(mean of {gpus} GPUs)" if gpus > 1 else ""))
+    if fig is None:
+        return Figure("utilization", title, title, None, "n/a: no samples inside the regime phases")
+    _legend_above(fig.axes[0])
+    alt = (f"{len(drawn)} stacked line charts, one per regime ({', '.join(drawn)}), sharing one axis of seconds "
+           f"since the run started: GPU utilization (%) during each regime's phase, with the steady-state window "
+           f"its figures come from shaded ({_window_text(summary, drawn)}).")
+    note = (f"One panel per regime, one time axis. Thin lines: every sample ({column}); thick faint lines: "
+            f"{window}-sample rolling mean; hatched: the steady-state window the summary's figures come from. "
             "Training should be flat, chat spiky, agentic broken by tool calls.")
-    return Figure("utilization", title, alt, _png(fig), note)
+    return Figure("utilization", title, alt, _png(fig), note, fig)
+
+
+ACTIVITY_FIELDS = (("sm_activity_ratio", "SM", "#1b7837"), ("tensor_activity_ratio", "tensor", "#762a83"),
+                   ("dram_activity_ratio", "DRAM", "#e08214"))
+
+
+def figure_activity(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
+    simulated = bool(summary.get("simulated", run.simulated))
+    title = _sim_title("SM, tensor and DRAM activity by regime", simulated)
+    series = {label: (per_tick(run, column), color) for column, label, color in ACTIVITY_FIELDS}
+    series = {label: value for label, value in series.items() if not value[0].empty}
+    if not series:
+        return Figure("activity", title, title, None, "n/a: the GPUs reported no SM, tensor or DRAM activity "
+                      "(GPM fields need a Hopper-or-newer GPU, or DCGM profiling metrics)")
+
+    def draw(ax, phase: Phase, _color_unused: str) -> bool:
+        any_data = False
+        for label, (frame, color) in series.items():
+            part = frame[(frame["t"] >= phase.start_s) & (frame["t"] < phase.end_s)]
+            if not part.empty:
+                ax.plot(part["t"], part["value"] * 100, color=color, linewidth=0.9, label=label)
+                any_data = True
+        ax.set_ylim(-3, 108)
+        return any_data
+
+    fig, drawn = _regime_panels(run, summary, phases, names, title, draw, "activity %")
+    if fig is None:
+        return Figure("activity", title, title, None, "n/a: no activity samples inside the regime phases")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    _legend_above(fig.axes[0], list(unique.values()))
+    means = []
+    for name in drawn:
+        activity = _get(summary, "regimes", name, "activity") or {}
+        parts = [f"{label} {fmt_percent(activity.get(key))}" for key, label in
+                 (("sm", "SM"), ("tensor", "tensor"), ("dram", "DRAM")) if key in activity]
+        if parts:
+            means.append(f"{name}: " + ", ".join(parts))
+    alt = (f"{len(drawn)} stacked line charts, one per regime ({', '.join(drawn)}), sharing one axis of seconds "
+           f"since the run started: {', '.join(series)} activity (%) during each regime's phase; steady-state "
+           "windows shaded." + (" Window means: " + "; ".join(means) + "." if means else ""))
+    note = ("Share of time the SMs were busy, the tensor cores were busy, and DRAM was being read or written "
+            "(NVML GPM fields). Window means: " + ("; ".join(means) if means else "n/a") + ".")
+    return Figure("activity", title, alt, _png(fig), note, fig)
+
+
+def rapl_power(run: RunData) -> dict[str, pd.DataFrame]:
+    """zone -> (t, watts) from the host's RAPL energy counters, differenced between host samples (the
+    running totals only grow, so a negative step, a reader restart, is dropped)."""
+    out = {}
+    host = run.host
+    for column in (c for c in host.columns if c.startswith("rapl_") and c.endswith("_joules")):
+        frame = host[["t", column]].dropna().sort_values("t")
+        if len(frame) < 2:
+            continue
+        dt = frame["t"].diff()
+        watts = frame[column].diff() / dt
+        keep = (dt > 0) & (watts >= 0)
+        part = pd.DataFrame({"t": frame["t"][keep], "value": watts[keep]})
+        if not part.empty:
+            out[column.removeprefix("rapl_").removesuffix("_joules")] = part
+    return out
+
+
+def _rapl_reason(run: RunData, summary: dict) -> str:
+    """Why a run has no RAPL energy, from the summary or the host probe's status at run start."""
+    for name in summary.get("regimes") or {}:
+        reason = _get(summary, "regimes", name, "not_available", "rapl_joules")
+        if isinstance(reason, str):
+            return reason
+    reasons = [e.get("reason") for e in (run.event("run_start") or {}).get("rapl") or []
+               if isinstance(e, dict) and not e.get("supported") and e.get("reason")]
+    return "RAPL not readable on this host: " + "; ".join(reasons) if reasons else "no RAPL counters recorded"
 
 
 def figure_power(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
-    title = "GPU power over the run"
+    simulated = bool(summary.get("simulated", run.simulated))
+    title = _sim_title("GPU power over the run", simulated)
     power = per_tick(run, "power_watts", how="sum")
     if power.empty:
         return Figure("power", title, title, None, "n/a: no GPU power samples")
-    fig, ax = _new_figure(10, 4.0)
+    rapl = rapl_power(run)
+    fig, axes = _new_figure(10, 5.6 if rapl else 4.0, rows=2 if rapl else 1)
+    ax = axes[0] if rapl else axes
     _shade_phases(ax, phases, names, label=True)
+    windows = steady_windows(summary, names)
+    for name, window in windows.items():
+        _shade_window(ax, window, _color(name, names), label=name == next(iter(windows)))
     gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
     ax.plot(power["t"], power["value"], color="#222222", linewidth=1.0,
-            label="power, all GPUs" if gpus > 1 else "power")
+            label="GPU power, all GPUs" if gpus > 1 else "GPU power")
     idle_w = _num(_get(summary, "idle", "power_watts"))
     if idle_w is not None:
         ax.axhline(idle_w, color=IDLE_PHASE_COLOR, linestyle="--", linewidth=1.1,
@@ -337,27 +480,46 @@ def figure_power(run: RunData, summary: dict, phases: list[Phase], names: list[s
     top = max(float(power["value"].max()), sum(v for v in limits if v) if limits else 0.0)
     ax.set_ylim(0, top * 1.15)
     ax.set_xlim(0, max(power["t"].max(), max((p.end_s for p in phases), default=0)))
-    ax.set_xlabel("seconds since the run started")
-    ax.set_ylabel("power (W" + (f", sum of {gpus} GPUs)" if gpus > 1 else ")"))
-    ax.set_title(title, loc="left", fontsize=11)
+    ax.set_ylabel("GPU power (W" + (f", sum of {gpus} GPUs)" if gpus > 1 else ")"))
+    # The title above the legend row: this legend is too long to share a line with it.
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11)
     _legend_above(ax)
+    if rapl:
+        bottom = axes[1]
+        _shade_phases(bottom, phases, names, label=False)
+        for (zone, frame), color in zip(rapl.items(), ("#8c2d04", "#2166ac", "#cc4c02", "#4393c3")):
+            bottom.plot(frame["t"], frame["value"], color=color, linewidth=1.0, label=f"RAPL {zone}")
+        bottom.set_ylabel("host CPU power (W)")
+        bottom.set_ylim(bottom=0)
+        _legend_above(bottom)
+    (axes[1] if rapl else ax).set_xlabel("seconds since the run started")
     phase_list = ", ".join(f"{p.name} {p.start_s:.0f}-{p.end_s:.0f} s" for p in phases) or "none recorded"
-    alt = f"Line chart: GPU power (W) against seconds since the run started; shaded phases: {phase_list}."
-    return Figure("power", title, alt, _png(fig), "Shaded bands are the phases (idle baseline included), "
-                  "from events.jsonl.")
+    alt = (f"Line chart: GPU power (W) against seconds since the run started; shaded phases: {phase_list}; "
+           f"hatched steady-state windows: {_window_text(summary, names)}"
+           + (f"; below, host CPU power from RAPL ({', '.join(rapl)})." if rapl else "."))
+    note = "Shaded bands are the phases (idle baseline included), from events.jsonl; hatched: steady-state windows. "
+    note += (f"Below: host CPU power from the RAPL energy counters ({', '.join(rapl)})." if rapl
+             else f"Host CPU energy: n/a ({_rapl_reason(run, summary)}).")
+    return Figure("power", title, alt, _png(fig), note, fig)
 
 
-def figure_memory(run: RunData, phases: list[Phase], names: list[str]) -> Figure:
-    title = "HBM and host DRAM used"
+def _host_column(run: RunData, column: str, positive: bool = False) -> pd.DataFrame:
+    host = run.host
+    if host.empty or column not in host:
+        return pd.DataFrame()
+    frame = host[["t", column]].dropna()
+    return frame if not positive or (not frame.empty and float(frame[column].max()) > 0) else pd.DataFrame()
+
+
+def figure_memory(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
+    simulated = bool(summary.get("simulated", run.simulated))
+    title = _sim_title("GPU memory (HBM) and host memory used", simulated)
     hbm = per_tick(run, "memory_used_bytes", how="sum")
     total = per_tick(run, "memory_total_bytes", how="sum")
-    host = run.host
-    host_used = (host[["t", "memory_used_bytes"]].dropna() if not host.empty and "memory_used_bytes" in host
-                 else pd.DataFrame())
-    pinned = (host[["t", "process_pinned_bytes"]].dropna() if not host.empty and "process_pinned_bytes" in host
-              else pd.DataFrame())
-    has_pinned = not pinned.empty and float(pinned["process_pinned_bytes"].max()) > 0
-    if hbm.empty and host_used.empty:
+    machine = _host_column(run, "memory_used_bytes")
+    workload_rss = _host_column(run, "process_rss_bytes", positive=True)
+    pinned = _host_column(run, "process_pinned_bytes", positive=True)
+    if hbm.empty and machine.empty and workload_rss.empty:
         return Figure("memory", title, title, None, "n/a: no GPU or host memory samples")
     fig, (top, bottom) = _new_figure(10, 5.2, rows=2)
     for ax in (top, bottom):
@@ -375,27 +537,39 @@ def figure_memory(run: RunData, phases: list[Phase], names: list[str]) -> Figure
     gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
     top.set_ylabel("HBM (GB" + (f", {gpus} GPUs)" if gpus > 1 else ")"))
     top.set_title(title, loc="left", fontsize=11)
-    if not host_used.empty:
-        bottom.plot(host_used["t"], host_used["memory_used_bytes"] / GB, color="#b15928", linewidth=1.2,
-                    label="host DRAM used")
-        if has_pinned:
-            bottom.plot(pinned["t"], pinned["process_pinned_bytes"] / GB, color="#e31a1c", linewidth=1.2,
-                        linestyle="--", label="pinned by workloads")
-        bottom.set_ylim(0, float(host_used["memory_used_bytes"].max()) / GB * 1.25)
+    peaks = [0.0]
+    if not workload_rss.empty:
+        bottom.plot(workload_rss["t"], workload_rss["process_rss_bytes"] / GB, color="#b15928", linewidth=1.4,
+                    label="workload processes' RSS")
+        peaks.append(float(workload_rss["process_rss_bytes"].max()))
+    if not pinned.empty:
+        bottom.plot(pinned["t"], pinned["process_pinned_bytes"] / GB, color="#e31a1c", linewidth=1.2,
+                    linestyle="--", label="pinned by the workload")
+        peaks.append(float(pinned["process_pinned_bytes"].max()))
+    if not machine.empty:
+        bottom.plot(machine["t"], machine["memory_used_bytes"] / GB, color="#999999", linewidth=1.0,
+                    linestyle=":", label="whole machine, all processes")
+        peaks.append(float(machine["memory_used_bytes"].max()))
+    if max(peaks) > 0:
+        bottom.set_ylim(0, max(peaks) / GB * 1.25)
         _legend_above(bottom)
     else:
-        bottom.text(0.5, 0.5, "n/a: no host samples", transform=bottom.transAxes, ha="center", color="#666666")
-    bottom.set_ylabel("host DRAM (GB)")
+        bottom.text(0.5, 0.5, "n/a: no host memory samples", transform=bottom.transAxes, ha="center",
+                    color="#666666")
+    bottom.set_ylabel("host memory (GB)")
     bottom.set_xlabel("seconds since the run started")
     bottom.set_xlim(left=0)
-    alt = ("Two line charts against seconds since the run started: GPU HBM used (GB) above, host DRAM used (GB) "
-           "below" + (", with host memory pinned by the workloads" if has_pinned else "") + "; phases shaded.")
-    note = "GB are 10^9 bytes." + (" Pinned: VmPin of the workload processes." if has_pinned else "")
-    return Figure("memory", title, alt, _png(fig), note)
+    alt = ("Two line charts against seconds since the run started: GPU HBM used (GB) above; below, host memory "
+           "(GB): the workload processes' resident memory" + (", what they pinned" if not pinned.empty else "")
+           + ", and the whole machine's used memory for comparison; phases shaded.")
+    note = ("GB are 10^9 bytes. Host memory: the workload processes' RSS (in `wattledger bench` the bench process "
+            "itself, agent included), and dotted, the whole machine's used memory (every process on it)."
+            + (" Pinned: VmPin of the workload processes." if not pinned.empty else ""))
+    return Figure("memory", title, alt, _png(fig), note, fig)
 
 
 def figure_joules_per_token(summary: dict, names: list[str]) -> Figure:
-    title = "Joules per token, gross and dynamic"
+    title = _sim_title("Joules per token, gross and dynamic", bool(summary.get("simulated")))
     regimes = summary.get("regimes") or {}
     rows = []
     for name in names:
@@ -446,7 +620,7 @@ def _cost_curve(summary: dict, name: str) -> list[tuple[float, float]]:
 
 
 def figure_cost(summary: dict, names: list[str]) -> Figure:
-    title = "Cost per million tokens against GPU utilization"
+    title = _sim_title("Cost per million tokens against GPU utilization", bool(summary.get("simulated")))
     regimes = summary.get("regimes") or {}
     series = []
     for name in names:
@@ -537,8 +711,40 @@ def _regime_rows(summary: dict, names: list[str]) -> list[tuple[str, list[str]] 
     def workload(*keys: str, form=fmt) -> callable:
         return lambda reg: form(_get(reg, "workload", *keys))
 
+    def phase_ran(reg: dict) -> str:
+        timing = reg.get("phase") if isinstance(reg.get("phase"), dict) else {}
+        ran, planned = _num(timing.get("ran_seconds")), _num(timing.get("planned_seconds"))
+        if ran is None:
+            return fmt_seconds(reg.get("phase_seconds"))
+        text = f"{fmt_seconds(ran)} of {fmt_seconds(planned)} planned" if planned is not None else fmt_seconds(ran)
+        return text + ("" if timing.get("finished", True) else f" (cut short: {timing.get('stopped_by')})")
+
+    def activity(reg: dict) -> str:
+        values = reg.get("activity") if isinstance(reg.get("activity"), dict) else {}
+        return " / ".join(fmt_percent(values.get(k)) for k in ("sm", "tensor", "dram")) if values else "n/a"
+
+    def rapl(reg: dict) -> str:
+        zones = _get(reg, "energy", "rapl_joules")
+        if isinstance(zones, dict) and zones:
+            ordered = sorted(zones.items(), key=lambda item: (not item[0].startswith("package"), item[0]))
+            return ", ".join(f"{zone} {fmt_energy(j)}" for zone, j in ordered)
+        return "n/a (see below the table)" if _get(reg, "not_available", "rapl_joules") else "n/a"
+
+    def per_unit(reg: dict, key: str, unit_name: str) -> str:
+        """Joules per request or session, or why there is none."""
+        value = _num(reg.get(key))
+        if value is not None:
+            return f"{fmt_energy(value)} per {unit_name}"
+        reason = _get(reg, "not_available", key)
+        return f"n/a: {reason}" if reason else "n/a"
+
+    def only(regime: str, cell) -> list[str]:
+        """Cells for a figure that only one regime has: '—' for the others."""
+        return [cell(reg) if n == regime and reg else ("not measured" if reg is None else "—") for n, reg in r.items()]
+
     rows: list = ["GPU"]
     rows += [
+        row("phase ran", phase_ran),
         row("steady-state window", lambda reg: fmt_seconds(reg.get("duration_seconds"))),
         row("utilization mean", lambda reg: fmt_percent(_get(reg, "gpu_utilization", "mean"))),
         row("utilization p50 / p99", lambda reg: f"{fmt_percent(_get(reg, 'gpu_utilization', 'p50'))} / "
@@ -547,14 +753,26 @@ def _regime_rows(summary: dict, names: list[str]) -> list[tuple[str, list[str]] 
         row("power mean / p99", lambda reg: f"{fmt(_get(reg, 'power_watts', 'mean'), 'W')} / "
                                             f"{fmt(_get(reg, 'power_watts', 'p99'), 'W')}"),
     ]
+    if any(reg and isinstance(reg.get("activity"), dict) and reg["activity"] for reg in r.values()):
+        rows.append(row("SM / tensor / DRAM activity (window mean)", activity))
     if any(reg and isinstance(reg.get("memory"), dict) for reg in r.values()):
-        rows.append(row("peak HBM / host DRAM", lambda reg: f"{fmt_bytes(_get(reg, 'memory', 'gpu_peak_bytes'))} / "
-                                                            f"{fmt_bytes(_get(reg, 'memory', 'host_peak_bytes'))}"))
+        rows.append(row("peak HBM used", lambda reg: fmt_bytes(_get(reg, "memory", "gpu_peak_bytes"))))
+        if any(_num(_get(reg, "memory", "workload_host_rss_peak_bytes")) for reg in r.values() if reg):
+            rows.append(row("peak host memory of the workload (RSS)",
+                            lambda reg: fmt_bytes(_get(reg, "memory", "workload_host_rss_peak_bytes"))))
+        rows.append(row("peak host memory used, whole machine",
+                        lambda reg: fmt_bytes(_get(reg, "memory", "host_peak_bytes"))))
         if any(_num(_get(reg, "memory", "host_pinned_peak_bytes")) for reg in r.values() if reg):
-            rows.append(row("peak pinned host memory",
+            rows.append(row("peak host memory pinned by the workload",
                             lambda reg: fmt_bytes(_get(reg, "memory", "host_pinned_peak_bytes"))))
-    if any(_num(_get(reg, "energy", "temperature_max_celsius")) is not None for reg in r.values() if reg):
-        rows.append(row("GPU temperature max", lambda reg: fmt(_get(reg, "energy", "temperature_max_celsius"), "°C")))
+    temperatures = [(_num(_get(reg, "energy", "temperature_p99_celsius")), _num(_get(reg, "energy", "temperature_max_celsius")))
+                    for reg in r.values() if reg]
+    if any(p is not None for p, _ in temperatures):
+        rows.append(row("GPU temperature p99 / max",
+                        lambda reg: f"{fmt(_get(reg, 'energy', 'temperature_p99_celsius'), '°C')} / "
+                                    f"{fmt(_get(reg, 'energy', 'temperature_max_celsius'), '°C')}"))
+    elif any(m is not None for _, m in temperatures):  # a summary from before p99 was kept apart: it was the p99
+        rows.append(row("GPU temperature p99", lambda reg: fmt(_get(reg, "energy", "temperature_max_celsius"), "°C")))
     rows += [
         "Energy and tokens",
         row("energy", lambda reg: fmt_energy(reg.get("energy_joules"))),
@@ -563,6 +781,12 @@ def _regime_rows(summary: dict, names: list[str]) -> list[tuple[str, list[str]] 
         row("J/token gross", lambda reg: fmt(_get(reg, "joules_per_token", "gross"), "J")),
         row("J/token dynamic (above idle)", lambda reg: fmt(_get(reg, "joules_per_token", "dynamic"), "J")),
     ]
+    if "chat" in r:
+        rows.append(("J/request (chat)", only("chat", lambda reg: per_unit(reg, "joules_per_request", "request"))))
+    if "agentic" in r:
+        rows.append(("J/session (agentic, whole phase)",
+                     only("agentic", lambda reg: per_unit(reg, "joules_per_session", "session"))))
+    rows.append(row("host CPU energy (RAPL, window)", rapl))
     if any(reg and "mock_truth" in reg for reg in r.values()):
         rows.append(row("simulator truth: energy, J/token",
                         lambda reg: f"{fmt_energy(_get(reg, 'mock_truth', 'energy_joules'))}, "
@@ -598,6 +822,25 @@ def _regime_rows(summary: dict, names: list[str]) -> list[tuple[str, list[str]] 
     return rows
 
 
+def _regime_notes(summary: dict, names: list[str]) -> str:
+    """Reasons shared by every regime (RAPL unreadable on the host), said once under the table, not per cell."""
+    reasons = []
+    for name in names:
+        reason = _get(summary, "regimes", name, "not_available", "rapl_joules")
+        if isinstance(reason, str) and reason not in reasons:
+            reasons.append(reason)
+    if not reasons:
+        return ""
+    return "<ul class='notes'>" + "".join(f"<li>Host CPU energy (RAPL): {_esc(r)}</li>" for r in reasons) + "</ul>"
+
+
+def _cell_class(cell: str) -> str:
+    """'na' for a missing figure; 'na wrap' for one that says why (a sentence, allowed to wrap)."""
+    if cell in ("n/a", "not measured", "—"):
+        return "na"
+    return "na wrap" if cell.startswith("n/a: ") else ""
+
+
 def _table(headers: list[str], rows: list, css: str = "") -> str:
     head = "".join(f"<th scope='col'>{_esc(h)}</th>" for h in headers)
     body = []
@@ -606,8 +849,7 @@ def _table(headers: list[str], rows: list, css: str = "") -> str:
             body.append(f"<tr class='group'><th colspan='{len(headers)}' scope='rowgroup'>{_esc(row)}</th></tr>")
         else:
             label, cells = row
-            tds = "".join(f"<td class='{'na' if c in ('n/a', 'not measured', '—') else ''}'>{_esc(c)}</td>"
-                          for c in cells)
+            tds = "".join(f"<td class='{_cell_class(c)}'>{_esc(c)}</td>" for c in cells)
             body.append(f"<tr><th scope='row'>{_esc(label)}</th>{tds}</tr>")
     return (f"<div class='table-wrap'><table class='{css}'><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table></div>")
@@ -729,6 +971,7 @@ th, td { padding: 6px 12px; text-align: left; border-bottom: 1px solid #eceff3; 
 thead th { background: #eef1f5; font-weight: 600; white-space: nowrap; }
 tbody th { font-weight: 500; color: var(--muted); white-space: nowrap; }
 table.regimes td { white-space: nowrap; }
+table.regimes td.wrap { white-space: normal; min-width: 14em; font-size: 13px; }
 tr.group th { background: #f7f8fa; color: var(--ink); font-weight: 700; font-size: 13px;
               text-transform: uppercase; letter-spacing: .04em; }
 td.na { color: #9aa1ab; }
@@ -811,9 +1054,10 @@ def build_figures(run: RunData, summary: dict) -> list[Figure]:
     phases = phases_of(run)
     names = _regime_names(summary, phases)
     return [
-        figure_utilization(run, phases, names),
+        figure_utilization(run, summary, phases, names),
+        figure_activity(run, summary, phases, names),
         figure_power(run, summary, phases, names),
-        figure_memory(run, phases, names),
+        figure_memory(run, summary, phases, names),
         figure_joules_per_token(summary, names),
         figure_cost(summary, names),
     ]
@@ -858,8 +1102,8 @@ def render_report(run: RunData, summary: dict, out_path: Path) -> Path:
     subtitle = f"Run directory {run.run_dir.name}"
     if not_measured:
         subtitle += f" · no summary for {', '.join(not_measured)} (phase cut short or not run)"
-    regime_table = (_table(["", *names], _regime_rows(summary, names), "regimes") if names
-                    else "<p class='na'>n/a: no regime was measured.</p>")
+    regime_table = (_table(["", *names], _regime_rows(summary, names), "regimes") + _regime_notes(summary, names)
+                    if names else "<p class='na'>n/a: no regime was measured.</p>")
     body = f"""
 <header>
 <h1>{_esc(title)}</h1>
@@ -869,8 +1113,9 @@ def render_report(run: RunData, summary: dict, out_path: Path) -> Path:
 <section id="regimes"><h2>Regimes</h2>
 {regime_table}
 </section>
-<section id="figures"><h2>Utilization, power and memory</h2>
+<section id="figures"><h2>Utilization, activity, power and memory</h2>
 {_figure_html(figures['utilization'])}
+{_figure_html(figures['activity'])}
 {_figure_html(figures['power'])}
 {_figure_html(figures['memory'])}
 <h2>Energy and cost per token</h2>

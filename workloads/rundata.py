@@ -10,6 +10,11 @@ Writers are ``exporters.jsonl.JsonlWriter`` / ``JsonlRecorder``.
   mock backend, ``truth`` records (the simulator's exact cumulative energy per GPU). Flushed every 2 s.
 - ``spans.jsonl``: every span the workloads reported. Flushed every 2 s.
 - ``events.jsonl``: run and phase boundaries with the workloads' own summaries. Flushed at each event.
+  ``phase_start`` carries ``planned_seconds`` (the phase's planned length: the idle wait, or the
+  workload's duration, which it counts from its own start); ``phase_end`` carries ``interrupted`` (the
+  run was stopped during the phase, so the workload returned early) and, then, ``stop_reason`` ("SIGTERM",
+  "SIGINT") and ``stop_requested_ns`` (when the stop was asked for). ``run_start`` carries ``rapl``, the
+  host probe's RAPL entries (name, supported, reason).
 
 Derived files: ``samples.parquet`` and ``host.parquet`` (the samples as tables), ``summary.json``,
 ``report.html`` and ``figures/*.png``.
@@ -81,6 +86,14 @@ def _check_event(record: dict) -> str | None:
             return "run_start settings.workloads must be a list of names"
     if record["type"] == "phase_end" and not isinstance(record.get("workload_summary") or {}, dict):
         return "phase_end workload_summary must be an object"
+    if record["type"] == "phase_start" and record.get("planned_seconds") is not None and not (
+            _is_number(record["planned_seconds"]) and record["planned_seconds"] >= 0):
+        return "phase_start planned_seconds must be a number of seconds >= 0"
+    if record["type"] == "phase_end" and not isinstance(record.get("interrupted", False), bool):
+        return "phase_end interrupted must be true or false"
+    if record["type"] == "phase_end" and record.get("stop_requested_ns") is not None and not _is_ns(
+            record["stop_requested_ns"]):
+        return "phase_end stop_requested_ns must be nanoseconds"
     return None
 
 
