@@ -1,6 +1,9 @@
-"""Test helpers: an injectable clock and a driver that ticks a sampler through simulated time."""
+"""Test helpers: injectable clocks, a stop event that waits in fake time, and a driver that ticks a sampler
+through simulated time."""
 
 from __future__ import annotations
+
+import threading
 
 NS_PER_S = 1_000_000_000
 
@@ -29,3 +32,36 @@ def run_ticks(sampler, clock: FakeClock, seconds: float, interval_s: float = 0.1
         sampler.tick()
         if on_tick is not None:
             on_tick()
+
+
+class TickingClock(FakeClock):
+    """A clock that moves ``tick_s`` each time it is read, so a loop's timeline counts its own readings.
+
+    Passed as a workload's ``clock_ns``, it makes "which step a request arrives at" and "how long the run
+    lasts" a function of the loop's steps, not of how fast the host runs them."""
+
+    def __init__(self, tick_s: float = 0.001, start_ns: int = 1_000 * NS_PER_S):
+        super().__init__(start_ns)
+        self.tick_ns = round(tick_s * NS_PER_S)
+        self.readings = 0
+
+    def ns(self) -> int:
+        now = self.now_ns
+        self.now_ns += self.tick_ns
+        self.readings += 1
+        return now
+
+
+class ClockedStop(threading.Event):
+    """A stop event whose ``wait(timeout)`` moves a fake clock by ``timeout`` instead of sleeping (unless set).
+
+    Idle waits in a workload loop then pass in fake time, instantly."""
+
+    def __init__(self, clock: FakeClock):
+        super().__init__()
+        self.clock = clock
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.is_set() and timeout:
+            self.clock.advance(timeout)
+        return self.is_set()

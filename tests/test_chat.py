@@ -23,6 +23,8 @@ from wattledger.workloads.arrivals import (
 )
 from wattledger.workloads.lengths import CONVERSATION_OUTPUT, CONVERSATION_PROMPT, LengthSampler, fitted_scale
 
+from fakes import ClockedStop, TickingClock
+
 torch = pytest.importorskip("torch")
 
 from wattledger.workloads.chat import ChatConfig, add_arguments, config_from_args, run  # noqa: E402
@@ -201,10 +203,31 @@ def test_length_sampler_rejects_bad_values(bad):
 # -- serving -----------------------------------------------------------------------------------------------
 
 
-def serve(config: ChatConfig, duration_s: float, seed: int = 0) -> tuple[dict, Reporter]:
-    reporter = Reporter("chat", [0], keep_spans=True)
+class StopWhenGenerated(Reporter):
+    """Sets ``stop`` once ``target`` tokens have been generated (a trace's whole output)."""
+
+    def __init__(self, stop, target: int | None):
+        super().__init__("chat", [0], keep_spans=True)
+        self.stop_event, self.target = stop, target
+
+    def add_tokens(self, kind: str, count: int) -> None:
+        super().add_tokens(kind, count)
+        if self.target is not None and self.tokens["generated"] >= self.target:
+            self.stop_event.set()
+
+
+def serve(config: ChatConfig, duration_s: float, seed: int = 0,
+          stop_after_generated: int | None = None) -> tuple[dict, Reporter]:
+    """Serve on a clock that moves 1 ms per reading (about 4 ms a step) and idles in fake time.
+
+    Arrivals, the deadline and every span then count the server's own steps: which step a request joins,
+    how many arrive before the end, and the run's length are the same on a quiet host and a busy one."""
+    clock = TickingClock(tick_s=0.001)
+    stop = ClockedStop(clock)
+    reporter = StopWhenGenerated(stop, stop_after_generated)
     reporter.start()
-    summary = run(config, RunOptions(preset="tiny", duration_s=duration_s, device="cpu", seed=seed), reporter)
+    summary = run(config, RunOptions(preset="tiny", duration_s=duration_s, device="cpu", seed=seed), reporter,
+                  stop, clock_ns=clock.ns)
     reporter.stop()
     return summary, reporter
 
@@ -212,7 +235,8 @@ def serve(config: ChatConfig, duration_s: float, seed: int = 0) -> tuple[dict, R
 def test_requests_join_a_running_batch_and_get_exactly_their_target_length():
     # A decodes 400 tokens (hundreds of steps); B and C arrive while it does.
     trace = ((0.0, 100, 400), (0.1, 20, 12), (0.12, 10, 1), (0.13, 300, 30))
-    summary, reporter = serve(ChatConfig(trace=trace, keep_requests=True), duration_s=2.5)
+    summary, reporter = serve(ChatConfig(trace=trace, keep_requests=True), duration_s=60.0,
+                              stop_after_generated=sum(o for _, _, o in trace))
     a, b, c, d = summary["requests"]
     assert all(r["completed"] for r in summary["requests"]), summary["requests"]
     # B was admitted (prefilled) while A was mid-decode, and left before A did.

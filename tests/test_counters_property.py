@@ -152,6 +152,7 @@ def _check_energy_identity(registry) -> None:
     assert workloads + unattributed == pytest.approx(gpu, rel=1e-9, abs=1e-6)
 
 
+@pytest.mark.slow  # 200 whole scenarios through the ledger and both renderers: about 20 s
 @settings(max_examples=200, deadline=None)
 @given(scenario())
 def test_no_exported_total_ever_decreases(steps):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -603,15 +602,3 @@ def test_psutil_backend_sample_and_vanishing_process():
         if child.poll() is None:
             child.kill()
             child.wait()
-
-
-@linux_only
-def test_sample_cost_is_low():
-    backend = ProcfsHostBackend(str(FIXTURE_PROC), str(FIXTURE_SYS), clk_tck=100)
-    backend.watch_process(4242)
-    backend.sample()
-    start = time.perf_counter()
-    for _ in range(200):
-        backend.sample()
-    per_sample_s = (time.perf_counter() - start) / 200
-    assert per_sample_s < 0.002  # 100 Hz leaves 10 ms; the machine-wide reads take well under 1 ms

@@ -516,16 +516,15 @@ def test_missing_content_length_is_411_and_oversize_claims_are_refused_before_re
     assert_json_error(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(), 411)
     conn.close()
 
-    # A 10 MB claim with no body sent: answered at once from the header alone (no read, no wait).
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    # A 10 MB claim with no body sent: answered from the header alone. A server that waited for the body
+    # would answer 408 at its request deadline instead, so the status proves it (no stopwatch needed).
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.putrequest("POST", "/v1/tokens")
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Content-Length", str(10_000_000))
     conn.endheaders()
-    started = time.monotonic()
     response = conn.getresponse()
     assert_json_error(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(), 413)
-    assert time.monotonic() - started < 2
     conn.close()
     assert snapshot(accounting) == before
 

@@ -149,21 +149,30 @@ def test_a_body_that_trickles_past_the_deadline_is_408(server):
     assert_json_error(status, headers, body, 408)
 
 
+def wait_for_open_connections(running, count: int, fewer: bool = False, timeout_s: float = 30.0) -> None:
+    """Until the server holds at least ``count`` connections (with ``fewer``: at most ``count``). Its accept
+    loop and connection threads run on their own: on a busy host they take a while to get there, and a
+    fixed sleep here was a race with the scheduler. The timeout only ends a hung server."""
+    deadline = time.monotonic() + timeout_s
+    while (running._server._open_connections > count) if fewer else (running._server._open_connections < count):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server never held {'at most' if fewer else 'at least'} {count} connections")
+        time.sleep(0.01)
+
+
 def test_past_the_connection_cap_a_client_is_answered_503_at_once_and_scrapes_resume(server):
     running, _ = server(max_connections=2, request_deadline_s=30)
     idle = [socket.create_connection(("127.0.0.1", running.port), timeout=5) for _ in range(2)]
     try:
-        time.sleep(0.2)  # both accepted and holding a slot
+        wait_for_open_connections(running, 2)  # both accepted and holding a slot
         status, headers, body = parse_response(raw_exchange(running.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))
         assert status == 503 and headers["retry-after"] == "1"
         assert "too many connections" in json.loads(body)["error"]
     finally:
         for sock in idle:
             sock.close()
-    for _ in range(50):  # the slots free as the idle connections' threads see them close
-        if http_request(running, "GET", "/metrics")[0] == 200:
-            break
-        time.sleep(0.05)
+    # The slots free as the idle connections' threads see them close (however long the host takes).
+    wait_for_open_connections(running, 0, fewer=True)
     assert http_request(running, "GET", "/metrics")[0] == 200
 
 
@@ -171,7 +180,7 @@ def test_one_client_cannot_take_every_connection(server):
     running, _ = server(max_connections=10, max_connections_per_client=2, request_deadline_s=30)
     idle = [socket.create_connection(("127.0.0.1", running.port), timeout=5) for _ in range(2)]
     try:
-        time.sleep(0.2)
+        wait_for_open_connections(running, 2)
         status, _, _ = parse_response(raw_exchange(running.port, b"GET /healthz HTTP/1.0\r\n\r\n"))
         assert status == 503
     finally:

@@ -20,7 +20,6 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(2)
     config = model_config("tiny")
     return config, build_model(config, CPU, torch.float32, seed=1).eval()
 

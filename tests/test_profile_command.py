@@ -24,7 +24,7 @@ SCHEMA = json.loads((ROOT / "docs" / "summary.schema.json").read_text())
 FIXTURES = Path(__file__).parent / "fixtures" / "expositions"
 
 
-def wattledger_run(args: list[str], cwd: Path, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+def wattledger_run(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "wattledger.agent.cli", "run", *args], check=False, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
 
@@ -131,7 +131,9 @@ def test_a_command_that_exits_at_once_is_still_profiled(tmp_path):
 class EngineServer:
     """A stand-in vLLM /metrics endpoint on 127.0.0.1 whose counters advance once it has been read once."""
 
-    def __init__(self, steps: int, every_s: float, prompt_step: int, generated_step: int, fail_reads: int = 0):
+    def __init__(self, steps: int, every_s: float, prompt_step: int, generated_step: int, fail_reads: int = 0,
+                 done_file: Path | None = None):
+        self.done_file = done_file  # created once the counters have finished advancing
         self.template = (FIXTURES / "vllm.prom").read_text()
         self.fail_reads = fail_reads  # the first reads answer 503 (an engine too busy to answer /metrics)
         self.prompt, self.generated = 120345, 45678  # engine="0"'s values in the fixture
@@ -182,6 +184,16 @@ class EngineServer:
                 self.prompt += self.prompt_step
                 self.generated += self.generated_step
         self.done.set()
+        if self.done_file is not None:
+            self.done_file.touch()
+
+    def command(self) -> list[str]:
+        """A command that runs until the counters have finished advancing (a fixed sleep raced them on a
+        busy host, where the run's first read, which starts them, can come seconds late)."""
+        waits = (f"import os, time\ndeadline = time.monotonic() + 300\n"
+                 f"while not os.path.exists({str(self.done_file)!r}) and time.monotonic() < deadline:\n"
+                 f"    time.sleep(0.05)\n")
+        return [sys.executable, "-c", waits]
 
     def close(self) -> None:
         self.http.shutdown()
@@ -189,13 +201,12 @@ class EngineServer:
 
 
 def test_tokens_from_a_serving_engines_metrics(tmp_path):
-    engine = EngineServer(steps=8, every_s=0.4, prompt_step=300, generated_step=100)
+    engine = EngineServer(steps=8, every_s=0.4, prompt_step=300, generated_step=100, done_file=tmp_path / "done")
     assert EngineServer.PROMPT_LINE + "120345.0" in engine.template  # the substitution finds its lines
     assert EngineServer.GENERATED_LINE + "45678.0" in engine.template
     try:
         result = wattledger_run(["--backend", "mock", "--idle", "0", "--output", "runs", "--name", "serve",
-                                 "--tokens-from", engine.url, "--",
-                                 sys.executable, "-c", "import time; time.sleep(5)"], tmp_path)
+                                 "--tokens-from", engine.url, "--", *engine.command()], tmp_path)
     finally:
         engine.close()
     assert result.returncode == 0, result.stderr
@@ -218,11 +229,11 @@ def test_tokens_from_a_serving_engines_metrics(tmp_path):
 def test_tokens_from_an_engine_whose_first_read_fails_never_count_its_history(tmp_path):
     # The engine already holds 218,345 prompt tokens of history (two DP engines) and its first /metrics
     # read fails: the run counts from the first good read and its summary says the figure is a lower bound.
-    engine = EngineServer(steps=6, every_s=0.4, prompt_step=300, generated_step=100, fail_reads=1)
+    engine = EngineServer(steps=6, every_s=0.4, prompt_step=300, generated_step=100, fail_reads=1,
+                          done_file=tmp_path / "done")
     try:
         result = wattledger_run(["--backend", "mock", "--idle", "0", "--output", "runs", "--name", "serve",
-                                 "--tokens-from", engine.url, "--",
-                                 sys.executable, "-c", "import time; time.sleep(4.5)"], tmp_path)
+                                 "--tokens-from", engine.url, "--", *engine.command()], tmp_path)
     finally:
         engine.close()
     assert result.returncode == 0, result.stderr

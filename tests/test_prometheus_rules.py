@@ -83,6 +83,7 @@ def test_promtool_check_rules() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow  # runs the real promtool binary over every rule test
 def test_promtool_unit_tests() -> None:
     assert UNIT_TESTS
     done = _promtool("test", "rules", *map(str, UNIT_TESTS))

@@ -136,6 +136,25 @@ def test_a_jsonl_writer_on_a_full_device_raises_once_then_drops_writes(tmp_path)
     recorder.close()
 
 
+def test_a_jsonl_writer_has_at_most_the_last_flush_interval_unwritten(tmp_path):
+    # What a SIGKILL can lose, on a fake clock: records written in the last 2 s at most (issue 9 moved
+    # this from a 4.5 s sleep in test_cli, which a busy host made fail).
+    from wattledger.exporters.jsonl import JsonlWriter
+
+    clock = FakeClock()
+    path = tmp_path / "w.jsonl"
+    writer = JsonlWriter(path, flush_interval_seconds=2.0, clock=clock.seconds)
+    for tick in range(1, 51):  # 5 s at 10 Hz
+        clock.advance(0.1)
+        writer.write({"tick": tick})
+        on_disk = [json.loads(line)["tick"] for line in path.read_text().splitlines()]
+        assert on_disk == list(range(1, len(on_disk) + 1))  # whole records, in order
+        assert tick - len(on_disk) < 20  # unwritten: less than 2 s of ticks
+    assert len(on_disk) in (40, 41)  # the last flush was at 4.0 s (floating-point sums decide the edge)
+    writer.close()
+    assert [json.loads(line)["tick"] for line in path.read_text().splitlines()] == list(range(1, 51))
+
+
 # -- item 10: workloads whose process ends -----------------------------------------------------------
 
 

@@ -193,6 +193,7 @@ def _ddp_worker(rank: int, port: int, folder: str) -> None:
                    "compute_spans": sum(1 for s in reporter.spans if s.kind == "compute")}, handle)
 
 
+@pytest.mark.slow  # two spawned ranks that import torch and rendezvous over gloo
 def test_two_gloo_ranks_match_one_process_with_twice_the_batch(tmp_path):
     folder = tmp_path / "ddp"
     folder.mkdir()
@@ -297,16 +298,30 @@ def test_main_prints_the_summary_json(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def _rank_logs(log_dir) -> str:
+    """Each rank's stderr as torchrun's --redirects wrote it, for a failure's message."""
+    parts = []
+    for path in sorted(log_dir.rglob("stderr.log")):
+        parts.append(f"--- {path.relative_to(log_dir)} ---\n{path.read_text(errors='replace')[-3000:]}")
+    return "\n".join(parts) or "(no rank logs)"
+
+
 @pytest.mark.integration
 def test_torchrun_two_ranks_from_the_command_line(tmp_path):
+    # Robust on a busy host: one OpenMP thread per rank (conftest sets OMP_NUM_THREADS for every
+    # subprocess; two ranks each spinning a thread per core starve each other), every connection on
+    # loopback, a bound of minutes rather than seconds, and the ranks' own stderr kept (--redirects), so a
+    # failing rank (rank 1 was once seen killed by SIGABRT under load) says why in the assertion message.
     env = dict(os.environ, **_loopback_env(_free_port()), OMP_NUM_THREADS="1")
     port = env.pop("MASTER_PORT")
     env.pop("MASTER_ADDR")
+    log_dir = tmp_path / "logs"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", port, "-m", "wattledger.workloads.training", "--preset", "tiny", "--device", "cpu",
+         "--master_port", port, "--log-dir", str(log_dir), "--redirects", "2",
+         "-m", "wattledger.workloads.training", "--preset", "tiny", "--device", "cpu",
          "--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--log-every", "0"],
-        check=False, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+        check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:] + "\n" + _rank_logs(log_dir)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["tokens"]["trained"] == 2 * 2 * 2 * 16
