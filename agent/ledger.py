@@ -39,6 +39,7 @@ import math
 import sys
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -84,7 +85,53 @@ _GAUGE_FIELDS: tuple[str, ...] = (
     "temperature_gpu_celsius", "temperature_memory_celsius",
 )
 
+_ENGINE_ATTRIBUTES: tuple[str, ...] = tuple(_ENGINE_FIELDS.values())
+# Counters read from one field each, besides energy (whose increase the accounting needs):
+# (series key in GpuLedger.seen, GpuSample field, GpuLedger counter).
+_FIELD_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("pcie_transmit", "pcie_transmit_bytes", "pcie_transmit"),
+    ("pcie_receive", "pcie_receive_bytes", "pcie_receive"),
+    ("nvlink_transmit", "nvlink_transmit_bytes", "nvlink_transmit"),
+    ("nvlink_receive", "nvlink_receive_bytes", "nvlink_receive"),
+    ("ecc", "ecc_corrected_errors", "ecc_corrected"),
+    ("ecc", "ecc_uncorrected_errors", "ecc_uncorrected"),
+)
+_FIELD_COUNTER_KEYS = tuple((key, name) for key, name, _ in _FIELD_COUNTERS)
+assert {key for key, _, _ in _FIELD_COUNTERS} | {"energy"} == set(_COUNTER_SOURCES)
+assert all(name in _COUNTER_SOURCES[key] for key, name, _ in _FIELD_COUNTERS)
 
+
+# The per-sample loops read a sample's fields in groups, each through a function that spells the
+# attributes out: an attribute written in the code is read by CPython's specialised slot access, several
+# times faster than getattr(sample, name) or operator.attrgetter, which look each name up. Each
+# function's order is its name tuple's (tests/test_tick_fast_paths.py checks them against attrgetter).
+
+def _engine_values(s: GpuSample) -> tuple:
+    """The sample's ``_ENGINE_ATTRIBUTES``, in that order."""
+    return (s.utilization_gpu_ratio, s.utilization_memory_controller_ratio, s.sm_activity_ratio,
+            s.tensor_activity_ratio, s.dram_activity_ratio)
+
+
+def _gauge_values(s: GpuSample) -> tuple:
+    """The sample's ``_GAUGE_FIELDS``, in that order."""
+    return (s.power_watts, s.power_average_watts, s.power_limit_watts, s.memory_used_bytes,
+            s.memory_total_bytes, s.memory_reserved_bytes, s.sm_occupancy_ratio, s.sm_clock_hertz,
+            s.memory_clock_hertz, s.temperature_gpu_celsius, s.temperature_memory_celsius)
+
+
+def _field_counter_values(s: GpuSample) -> tuple:
+    """The sample's readings of the ``_FIELD_COUNTERS`` (their second items), in that order."""
+    return (s.pcie_transmit_bytes, s.pcie_receive_bytes, s.nvlink_transmit_bytes, s.nvlink_receive_bytes,
+            s.ecc_corrected_errors, s.ecc_uncorrected_errors)
+
+
+def _field_counters(g: "GpuLedger") -> tuple:
+    """The GPU's counters of the ``_FIELD_COUNTERS`` (their third items), in that order."""
+    return (g.pcie_transmit, g.pcie_receive, g.nvlink_transmit, g.nvlink_receive, g.ecc_corrected,
+            g.ecc_uncorrected)
+
+
+_INF = math.inf
 _LARGEST_FLOAT_INT = int(sys.float_info.max)
 
 
@@ -131,9 +178,16 @@ class HardwareCounter:
 
     def update(self, raw: object) -> float | None:
         """Feed a raw reading; returns the increase it represents (>= 0), or None when it was ignored."""
-        value = _reading(raw)
-        if value is None:
-            return None
+        # _reading's answer for the common cases, without the call (the comparisons are False for NaN).
+        kind = type(raw)
+        if kind is float and 0.0 <= raw < _INF:
+            value = raw
+        elif kind is int and 0 <= raw <= _LARGEST_FLOAT_INT:
+            value = float(raw)
+        else:
+            value = _reading(raw)
+            if value is None:
+                return None
         previous = self._previous
         if previous is None:
             self._previous = value
@@ -436,24 +490,18 @@ class Ledger:
         state.last = sample
         state.previous_ns = now_ns
 
+        seen = state.seen
         energy_increase = state.energy.update(sample.energy_joules) if sample.energy_joules is not None else None
         if energy_increase is not None:
             read_at["energy_joules"] = now_ns
-            state.seen.add("energy")
-        for key, counter, name in (
-            ("pcie_transmit", state.pcie_transmit, "pcie_transmit_bytes"),
-            ("pcie_receive", state.pcie_receive, "pcie_receive_bytes"),
-            ("nvlink_transmit", state.nvlink_transmit, "nvlink_transmit_bytes"),
-            ("nvlink_receive", state.nvlink_receive, "nvlink_receive_bytes"),
-            ("ecc", state.ecc_corrected, "ecc_corrected_errors"),
-            ("ecc", state.ecc_uncorrected, "ecc_uncorrected_errors"),
-        ):
-            raw = getattr(sample, name)
+            seen.add("energy")
+        for (key, name), counter, raw in zip(_FIELD_COUNTER_KEYS, _field_counters(state),
+                                             _field_counter_values(sample)):
             if raw is not None and counter.update(raw) is not None:
                 read_at[name] = now_ns
-                state.seen.add(key)
-        for name in _GAUGE_FIELDS:
-            if getattr(sample, name) is not None:
+                seen.add(key)
+        for name, value in zip(_GAUGE_FIELDS, _gauge_values(sample)):
+            if value is not None:
                 read_at[name] = now_ns
 
         self._record_engines(state, sample, dt)
@@ -462,38 +510,55 @@ class Ledger:
 
     @staticmethod
     def _record_engines(state: GpuLedger, sample: GpuSample, dt: float | None) -> None:
-        for engine, attribute in _ENGINE_FIELDS.items():
-            ratio = _ratio(getattr(sample, attribute))
+        now_ns = sample.monotonic_ns
+        read_at, histograms, busy_seconds = state.read_at_ns, state.histograms, state.busy_seconds
+        for engine, attribute, raw in zip(ENGINES, _ENGINE_ATTRIBUTES, _engine_values(sample)):
+            if raw is None:  # not read this time (what _ratio says of None)
+                continue
+            # _ratio's answer for the common case, a float in [0, 1], without the call.
+            ratio = raw if type(raw) is float and 0.0 <= raw <= 1.0 else _ratio(raw)
             if ratio is None:
                 continue
-            state.read_at_ns[attribute] = sample.monotonic_ns
-            histogram = state.histograms.get(engine)
+            read_at[attribute] = now_ns
+            histogram = histograms.get(engine)
             if histogram is None:
-                histogram = state.histograms[engine] = Histogram()
-                state.busy_seconds[engine] = 0.0
-            histogram.observe(ratio)
+                histogram = histograms[engine] = Histogram()
+                busy_seconds[engine] = 0.0
+            # Histogram.observe, inlined: five per sample.
+            index = bisect_left(UTILIZATION_BUCKETS, ratio)
+            counts = histogram.bucket_counts
+            if index < len(counts):
+                counts[index] += 1
+            histogram.count += 1
+            histogram.total += ratio
             if dt is not None:
                 # The ratio describes the interval that just ended: integrate it over that interval.
-                state.busy_seconds[engine] += ratio * dt
+                busy_seconds[engine] += ratio * dt
 
     @staticmethod
     def _record_throttle(state: GpuLedger, sample: GpuSample, dt: float | None) -> None:
         """Throttle seconds per reason: the driver's own counter where it has one, else integrated from
         the active reasons. Both add increases to one total, so switching source never lowers it."""
+        now_ns = sample.monotonic_ns
+        read_at, totals = state.read_at_ns, state.throttle_seconds
         hardware: dict[str, float] = {}
-        for reason, seconds in (sample.throttle_seconds or {}).items():
-            counter = state.hardware_throttle.setdefault(reason, HardwareCounter())
-            increase = counter.update(seconds)
-            if increase is not None:
-                hardware[reason] = increase
-                state.read_at_ns["throttle_seconds." + reason] = sample.monotonic_ns
-                state.throttle_seconds[reason] = state.throttle_seconds.get(reason, 0.0) + increase
+        if sample.throttle_seconds:
+            driver_counters = state.hardware_throttle
+            for reason, seconds in sample.throttle_seconds.items():
+                counter = driver_counters.get(reason)
+                if counter is None:  # (not setdefault: that would build a counter per sample)
+                    counter = driver_counters[reason] = HardwareCounter()
+                increase = counter.update(seconds)
+                if increase is not None:
+                    hardware[reason] = increase
+                    read_at["throttle_seconds." + reason] = now_ns
+                    totals[reason] = totals.get(reason, 0.0) + increase
         if sample.throttle_reasons is not None:
-            state.read_at_ns["throttle_reasons"] = sample.monotonic_ns
+            read_at["throttle_reasons"] = now_ns
             for reason in sample.throttle_reasons:
-                state.throttle_seconds.setdefault(reason, 0.0)
+                totals.setdefault(reason, 0.0)
                 if reason not in hardware and dt is not None:
-                    state.throttle_seconds[reason] += dt
+                    totals[reason] += dt
 
     def _account(self, state: GpuLedger, previous_ns: int | None, now_ns: int, energy_increase: float | None) -> None:
         """Charges workload active time up to ``now_ns``, and the energy increase over the interval since
