@@ -130,15 +130,19 @@ def _as_bool(value: object) -> bool:
 
 def _as_string_list(value: object) -> list[str]:
     if isinstance(value, str):  # environment and flags: comma separated
-        return [part for part in value.split(",") if part.strip()]
+        return [_as_string(part) for part in value.split(",") if part.strip()]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
+        return [_as_string(v) for v in value]
     raise _BadValue(f"expected a list of strings, got {_describe(value)}")
 
 
 def _as_string(value: object) -> str:
     if not isinstance(value, str):
         raise _BadValue(f"expected a string, got {_describe(value)}")
+    # TOML can spell a NUL ("\u0000"); no path, address or token holds one, and the OS would refuse it
+    # later with a traceback (ValueError: embedded null byte).
+    if "\0" in value:
+        raise _BadValue(f"expected text without NUL characters, got {value!r}")
     return value
 
 
@@ -322,6 +326,7 @@ def _validate_mock(config: AgentConfig) -> None:
 
 def check_record_path(text: str) -> None:
     """The ``--record`` file can be created and written; tried for real (root passes every access check)."""
+    _require("\0" not in text, f"record: {text!r} holds a NUL character, which no file name can")
     try:
         path = Path(text).expanduser()
     except RuntimeError:  # "~name" for a user this machine does not have

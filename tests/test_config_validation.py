@@ -285,3 +285,19 @@ def test_record_under_the_home_of_a_user_that_does_not_exist():
     # Found by the environment property test: Path.expanduser raises RuntimeError for "~nosuchuser".
     with pytest.raises(ConfigError, match="no such user's home directory"):
         build_config({"record": "~wattledger-no-such-user/samples.jsonl"}, {})
+
+
+def test_record_with_a_nul_character_is_one_line():
+    # Found by the environment property test: Path.resolve raises ValueError("embedded null byte").
+    with pytest.raises(ConfigError, match="NUL character"):
+        build_config({"record": "samples\x00.jsonl"}, {})
+
+
+@pytest.mark.parametrize("key", ["replay", "record", "procfs", "address", "token", "mock_faults"])
+def test_a_nul_in_any_string_setting_from_toml_is_one_line(tmp_path, key):
+    path = tmp_path / "agent.toml"
+    value = '["a\\u0000b"]' if key == "mock_faults" else '"a\\u0000b"'
+    path.write_text(f"[agent]\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match="NUL") as err:
+        build_config({}, {}, str(path))
+    assert "\n" not in str(err.value)
