@@ -185,6 +185,7 @@ def test_empty_tables_and_an_empty_summary(tmp_path):
 
 # -- in a real browser -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(analysed, tmp_path):
     """The report of what analysis computes, looked at in a real browser: every figure drawn, the labels a
     reader needs on the page as Chromium lays it out (innerText, not the HTML source), and a screenshot."""
