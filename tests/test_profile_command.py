@@ -133,7 +133,11 @@ class EngineServer:
 
     def __init__(self, steps: int, every_s: float, prompt_step: int, generated_step: int, fail_reads: int = 0,
                  done_file: Path | None = None):
-        self.done_file = done_file  # created once the counters have finished advancing
+        # Created once the counters have finished advancing and the run's poller has read the final values
+        # twice since: so the command ends only after its tokens were counted inside the phase (on a busy
+        # host a poll can come seconds late, and the last one, at the stop, falls after the phase's end).
+        self.done_file = done_file
+        self.reads_after_done = 0
         self.template = (FIXTURES / "vllm.prom").read_text()
         self.fail_reads = fail_reads  # the first reads answer 503 (an engine too busy to answer /metrics)
         self.prompt, self.generated = 120345, 45678  # engine="0"'s values in the fixture
@@ -153,6 +157,7 @@ class EngineServer:
                     return
                 body = server.body().encode()
                 server.first_read.set()
+                server.count_read_after_done()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -175,6 +180,15 @@ class EngineServer:
             text = self.template.replace(self.PROMPT_LINE + "120345.0", self.PROMPT_LINE + f"{self.prompt}.0")
             return text.replace(self.GENERATED_LINE + "45678.0", self.GENERATED_LINE + f"{self.generated}.0")
 
+    def count_read_after_done(self) -> None:
+        with self.lock:
+            if not self.done.is_set():
+                return
+            self.reads_after_done += 1
+            finished = self.reads_after_done == 2
+        if finished and self.done_file is not None:
+            self.done_file.touch()
+
     def _advance(self) -> None:
         # Start only after the first read, which is the run's baseline: then every step counts.
         self.first_read.wait(30)
@@ -184,12 +198,10 @@ class EngineServer:
                 self.prompt += self.prompt_step
                 self.generated += self.generated_step
         self.done.set()
-        if self.done_file is not None:
-            self.done_file.touch()
 
     def command(self) -> list[str]:
-        """A command that runs until the counters have finished advancing (a fixed sleep raced them on a
-        busy host, where the run's first read, which starts them, can come seconds late)."""
+        """A command that runs until the counters have finished advancing and been read (a fixed sleep
+        raced them on a busy host, where the run's first read, which starts them, can come seconds late)."""
         waits = (f"import os, time\ndeadline = time.monotonic() + 300\n"
                  f"while not os.path.exists({str(self.done_file)!r}) and time.monotonic() < deadline:\n"
                  f"    time.sleep(0.05)\n")
