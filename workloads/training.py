@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import shutil
@@ -560,6 +561,12 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
         # Leave together: a rank that closes its gloo connections while a slower peer (a busy host) is
         # still finishing the last collective can make that peer's gloo thread throw, which aborts it.
         dist.barrier()
+        # DDP's reducer keeps the process group alive, and DDP's reference cycles would free it only at
+        # interpreter exit, where gloo's worker threads are torn down with the interpreter: rank 1 was
+        # seen dying there with SIGABRT ("terminate called without an active exception") under load.
+        # Free the wrapper (and with it the group) now, while the interpreter is whole.
+        model = None
+        gc.collect()
         dist.destroy_process_group()
 
     steps = len(step_seconds)
