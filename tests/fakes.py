@@ -17,6 +17,10 @@ class FakeClock:
     def ns(self) -> int:
         return self.now_ns
 
+    def __call__(self) -> int:
+        """The clock itself is a ``clock_ns`` callable too."""
+        return self.now_ns
+
     def seconds(self) -> float:
         return self.now_ns / NS_PER_S
 

@@ -15,6 +15,7 @@ import logging
 import pynvml
 import pytest
 
+from fakes import FakeClock
 from nvml_stub import FakeGpu, default_gpus, make_nvml_stub
 from wattledger.agent.ledger import Ledger
 from wattledger.probes.nvml import EXCEPTIONS_BEFORE_DOWN, NvmlBackend
@@ -24,20 +25,10 @@ P = pynvml
 TICK_S = 0.1
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100 * S
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += int(seconds * S)
-
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(100 * S)
 
 
 @pytest.fixture

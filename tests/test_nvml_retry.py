@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import generate_latest
 
+from fakes import FakeClock
 from nvml_stub import make_nvml_stub
 from wattledger.agent.config import build_config
 from wattledger.agent.daemon import Agent, open_gpu_backend
@@ -29,20 +30,10 @@ S = 1_000_000_000
 P = pynvml
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 50 * S
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += int(seconds * S)
-
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(50 * S)
 
 
 @pytest.fixture
@@ -147,7 +138,7 @@ def test_retries_with_backoff_until_nvml_opens(driver_not_loaded, clock, caplog)
     backend = RetryingNvmlBackend(_opener(driver_not_loaded, clock), "NVML unavailable: driver not loaded", clock,
                                   logger=logging.getLogger("test.retry"))
     assert isinstance(backend, GpuBackend)
-    start = clock.now
+    start = clock.now_ns
     attempts_at = []
     with caplog.at_level(logging.INFO, logger="test.retry"):
         for _ in range(1200):  # two minutes at 10 Hz
@@ -156,7 +147,7 @@ def test_retries_with_backoff_until_nvml_opens(driver_not_loaded, clock, caplog)
             with pytest.raises(NvmlNotReady, match="retrying NVML with backoff"):
                 backend.sample()
             if driver_not_loaded.fake.calls("nvmlInit") > before:
-                attempts_at.append(round((clock.now - start) / S, 1))
+                attempts_at.append(round((clock.now_ns - start) / S, 1))
     gaps = [round(b - a, 1) for a, b in zip([0.0] + attempts_at, attempts_at)]
     assert gaps[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, RETRY_MAX_S, RETRY_MAX_S]
     assert backend.devices() == [] and backend.devices_generation == 0
