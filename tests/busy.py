@@ -13,6 +13,7 @@ forgotten load never outlives its bound. Prints one line when the load starts an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -32,6 +33,24 @@ def spin(deadline_monotonic_s: float, parent_pid: int) -> None:
             return
 
 
+@contextlib.contextmanager
+def spinning(count: int, seconds: float):
+    """``count`` processes burning a core each for at most ``seconds``; ended on leaving, in every case."""
+    deadline = time.monotonic() + seconds
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=spin, args=(deadline, os.getpid()), daemon=True) for _ in range(count)]
+    try:
+        for worker in workers:
+            worker.start()
+        yield workers
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join(5)
+
+
 def positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -48,28 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=positive(float), default=600.0, help="how long, at most (default 600)")
     args = parser.parse_args(argv)
 
-    deadline = time.monotonic() + args.seconds
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=spin, args=(deadline, os.getpid()), daemon=True) for _ in range(args.workers)]
-    for worker in workers:
-        worker.start()
-
     def end(signum, frame):  # noqa: ARG001 - the signal handler's signature
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, end)
     signal.signal(signal.SIGINT, end)
-    print(f"busy: {args.workers} worker(s) spinning for at most {args.seconds:g} s (pid {os.getpid()})", flush=True)
     started = time.monotonic()
     try:
-        for worker in workers:
-            worker.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        with spinning(args.workers, args.seconds) as workers:
+            print(f"busy: {args.workers} worker(s) spinning for at most {args.seconds:g} s (pid {os.getpid()})",
+                  flush=True)
+            for worker in workers:
+                worker.join(max(0.0, started + args.seconds - time.monotonic()) + 1.0)
     finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-        for worker in workers:
-            worker.join(5)
         print(f"busy: done after {time.monotonic() - started:.1f} s", flush=True)
     return 0
 

@@ -39,24 +39,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for fakes.py
+from fakes import FakeClock  # noqa: E402 - a clock that moves only when told
+
 GPUS = 8
 WARMUP_TICKS = 50
 RATES_HZ = (10.0, 100.0)
 PACKAGE_FOLDERS = ("agent", "probes", "exporters", "workloads")
 NS_PER_S = 1_000_000_000
 
-
-class FakeClock:
-    """Moves only when told, so each tick simulates exactly one interval however slow the machine is."""
-
-    def __init__(self, start_ns: int = 1_000 * NS_PER_S):
-        self.now_ns = start_ns
-
-    def ns(self) -> int:
-        return self.now_ns
-
-    def seconds(self) -> float:
-        return self.now_ns / NS_PER_S
 
 
 class CpuTimed:

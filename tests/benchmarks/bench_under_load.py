@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for busy.py
-from busy import spin  # noqa: E402
+from busy import spinning  # noqa: E402
 
 BUSY_BOUND_SECONDS = 900.0  # the workers end by themselves after this, whatever happens to this script
 
@@ -45,19 +44,8 @@ def run_quick_bench(output: Path) -> tuple[dict, float, Path]:
 
 def with_busy_processes(count: int, action):
     """Run ``action()`` while ``count`` processes keep the cores busy; the workers end in every case."""
-    context = multiprocessing.get_context("spawn")
-    deadline = time.monotonic() + BUSY_BOUND_SECONDS
-    workers = [context.Process(target=spin, args=(deadline, os.getpid()), daemon=True) for _ in range(count)]
-    try:
-        for worker in workers:
-            worker.start()
+    with spinning(count, BUSY_BOUND_SECONDS):
         return action()
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-        for worker in workers:
-            worker.join(5)
 
 
 def _check(regime: dict, name: str) -> dict | None:
