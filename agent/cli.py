@@ -233,9 +233,9 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    heavy = {"workload": ("wattledger.workloads.cli", "main"), "bench": ("wattledger.workloads.bench_cli", "bench_main"),
-             "report": ("wattledger.workloads.bench_cli", "report_main"),
-             "run": ("wattledger.workloads.profile_command", "run_main")}
+    heavy = {"workload": ("wattledger.workloads.cli", "main"), "bench": ("wattledger.workloads.bench.cli", "bench_main"),
+             "report": ("wattledger.workloads.bench.cli", "report_main"),
+             "run": ("wattledger.workloads.bench.run_command", "run_main")}
     if argv[:1] and argv[0] in heavy:
         # These commands need torch, pandas and matplotlib: imported only now, never by the agent.
         module_name, function = heavy[argv[0]]

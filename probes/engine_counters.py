@@ -5,7 +5,7 @@ per data-parallel engine, per model, per priority or custom label. This module r
 successive readings into token increases with Prometheus' counter semantics **per series** (sample name
 and sorted labels), so that one series restarting or disappearing never looks like the whole engine
 restarting. Nothing here imports torch or pandas: the agent can use it too. ``wattledger run
---tokens-from`` is the first user (``workloads/token_sources.py`` holds that glue).
+--tokens-from`` is the first user (``workloads/bench/token_sources.py`` holds that glue).
 
 Where each engine keeps its totals, and when they move
 ------------------------------------------------------

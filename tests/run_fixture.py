@@ -16,7 +16,7 @@ import math
 import random
 from pathlib import Path
 
-from wattledger.workloads.rundata import RunData, load_run
+from wattledger.workloads.bench.rundata import RunData, load_run
 
 ORIGIN_NS = 1_000_000_000_000  # the host's monotonic clock at run start
 INTERVAL_S = 0.2  # sampling interval

@@ -24,7 +24,7 @@ from wattledger.workloads.agentic import (  # noqa: E402
 )
 from wattledger.workloads.common import RunOptions  # noqa: E402
 from wattledger.workloads.model import build_model, model_config  # noqa: E402
-from wattledger.workloads.telemetry import Reporter  # noqa: E402
+from wattledger.workloads.reporter import Reporter  # noqa: E402
 
 # Short sessions with short contexts. Tool time: median 0.3 s x 0.03 = 9 ms, capped at 2 s x 0.03 = 60 ms.
 # No default KV budget unless a test sets one: spills only where a test asks for them.

@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 
 from wattledger.workloads.chat import ChatConfig, add_arguments, config_from_args, run  # noqa: E402
 from wattledger.workloads.common import RunOptions  # noqa: E402
-from wattledger.workloads.telemetry import DECODE_ACTIVITY, PREFILL_ACTIVITY, Reporter  # noqa: E402
+from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, Reporter  # noqa: E402
 
 DAY = 600.0  # one compressed day, the default
 

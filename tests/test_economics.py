@@ -1,4 +1,4 @@
-"""Cost per token, full-load cost, cost curve, CO2 and pricing inputs (workloads/economics.py)."""
+"""Cost per token, full-load cost, cost curve, CO2 and pricing inputs (workloads/bench/economics.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wattledger.workloads.economics import (
+from wattledger.workloads.bench.economics import (
     COST_CURVE_UTILIZATIONS,
     PRICING_FIELDS,
     SOURCES,

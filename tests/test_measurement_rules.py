@@ -1,4 +1,4 @@
-"""The measurement rules of ``workloads/analysis.py``, table by table, without running a benchmark.
+"""The measurement rules of ``workloads/bench/analysis.py``, table by table, without running a benchmark.
 
 Each regime's figures come from: the steady-state window (the phase less ramp-up and drain, at least
 5 s); the energy counter differenced over it (resets, zero deltas, a single tick, the window's edges
@@ -15,7 +15,7 @@ import pytest
 
 pd = pytest.importorskip("pandas")
 
-from wattledger.workloads.analysis import (  # noqa: E402
+from wattledger.workloads.bench.analysis import (  # noqa: E402
     MIN_WINDOW_SECONDS,
     counter_energy,
     idle_baseline,
@@ -23,8 +23,8 @@ from wattledger.workloads.analysis import (  # noqa: E402
     steady_window,
     window_energy,
 )
-from wattledger.workloads.economics import load_pricing  # noqa: E402
-from wattledger.workloads.rundata import RunData  # noqa: E402
+from wattledger.workloads.bench.economics import load_pricing  # noqa: E402
+from wattledger.workloads.bench.rundata import RunData  # noqa: E402
 
 S = 1_000_000_000
 MS = 1_000_000

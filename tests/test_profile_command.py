@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from wattledger.workloads.rundata import load_run
+from wattledger.workloads.bench.rundata import load_run
 
 pytestmark = pytest.mark.integration
 

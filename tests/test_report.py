@@ -14,8 +14,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 from run_fixture import make_run_dir
-from wattledger.workloads import report
-from wattledger.workloads.report import FIGURE_FILES, build_figures, render_report
+from wattledger.workloads.bench import report
+from wattledger.workloads.bench.report import FIGURE_FILES, build_figures, render_report
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "summary.schema.json").read_text(encoding="utf-8"))
 FIGURE_IDS = ("fig-utilization", "fig-activity", "fig-power", "fig-memory", "fig-joules_per_token", "fig-cost")
@@ -49,8 +49,8 @@ def with_rapl(run):
 def analysed(tmp_path_factory):
     """The fixture run with RAPL, its summary as analysis.summarize computes it (the bench's own path: agentic
     sessions that do not finish, so no J/session), and the rendered report."""
-    from wattledger.workloads.analysis import summarize
-    from wattledger.workloads.economics import load_pricing
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.economics import load_pricing
 
     run, _ = make_run_dir(tmp_path_factory.mktemp("analysed") / "run")
     with_rapl(run)
@@ -245,8 +245,8 @@ def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outco
 def test_report_of_the_summary_analysis_computes(tmp_path):
     """The report reads what ``analysis.summarize`` writes for the same run directory, not only the fixture's
     hand-made summary."""
-    analysis = pytest.importorskip("wattledger.workloads.analysis")
-    economics = pytest.importorskip("wattledger.workloads.economics")
+    analysis = pytest.importorskip("wattledger.workloads.bench.analysis")
+    economics = pytest.importorskip("wattledger.workloads.bench.economics")
     run, _ = make_run_dir(tmp_path / "run", partial=True)
     summary = json.loads(json.dumps(analysis.summarize(run, economics.load_pricing()),
                                     default=lambda v: v.item() if hasattr(v, "item") else str(v)))
@@ -301,8 +301,8 @@ def test_power_figure_shows_rapl_where_present_and_says_why_not(analysed, tmp_pa
         assert "rapl_joules" not in regime["not_available"]
     # Without RAPL: one panel, and the caption and table say why.
     bare, _ = make_run_dir(tmp_path / "bare", regimes=("training",))
-    from wattledger.workloads.analysis import summarize
-    from wattledger.workloads.economics import load_pricing
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.economics import load_pricing
 
     bare_summary = summarize(bare, load_pricing(), regimes=("training",))
     reason = bare_summary["regimes"]["training"]["not_available"]["rapl_joules"]
@@ -327,8 +327,8 @@ def test_labels_say_what_they_measure(analysed):
 
 
 def test_joules_per_request_and_per_session_or_why_not(analysed, tmp_path):
-    from wattledger.workloads.analysis import summarize
-    from wattledger.workloads.economics import load_pricing
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.economics import load_pricing
 
     _, summary, _ = analysed
     chat, agentic = summary["regimes"]["chat"], summary["regimes"]["agentic"]
@@ -342,7 +342,7 @@ def test_joules_per_request_and_per_session_or_why_not(analysed, tmp_path):
         if event["type"] == "phase_end" and event["phase"] == "agentic":
             event["workload_summary"].update(sessions_started=4, sessions_completed=0)
     (run.run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    from wattledger.workloads.rundata import load_run
+    from wattledger.workloads.bench.rundata import load_run
 
     reason = summarize(load_run(run.run_dir), load_pricing(), regimes=("agentic",))["regimes"]["agentic"]
     assert reason["not_available"]["joules_per_session"] == (
@@ -374,9 +374,9 @@ def _cut_chat(run_dir: Path, after_s: float, reason: str = "SIGTERM") -> None:
 
 
 def test_an_interrupted_phase_fails_phase_finished_and_says_how_long_it_ran(tmp_path):
-    from wattledger.workloads.analysis import summarize
-    from wattledger.workloads.economics import load_pricing
-    from wattledger.workloads.rundata import load_run
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.economics import load_pricing
+    from wattledger.workloads.bench.rundata import load_run
 
     made, _ = make_run_dir(tmp_path / "run")
     _cut_chat(made.run_dir, 12.2)
@@ -399,8 +399,8 @@ def test_an_interrupted_phase_fails_phase_finished_and_says_how_long_it_ran(tmp_
 
 
 def test_a_killed_phase_is_unfinished_with_what_it_ran(tmp_path):
-    from wattledger.workloads.analysis import summarize
-    from wattledger.workloads.economics import load_pricing
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.economics import load_pricing
 
     run, _ = make_run_dir(tmp_path / "run", partial=True)
     agentic = summarize(run, load_pricing())["regimes"]["agentic"]
@@ -414,18 +414,18 @@ def test_a_killed_phase_is_unfinished_with_what_it_ran(tmp_path):
 def _closing_table(summary: dict) -> str:
     import io
 
-    from wattledger.workloads import bench_cli
+    from wattledger.workloads.bench import table as bench_table
 
     buffer = io.StringIO()
-    console = bench_cli._console(file=buffer)  # what `wattledger bench > log` gets: not a terminal
-    bench_cli.print_table(summary, console)
+    console = bench_table.console(file=buffer)  # what `wattledger bench > log` gets: not a terminal
+    bench_table.print_table(summary, console)
     return buffer.getvalue()
 
 
 def test_closing_table_fits_80_columns_and_prints_every_failed_check_under_its_regime(tmp_path):
-    from wattledger.workloads.analysis import summarize
-    from wattledger.workloads.economics import load_pricing
-    from wattledger.workloads.rundata import load_run
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.economics import load_pricing
+    from wattledger.workloads.bench.rundata import load_run
 
     made, _ = make_run_dir(tmp_path / "run")
     _cut_chat(made.run_dir, 3.0)

@@ -27,7 +27,7 @@ from wattledger.agent.span_activity import LateSpans, SpanActivitySource
 from wattledger.probes.activity import ScriptedTimeline, flatten
 from wattledger.probes.base import Activity
 from wattledger.probes.mock import ENERGY_COUNTER_PERIOD_NS, MockGpuBackend, power_demand_watts
-from wattledger.workloads.telemetry import DECODE_ACTIVITY, TRAIN_ACTIVITY, TRANSFER_ACTIVITY, AccountingReporter
+from wattledger.workloads.reporter import DECODE_ACTIVITY, TRAIN_ACTIVITY, TRANSFER_ACTIVITY, AccountingReporter
 
 MS = 1_000_000
 COMPUTE = Activity(gpu=1.0, sm=0.8, tensor=0.5, dram=0.5)
@@ -252,9 +252,9 @@ def test_spans_that_arrive_within_the_lag_drive_the_mock_exactly_by_their_timest
 def test_late_spans_are_a_failed_check_of_their_phase_in_the_run_files(tmp_path):
     """The bench records the mock's late-span counts in its phase events; the summary's "late spans"
     check fails for the phase they arrived in, and passes for a phase without any."""
-    from wattledger.workloads.analysis import late_spans_check
-    from wattledger.workloads.bench import RunRecorder
-    from wattledger.workloads.rundata import load_run
+    from wattledger.workloads.bench.analysis import late_spans_check
+    from wattledger.workloads.bench.bench_command import RunRecorder
+    from wattledger.workloads.bench.rundata import load_run
 
     clock = FakeClock()
     mock = MockGpuBackend(1, clock_ns=clock.ns, delay_s=1.0)

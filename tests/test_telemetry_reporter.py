@@ -7,7 +7,7 @@ import time
 import pytest
 
 from wattledger.agent.accounting import Accounting
-from wattledger.workloads.telemetry import DECODE_ACTIVITY, PREFILL_ACTIVITY, AccountingReporter, Reporter
+from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, AccountingReporter, Reporter
 
 MS = 1_000_000
 

@@ -1,4 +1,4 @@
-"""Token counters read from serving engines' Prometheus endpoints (workloads/token_sources.py)."""
+"""Token counters read from serving engines' Prometheus endpoints (workloads/bench/token_sources.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wattledger.workloads.token_sources import (
+from wattledger.workloads.bench.token_sources import (
     TokenPoller,
     TokenScraper,
     TokenSourceError,

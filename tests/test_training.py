@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from wattledger.workloads.common import RunOptions
 from wattledger.workloads.model import PRESETS, build_model
-from wattledger.workloads.telemetry import TRAIN_ACTIVITY, Reporter
+from wattledger.workloads.reporter import TRAIN_ACTIVITY, Reporter
 from wattledger.workloads.training import (
     SyntheticTokens,
     TrainingConfig,

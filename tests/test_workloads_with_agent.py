@@ -23,7 +23,7 @@ from wattledger.agent.daemon import Agent  # noqa: E402
 from wattledger.workloads import agentic, chat, training  # noqa: E402
 from wattledger.workloads.arrivals import CONVERSATION_MEAN_RATE_PER_S  # noqa: E402
 from wattledger.workloads.common import RunOptions  # noqa: E402
-from wattledger.workloads.telemetry import AccountingReporter  # noqa: E402
+from wattledger.workloads.reporter import AccountingReporter  # noqa: E402
 
 from span_truth import busy_fraction, reported  # noqa: E402
 

@@ -40,7 +40,7 @@ import torch
 
 from wattledger.workloads.common import RunOptions, summary_header
 from wattledger.workloads.model import KVCache, ModelConfig, StaticDecoder, Transformer, build_model, padded_batch
-from wattledger.workloads.telemetry import DECODE_ACTIVITY, PREFILL_ACTIVITY, TRANSFER_ACTIVITY, Reporter
+from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, TRANSFER_ACTIVITY, Reporter
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from wattledger.workloads.arrivals import (
 from wattledger.workloads.common import RunOptions, percentiles, seed_everything, summary_header
 from wattledger.workloads.lengths import LengthSampler, fitted_scale
 from wattledger.workloads.model import KVCache, StaticDecoder, bucket, build_model
-from wattledger.workloads.telemetry import DECODE_ACTIVITY, PREFILL_ACTIVITY, Reporter
+from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, Reporter
 
 log = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from wattledger.agent.client import AgentClientError
     from wattledger.workloads.common import RunOptions, configure_cpu_threads
-    from wattledger.workloads.telemetry import make_reporter
+    from wattledger.workloads.reporter import make_reporter
 
     module = importlib.import_module(f"wattledger.workloads.{args.workload}")
     try:

@@ -38,7 +38,7 @@ from torch import nn
 
 from wattledger.workloads.common import RunOptions, percentiles, summary_header
 from wattledger.workloads.model import ModelConfig, build_model
-from wattledger.workloads.telemetry import TRAIN_ACTIVITY, Reporter
+from wattledger.workloads.reporter import TRAIN_ACTIVITY, Reporter
 
 CHECKPOINT_MODES = ("sync", "async")
 
@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from wattledger.agent.config import parse_duration_seconds
-    from wattledger.workloads.telemetry import make_reporter
+    from wattledger.workloads.reporter import make_reporter
 
     parser = argparse.ArgumentParser(prog="python -m wattledger.workloads.training", description=__doc__.split(
         "\n")[0])

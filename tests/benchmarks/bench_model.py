@@ -18,7 +18,7 @@ import torch
 
 from wattledger.agent.accounting import Accounting
 from wattledger.workloads.model import KVCache, StaticDecoder, build_model, default_dtype, model_config, pick_device
-from wattledger.workloads.telemetry import DECODE_ACTIVITY, AccountingReporter
+from wattledger.workloads.reporter import DECODE_ACTIVITY, AccountingReporter
 
 
 def synchronize(device: torch.device) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from wattledger.workloads.rundata import NS_PER_S, RunData
+from wattledger.workloads.bench.rundata import NS_PER_S, RunData
 
 REGIME_ORDER = ("training", "chat", "agentic", "command")
 COLORS = {"training": "#1f5fa8", "chat": "#d9731a", "agentic": "#2a9150", "command": "#7a4fb0"}

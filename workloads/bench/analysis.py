@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from wattledger.workloads.rundata import NS_PER_S, RunData
+from wattledger.workloads.bench.rundata import NS_PER_S, RunData
 
 SCHEMA_VERSION = 1
 MIN_WINDOW_SECONDS = 5.0
@@ -319,7 +319,7 @@ def _per_request_and_session(summary: dict, name: str, workload: dict, joules_pe
 
 
 def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pricing, gpus: int) -> dict | None:
-    from wattledger.workloads.economics import regime_economics
+    from wattledger.workloads.bench.economics import regime_economics
 
     phase = phases(run).get(name)
     if phase is None:
@@ -440,7 +440,7 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
 def summarize(run: RunData, pricing, kind: str = "bench", regimes: Sequence[str] = ("training", "chat", "agentic"),
               settings: dict | None = None) -> dict:
     """The whole ``summary.json`` (see docs/summary.schema.json)."""
-    from wattledger.workloads.economics import pricing_record
+    from wattledger.workloads.bench.economics import pricing_record
 
     start = run.event("run_start") or {}
     end = run.event("run_end")

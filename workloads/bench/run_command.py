@@ -1,7 +1,7 @@
 """``wattledger run [options] -- CMD ARGS...``: profile any command as one workload.
 
 The same in-process agent and sampler as ``wattledger bench`` watch the GPUs while the command runs, and
-the same kind of run directory is written (``workloads/rundata.py``), with ``summary.json`` of kind "run"
+the same kind of run directory is written (``workloads/bench/rundata.py``), with ``summary.json`` of kind "run"
 and one regime, named after the workload (default "command"):
 
 1. an idle baseline (``--idle``, default 6 s, so that the window between energy-counter ticks is at least
@@ -12,7 +12,7 @@ and one regime, named after the workload (default "command"):
    Tokens come from the command itself (``POST $WATTLEDGER_AGENT_URL/v1/tokens`` with ``{"workload":
    $WATTLEDGER_WORKLOAD, "kind": "generated", "count": N}``; spans through ``/v1/spans`` drive the mock
    GPU), or from a serving engine's Prometheus endpoint with ``--tokens-from URL``
-   (``workloads/token_sources.py``). Use one or the other: both add to the same counts. The phase's
+   (``workloads/bench/token_sources.py``). Use one or the other: both add to the same counts. The phase's
    ``token_source`` in the summary says how the engine was read; ``lower_bound: true`` there (with
    ``lower_bound_reasons``) means the engine's counters could not rule out missed tokens (a failed first
    read while the engine already held counts, a restart while reads were failing), so the token figure may
@@ -94,8 +94,8 @@ class RunResult:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from wattledger.workloads.economics import add_pricing_arguments
-    from wattledger.workloads.token_sources import ENGINE_CHOICES
+    from wattledger.workloads.bench.economics import add_pricing_arguments
+    from wattledger.workloads.bench.token_sources import ENGINE_CHOICES
 
     parser = UsageParser(prog=PROG, usage=f"{PROG} [options] -- CMD [ARGS...]",
                      description="Run a command and measure what its GPUs did meanwhile: utilization, energy, "
@@ -258,14 +258,14 @@ def run_command(options: RunCommandOptions, pricing, signals: _Signals, say, war
     from wattledger.agent.daemon import Agent
     from wattledger.agent.http_api import ServerStartError
     from wattledger.probes.base import ProbeUnavailable
-    from wattledger.workloads.bench import (
+    from wattledger.workloads.bench.bench_command import (
         MOCK_DELAY_SECONDS,
         RunRecorder,
         build_outputs,
         new_run_dir,
         point_latest,
     )
-    from wattledger.workloads.token_sources import TokenPoller, TokenScraper
+    from wattledger.workloads.bench.token_sources import TokenPoller, TokenScraper
 
     command, name = options.command, options.name
     env = {**os.environ, **options.extra_env}
@@ -431,8 +431,8 @@ def run_main(argv: list[str]) -> int:
     option_args, command = split_command(argv)
     parser = make_parser()
     args = parser.parse_args(option_args)
-    from wattledger.workloads.economics import pricing_from_args
-    from wattledger.workloads.token_sources import check_url
+    from wattledger.workloads.bench.economics import pricing_from_args
+    from wattledger.workloads.bench.token_sources import check_url
 
     try:
         if not command:
@@ -484,7 +484,7 @@ def run_main(argv: list[str]) -> int:
         record = {"run_dir": str(result.run_dir.resolve()), "exit_code": result.exit_code, "summary": result.summary}
         print(json.dumps(record, default=_json_default), flush=True)
     else:
-        from wattledger.workloads.bench_cli import print_table
+        from wattledger.workloads.bench.table import print_table
 
         # Not a terminal (a pipe, a log file): rich would cut the table to 80 columns.
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)

@@ -2,7 +2,7 @@
 
 One process: the agent's sampler runs in-process (serving /metrics, so a Prometheus can watch), an idle
 baseline is measured, then each regime's workload runs in turn with a cooldown between. Everything is
-recorded into a run directory as it happens (``workloads/rundata.py``); at the end, or when interrupted,
+recorded into a run directory as it happens (``workloads/bench/rundata.py``); at the end, or when interrupted,
 ``analysis.summarize`` turns the raw files into ``summary.json`` and ``report.render_report`` into
 ``report.html``. Without an NVIDIA GPU the mock GPU stands in, driven by the workloads' spans, and every
 output says SIMULATED on its first line.
@@ -170,9 +170,9 @@ def _versions() -> dict:
 def build_outputs(run_dir: Path, pricing, settings: dict | None = None, kind: str = "bench",
                   regimes=REGIMES) -> dict:
     """Raw files -> Parquet tables, summary.json and report.html. Used at the end and by ``report``."""
-    from wattledger.workloads.analysis import summarize
-    from wattledger.workloads.report import render_report
-    from wattledger.workloads.rundata import load_run, write_parquet
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.report import render_report
+    from wattledger.workloads.bench.rundata import load_run, write_parquet
 
     run = load_run(run_dir)
     write_parquet(run)
@@ -218,7 +218,7 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
 
     from wattledger.workloads import agentic, chat, training
     from wattledger.workloads.common import RunOptions, configure_cpu_threads
-    from wattledger.workloads.telemetry import AccountingReporter
+    from wattledger.workloads.reporter import AccountingReporter
 
     settings = options.resolved(torch.cuda.is_available())
     agent_config = build_config({

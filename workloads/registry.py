@@ -1,0 +1,94 @@
+"""The regimes wattledger ships, one record each: the only list of them in the code.
+
+A regime is a module with the workload protocol (below) and a :class:`Regime` record in ``REGIMES``. The
+workload command (``wattledger workload NAME``), the benchmark (``wattledger bench --workloads``), the
+analysis (main token kind, per-unit energy) and the report (order, colour) all read this table, so a new
+regime is one new module and one line here (``tests/test_regime_registry.py`` adds a toy one to prove it).
+
+Nothing here imports torch: a regime's module is imported only when :meth:`Regime.load` is called, when
+the regime is about to run or its flags are about to be parsed.
+
+The workload protocol (what :meth:`Regime.load` returns)::
+
+    add_arguments(parser)                       # the regime's own flags for `wattledger workload NAME`
+    config_from_args(args) -> Config            # those flags as its config (ValueError: one-line usage error)
+    run(config, options, reporter, stop) -> dict  # runs until options.duration_s or stop; its summary
+    <config_class>()                            # the config with its defaults (what the benchmark runs)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class PerUnitEnergy:
+    """A regime's energy per unit of work besides joules per token (a chat request, an agentic session).
+
+    ``summary_key`` is the field of the regime's summary (``joules_per_request``); ``unit`` names one unit
+    in the reasons the analysis gives when the figure is missing ("request", "session"); ``count_key`` is
+    the workload summary's count of completed units, ``started_key`` that of started ones (None if the
+    workload does not report it). ``from_tokens``: the figure is joules per main token x main tokens per
+    unit (over the steady window), else the whole phase's energy over completed units."""
+
+    summary_key: str
+    unit: str
+    count_key: str
+    started_key: str | None
+    from_tokens: bool
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One regime: what every command needs to know of it without importing it."""
+
+    name: str
+    module: str  # the import path of its module (workload protocol above)
+    config_class: str  # the name of its config dataclass in that module
+    summary: str  # one line, for --help and the report
+    main_token_kind: str  # the token kind joules per token is quoted for: "trained" or "generated"
+    color: str  # its colour in the report's figures (hex)
+    per_unit: PerUnitEnergy | None = None
+
+    def load(self) -> ModuleType:
+        """The regime's module (imports torch)."""
+        return importlib.import_module(self.module)
+
+    def default_config(self, quiet: bool = True):
+        """The regime's config with its defaults, as the benchmark runs it; ``quiet`` turns its own log
+        lines off (the benchmark's progress line and table speak for the run)."""
+        config = getattr(self.load(), self.config_class)()
+        if quiet and hasattr(config, "log_every"):
+            config.log_every = 0
+        return config
+
+
+REGIMES: Mapping[str, Regime] = {regime.name: regime for regime in (
+    Regime("training", "wattledger.workloads.training", "TrainingConfig",
+           "sustained synchronised training steps (AdamW, bf16 autocast, DDP, checkpoints)", "trained", "#1f5fa8"),
+    Regime("chat", "wattledger.workloads.chat", "ChatConfig",
+           "human chat serving: diurnal, bursty arrivals served with continuous batching", "generated", "#d9731a",
+           PerUnitEnergy("joules_per_request", "request", "requests_completed", None, from_tokens=True)),
+    Regime("agentic", "wattledger.workloads.agentic", "AgenticConfig",
+           "agentic sessions: long contexts, tool calls that idle the GPU, KV spill to host", "generated",
+           "#2a9150",
+           PerUnitEnergy("joules_per_session", "session", "sessions_completed", "sessions_started",
+                         from_tokens=False)),
+)}
+
+# What the benchmark runs when --workloads is not given: every regime, in this order.
+DEFAULT_REGIMES: tuple[str, ...] = tuple(REGIMES)
+
+# A profiled command (``wattledger run``) is one phase named after its workload: its colour in the report.
+COMMAND_COLOR = "#7a4fb0"
+
+
+def regime(name: str) -> Regime:
+    """The record of ``name``; KeyError names the regimes there are."""
+    try:
+        return REGIMES[name]
+    except KeyError:
+        raise KeyError(f"no regime {name!r}; there are: {', '.join(REGIMES)}") from None
