@@ -17,7 +17,7 @@ Every session draws its lengths, tool times and appended token ids from its own 
 by (seed, session number), so two runs with one seed run the same sessions whatever the timing; with
 ``batch_decode=False`` each session's logits are then independent of which others share the GPU.
 
-Figures and their sources: shared/reference/workloads.md, "Agentic" and "KV cache and spill to host DRAM".
+Figures and their sources: docs/workload-figures.md, "Agentic" and "KV cache and spill to host DRAM".
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wattledger.workloads.common import RunOptions, summary_header
+from wattledger.workloads.flags import number_flag, parsed_flag
 from wattledger.workloads.model import KVCache, ModelConfig, StaticDecoder, Transformer, build_model, padded_batch
 from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, TRANSFER_ACTIVITY, Reporter
 
@@ -46,12 +47,12 @@ log = logging.getLogger(__name__)
 
 SPILL_POLICIES = ("offload", "offload-pageable", "recompute")
 
-# -- Figures (shared/reference/workloads.md, "Agentic") -----------------------------------------------------
+# -- Figures (docs/workload-figures.md, "Agentic") ----------------------------------------------------------
 # Tokens appended per step: median 875, mean about 1.7K (TraceLab coding-agent traces, 4,265 sessions, 357K
 # steps). Lognormal sigma computed from them: sqrt(2 ln(mean / median)) = sqrt(2 ln(1700 / 875)) = 1.15.
 APPENDED_MEDIAN_TOKENS = 875.0
 APPENDED_SIGMA = 1.16
-# Output tokens per step: median about 214 (TraceLab), rounded to 220 as workloads.md's design does. The
+# Output tokens per step: median about 214 (TraceLab), rounded to 220 as docs/workload-figures.md's design does. The
 # spread is not in TraceLab; ASSUMPTION: sigma from the GitHub Copilot coding-agent trace's mean of 528
 # completion tokens per call with TraceLab's median, sqrt(2 ln(528 / 214)) = 1.34 (two traces combined).
 OUTPUT_MEDIAN_TOKENS = 220.0
@@ -63,7 +64,7 @@ OUTPUT_SIGMA = 1.34
 TOOL_MEDIAN_SECONDS = 0.3
 TOOL_SIGMA = 3.0
 TOOL_TIME_CAP_SECONDS = 60.0
-# Steps per session: median about 20 (workloads.md design, between TraceLab's p50 of 15 tool-initiated
+# Steps per session: median about 20 (docs/workload-figures.md design, between TraceLab's p50 of 15 tool-initiated
 # steps and 25 tool calls). Sigma computed from TraceLab's p90/p50: ln(135 / 15) / 1.2816 = 1.71 for steps,
 # ln(176 / 25) / 1.2816 = 1.52 for tool calls; 1.6 between them. ASSUMPTION: at most 200 steps.
 STEPS_MEDIAN = 20.0
@@ -73,7 +74,7 @@ STEPS_MAX = 200
 # max_len. ASSUMPTION: a compacted context keeps its last quarter (the summary plus recent turns).
 COMPACTION_THRESHOLD_TOKENS = 65_536
 COMPACTION_KEEP_FRACTION = 0.25
-# Concurrent sessions: 16-32 on one H100 with the 8b shape; a few on CPU (workloads.md design).
+# Concurrent sessions: 16-32 on one H100 with the 8b shape; a few on CPU (docs/workload-figures.md design).
 DEFAULT_SESSIONS_GPU = 16
 DEFAULT_SESSIONS_CPU = 3
 # Token lengths are used as published on a cache of this many tokens (the 1b and 8b presets); a smaller
@@ -133,7 +134,7 @@ class AgenticConfig:
     compaction_keep_tokens: int | None = None  # tail kept on compaction; None = a quarter of the threshold
     kv_budget_bytes: int | None = None  # device-resident KV limit; None = kv_budget_share decides
     # Without an explicit budget, the device holds this share of what all sessions could hold at their
-    # largest (None: no limit). Agent contexts outgrow HBM in production (workloads.md: 67.8K-token
+    # largest (None: no limit). Agent contexts outgrow HBM in production (docs/workload-figures.md: 67.8K-token
     # prompts per call); at the presets' 8K contexts they would not, so the default budget makes the
     # spill to host DRAM part of the regime.
     kv_budget_share: float | None = 0.5
@@ -881,53 +882,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "at most 1)")
 
 
-def _number(flag: str, text, kind=float):
-    if text is None:
-        return None
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"{flag} must be a {'whole ' if kind is int else ''}number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{flag} must be positive, got {text!r}")
-    return value
-
-
 def config_from_args(args: argparse.Namespace) -> AgenticConfig:
     """The config from parsed arguments; ValueError (one line) for a bad value."""
     from wattledger.agent.config import parse_duration_seconds
 
     cap = TOOL_TIME_CAP_SECONDS
     if args.tool_time_cap is not None:
-        try:
-            cap = parse_duration_seconds(args.tool_time_cap)
-        except ValueError as err:
-            raise ValueError(f"--tool-time-cap: {err}") from None
-        if cap <= 0:
-            raise ValueError(f"--tool-time-cap must be positive, got {args.tool_time_cap!r}")
+        cap = parsed_flag("--tool-time-cap", args.tool_time_cap, parse_duration_seconds, positive=True)
     budget = None
     share = AgenticConfig.kv_budget_share
     if args.kv_budget is not None and args.kv_budget.strip().lower() == "none":
         share = None
     elif args.kv_budget is not None:
-        try:
-            budget = parse_bytes(args.kv_budget)
-        except ValueError as err:
-            raise ValueError(f"--kv-budget: {err}") from None
-        if budget <= 0:
-            raise ValueError(f"--kv-budget must be positive, got {args.kv_budget!r}")
+        budget = parsed_flag("--kv-budget", args.kv_budget, parse_bytes, positive=True)
     if args.spill_policy not in SPILL_POLICIES:
         raise ValueError(f"--spill-policy must be one of {', '.join(SPILL_POLICIES)}, got {args.spill_policy!r}")
     config = AgenticConfig(
-        sessions=_number("--sessions", args.sessions, int),
-        total_sessions=_number("--total-sessions", args.total_sessions, int),
-        tool_time_scale=_number("--tool-time-scale", args.tool_time_scale),
+        sessions=number_flag("--sessions", args.sessions, int, positive=True),
+        total_sessions=number_flag("--total-sessions", args.total_sessions, int, positive=True),
+        tool_time_scale=number_flag("--tool-time-scale", args.tool_time_scale, positive=True),
         tool_time_cap_seconds=cap,
         kv_budget_bytes=budget,
         kv_budget_share=share,
         spill_policy=args.spill_policy,
-        compaction_threshold_tokens=_number("--compaction-threshold", args.compaction_threshold, int),
-        length_scale=_number("--length-scale", args.length_scale),
+        compaction_threshold_tokens=number_flag("--compaction-threshold", args.compaction_threshold, int,
+                                                positive=True),
+        length_scale=number_flag("--length-scale", args.length_scale, positive=True),
     )
     config.validate()
     return config

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 TRAFFIC_KINDS: tuple[str, ...] = ("conversation", "api")
 
-# Azure LLM inference trace 2023, conversation (computed; shared/reference/workloads.md, "Chat"):
+# Azure LLM inference trace 2023, conversation (computed; docs/workload-figures.md, "Chat"):
 # 5.53 requests/s over 58 min, inter-arrival CV 1.09. The Gamma shape is 1/CV^2 = 0.84 (a moment fit that
 # matches the CV; the reference's "shape about 0.87" is a different fit of the same gaps).
 CONVERSATION_MEAN_RATE_PER_S = 5.53
@@ -273,27 +273,6 @@ def interarrival_cv(arrivals: list[float], config: ArrivalConfig) -> float | Non
         return None
     mean = statistics.fmean(gaps)
     return statistics.pstdev(gaps, mean) / mean if mean > 0 else None
-
-
-def count_dispersion(arrivals: list[float], config: ArrivalConfig, window_s: float,
-                     duration_s: float | None = None) -> float | None:
-    """Variance / mean of arrival counts in windows of operational time worth ``window_s`` seconds at the
-    mean rate (so the daily cycle adds no variance). 1 for Poisson; the Azure 2023 conversation trace
-    gives 1.4 at 1 s. None with fewer than two windows."""
-    if not arrivals:
-        return None
-    duration = duration_s if duration_s is not None else max(arrivals)
-    width = window_s * config.mean_rate_per_s
-    windows = int(config.cumulative(duration) // width)
-    if windows < 2:
-        return None
-    counts = [0] * windows
-    for t in arrivals:
-        index = int(config.cumulative(t) // width)
-        if index < windows:
-            counts[index] += 1
-    mean = statistics.fmean(counts)
-    return statistics.pvariance(counts, mean) / mean if mean > 0 else None
 
 
 def _window_weights(config: ArrivalConfig, a: float, b: float) -> tuple[float, float]:

@@ -42,8 +42,9 @@ from wattledger.workloads.arrivals import (
     interarrival_cv,
 )
 from wattledger.workloads.common import RunOptions, percentiles, seed_everything, summary_header
+from wattledger.workloads.flags import number_flag, parsed_flag
 from wattledger.workloads.lengths import LengthSampler, fitted_scale
-from wattledger.workloads.model import KVCache, StaticDecoder, bucket, build_model
+from wattledger.workloads.model import KVCache, ModelConfig, StaticDecoder, bucket, build_model
 from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, Reporter
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,175 @@ def _warm_up(model, cache: KVCache, decoder: StaticDecoder | None, max_batch: in
             cache.reset(slot)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """The serving sizes the config resolves to, in tokens (and the length tables' scale)."""
+
+    max_len: int  # per cache slot
+    kv_budget: int  # prompt + output tokens the running requests may reserve together
+    max_total: int  # one request's prompt + output: it must fit its slot and the budget on its own
+    length_scale: float
+
+
+def _serving_shape(config: ChatConfig, options: RunOptions, model_config: ModelConfig) -> _Shape:
+    """The config's sizes with their defaults filled in; ValueError (one line) if the slot outgrows the model."""
+    max_len = config.max_len or model_config.max_seq_len
+    if max_len > model_config.max_seq_len:
+        raise ValueError(f"max length {max_len} exceeds the {options.preset} preset's {model_config.max_seq_len}")
+    kv_budget = config.kv_budget_tokens or config.max_batch * max_len
+    max_total = min(max_len, kv_budget)
+    scale = config.length_scale if config.length_scale is not None else fitted_scale(max_total)
+    return _Shape(max_len=max_len, kv_budget=kv_budget, max_total=max_total, length_scale=scale)
+
+
+def _requests(config: ChatConfig, options: RunOptions, shape: _Shape,
+              arrivals_config: ArrivalConfig) -> list[_Request]:
+    """The run's requests, in arrival order: the trace's, or drawn from the arrival process and the length
+    tables. Seeds torch too (the prompts' token ids come from its generator)."""
+    rng = seed_everything(options.seed)
+    # Separate streams, so the arrival times do not change with the length settings.
+    arrival_rng = random.Random(rng.getrandbits(64))
+    length_rng = random.Random(rng.getrandbits(64))
+    sampler = LengthSampler(scale=shape.length_scale, max_total=shape.max_total)
+    if config.trace is None:
+        arrival_times = generate_arrivals(arrivals_config, options.duration_s, arrival_rng)
+        return [_Request(i, t, *sampler.sample(length_rng)) for i, t in enumerate(arrival_times)]
+    requests = [_Request(i, float(a), p, o) for i, (a, p, o) in enumerate(sorted(config.trace))]
+    for request in requests:
+        if request.kv_tokens > shape.max_total:
+            raise ValueError(f"trace request {request.index} needs {request.kv_tokens} tokens; a slot and "
+                             f"the KV budget hold {shape.max_total}")
+    return requests
+
+
+class _Queue:
+    """The requests from arrival to their last token: ``pending`` (not arrived yet), ``waiting`` (arrived,
+    first come first served) and ``running`` (each holding a cache slot and its KV reservation)."""
+
+    def __init__(self, requests: list[_Request], max_batch: int, kv_budget_tokens: int):
+        self.total = len(requests)
+        self.pending = deque(requests)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.reserved = 0  # KV tokens (prompt + output) reserved by the running requests
+        self.max_batch = max_batch
+        self.kv_budget_tokens = kv_budget_tokens
+
+    def arrive(self, start_ns: int, now_ns: int) -> None:
+        """Move the requests whose arrival time has come to ``waiting``."""
+        while self.pending and start_ns + self.pending[0].arrival_s * 1e9 <= now_ns:
+            self.waiting.append(self.pending.popleft())
+
+    def admit(self, now_ns: int, cache: KVCache) -> list[_Request]:
+        """Take waiting requests in order while the batch has room and the KV budget holds each one whole."""
+        admitted: list[_Request] = []
+        while (self.waiting and len(self.running) + len(admitted) < self.max_batch
+               and self.reserved + self.waiting[0].kv_tokens <= self.kv_budget_tokens):
+            request = self.waiting.popleft()
+            request.slot = self.free_slots.pop()
+            request.admitted_ns = now_ns
+            cache.reset(request.slot)
+            self.reserved += request.kv_tokens
+            admitted.append(request)
+        return admitted
+
+    def wake_ns(self, start_ns: int, end_ns: int) -> int:
+        """When an idle server has something to do: the next arrival, or the end."""
+        return min(end_ns, start_ns + round(self.pending[0].arrival_s * 1e9)) if self.pending else end_ns
+
+    def retire(self, served: list[_Request], tokens: list[int], step: int, step_end_ns: int) -> None:
+        """Give each served request its token; those at their target length leave and free their slot."""
+        still_running = []
+        for request, token in zip(served, tokens):
+            if request.generated == 0:
+                request.first_token_ns = step_end_ns
+                request.admit_step = step
+            request.generated += 1
+            request.last_token = token
+            request.last_step = step
+            if request.generated == request.output_tokens:
+                request.finished_ns = step_end_ns
+                self.free_slots.append(request.slot)
+                self.reserved -= request.kv_tokens
+            else:
+                still_running.append(request)
+        self.running = still_running
+
+
+class _Server:
+    """The model, its KV cache (one slot per request) and the serving step."""
+
+    def __init__(self, config: ChatConfig, options: RunOptions, model_config: ModelConfig, device: torch.device,
+                 dtype: torch.dtype, max_len: int, reporter: Reporter, clock_ns: Callable[[], int]):
+        self.device = device
+        self.vocab = model_config.vocab_size
+        self.max_batch = config.max_batch
+        self.model = build_model(model_config, device, dtype, seed=options.seed).eval()
+        # The static decoder writes its padding rows into a spare slot that no request owns.
+        self.cache = KVCache(model_config, config.max_batch + (1 if options.compile else 0), max_len, device, dtype)
+        self.decoder = StaticDecoder(self.model, self.cache, compile=True) if options.compile else None
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        self.memory_bytes = weight_bytes + self.cache.nbytes()
+        self.reporter = reporter
+        self.clock_ns = clock_ns
+        self.clock = _StepClock(device, clock_ns)
+        reporter.set_memory(self.memory_bytes)
+
+    def warm_up(self) -> float:
+        """Warm up before the clock starts (see ``_warm_up``), reported as a prefill span; returns its seconds."""
+        warm_start = self.clock_ns()
+        _warm_up(self.model, self.cache, self.decoder, self.max_batch, self.device)
+        warm_end = self.clock_ns()
+        self.reporter.span("compute", warm_start, warm_end, PREFILL_ACTIVITY)
+        return (warm_end - warm_start) / 1e9
+
+    def step(self, admitted: list[_Request], decoding: list[_Request], totals: _Totals) -> tuple[list[int], int]:
+        """Prefill ``admitted``, decode one token for ``decoding``, read the tokens back; report the spans
+        and tokens and add them to ``totals``. Returns (the tokens, admitted first, and the read's monotonic ns)."""
+        clock, reporter = self.clock, self.reporter
+        clock.begin()
+        # Announced now (its first span starts here, prefill if any), so an in-process mock GPU counts the
+        # step while it runs: a step longer than the mock's lag (seen on a busy host) would come too late.
+        reporter.span_started("compute", clock.start_ns, PREFILL_ACTIVITY if admitted else DECODE_ACTIVITY)
+        sampled = []
+        if admitted:
+            # Random prompt ids (content does not matter, lengths do); padding beyond each length is dropped.
+            width = max(r.prompt_tokens for r in admitted)
+            prompts = torch.randint(0, self.vocab, (len(admitted), width), device=self.device)
+            logits = self.model.forward_cached(prompts, [r.prompt_tokens for r in admitted],
+                                               [r.slot for r in admitted], self.cache)
+            sampled.append(logits.argmax(-1))
+        clock.between()
+        if decoding:
+            last = [r.last_token for r in decoding]
+            slots = [r.slot for r in decoding]
+            if self.decoder is not None:
+                logits = self.decoder.step(last, slots)
+            else:
+                logits = self.model.forward_cached(_column(last, self.device), [1] * len(decoding), slots, self.cache)
+            sampled.append(logits.argmax(-1))
+        clock.before_sync()
+        # The step's one host sync: the tokens go back to their clients. Spans end after it.
+        tokens = (torch.cat(sampled) if len(sampled) > 1 else sampled[0]).tolist()
+        step_end_ns = self.clock_ns()
+        mid_ns = clock.split(step_end_ns, bool(admitted), bool(decoding))
+        if admitted:
+            reporter.span("compute", clock.start_ns, mid_ns, PREFILL_ACTIVITY)
+            totals.prefill_seconds += (mid_ns - clock.start_ns) / 1e9
+            totals.prefill_batches.append(len(admitted))
+        if decoding:
+            reporter.span("compute", mid_ns, step_end_ns, DECODE_ACTIVITY)
+            totals.decode_seconds += (step_end_ns - mid_ns) / 1e9
+            totals.decode_batches.append(len(decoding))
+        prompt_tokens = sum(r.prompt_tokens for r in admitted)
+        reporter.add_tokens("prompt", prompt_tokens)
+        reporter.add_tokens("generated", len(tokens))
+        totals.prompt += prompt_tokens
+        totals.generated += len(tokens)
+        return tokens, step_end_ns
+
+
 @torch.no_grad()
 def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threading.Event | None = None,
         clock_ns: Callable[[], int] = time.monotonic_ns) -> dict:
@@ -246,147 +416,48 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
     """
     stop = stop if stop is not None else threading.Event()
     model_config, device, dtype = options.resolve()
-    rng = seed_everything(options.seed)
-    # Separate streams, so the arrival times do not change with the length settings.
-    arrival_rng = random.Random(rng.getrandbits(64))
-    length_rng = random.Random(rng.getrandbits(64))
-    max_len = config.max_len or model_config.max_seq_len
-    if max_len > model_config.max_seq_len:
-        raise ValueError(f"max length {max_len} exceeds the {options.preset} preset's {model_config.max_seq_len}")
-    kv_budget = config.kv_budget_tokens or config.max_batch * max_len
-    max_total = min(max_len, kv_budget)  # one request must fit its slot and the budget on its own
-    scale = config.length_scale if config.length_scale is not None else fitted_scale(max_total)
-    sampler = LengthSampler(scale=scale, max_total=max_total)
+    shape = _serving_shape(config, options, model_config)
     arrivals_config = config.arrival_config()
+    requests = _requests(config, options, shape, arrivals_config)
+    server = _Server(config, options, model_config, device, dtype, shape.max_len, reporter, clock_ns)
+    warm_up_seconds = server.warm_up()
 
-    if config.trace is not None:
-        requests = [_Request(i, float(a), p, o) for i, (a, p, o) in enumerate(sorted(config.trace))]
-        for request in requests:
-            if request.kv_tokens > max_total:
-                raise ValueError(f"trace request {request.index} needs {request.kv_tokens} tokens; a slot and "
-                                 f"the KV budget hold {max_total}")
-    else:
-        arrival_times = generate_arrivals(arrivals_config, options.duration_s, arrival_rng)
-        requests = [_Request(i, t, *sampler.sample(length_rng)) for i, t in enumerate(arrival_times)]
-
-    model = build_model(model_config, device, dtype, seed=options.seed).eval()
-    # The static decoder writes its padding rows into a spare slot that no request owns.
-    cache = KVCache(model_config, config.max_batch + (1 if options.compile else 0), max_len, device, dtype)
-    decoder = StaticDecoder(model, cache, compile=True) if options.compile else None
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    reporter.set_memory(weight_bytes + cache.nbytes())
-    warm_start = clock_ns()
-    _warm_up(model, cache, decoder, config.max_batch, device)
-    warm_end = clock_ns()
-    warm_up_seconds = (warm_end - warm_start) / 1e9
-    reporter.span("compute", warm_start, warm_end, PREFILL_ACTIVITY)
-
-    pending = deque(requests)
-    waiting: deque[_Request] = deque()
-    running: list[_Request] = []
-    free_slots = list(range(config.max_batch - 1, -1, -1))
-    reserved = 0
+    queue = _Queue(requests, config.max_batch, shape.kv_budget)
     totals = _Totals()
-    clock = _StepClock(device, clock_ns)
-    vocab = model_config.vocab_size
     start_ns = clock_ns()
     end_ns = start_ns + round(options.duration_s * 1e9)
     next_log_ns = start_ns + round(config.log_every_s * 1e9)
-
     while not stop.is_set():
         now_ns = clock_ns()
         if now_ns >= end_ns:
             break
-        while pending and start_ns + pending[0].arrival_s * 1e9 <= now_ns:
-            waiting.append(pending.popleft())
-        admitted: list[_Request] = []
-        while (waiting and len(running) + len(admitted) < config.max_batch
-               and reserved + waiting[0].kv_tokens <= kv_budget):
-            request = waiting.popleft()
-            request.slot = free_slots.pop()
-            request.admitted_ns = now_ns
-            cache.reset(request.slot)
-            reserved += request.kv_tokens
-            admitted.append(request)
-        decoding = running
+        queue.arrive(start_ns, now_ns)
+        admitted = queue.admit(now_ns, server.cache)
+        decoding = queue.running
         if not admitted and not decoding:
             # Nothing to run: sleep until the next arrival (or the end). No span: idle is no compute.
-            wake_ns = min(end_ns, start_ns + round(pending[0].arrival_s * 1e9)) if pending else end_ns
-            stop.wait(max(0.0, (wake_ns - now_ns) / 1e9))
+            stop.wait(max(0.0, (queue.wake_ns(start_ns, end_ns) - now_ns) / 1e9))
             continue
-
         totals.steps += 1
-        step = totals.steps
-        clock.begin()
-        # Announced now (its first span starts here, prefill if any), so an in-process mock GPU counts the
-        # step while it runs: a step longer than the mock's lag (seen on a busy host) would come too late.
-        reporter.span_started("compute", clock.start_ns, PREFILL_ACTIVITY if admitted else DECODE_ACTIVITY)
-        sampled = []
-        if admitted:
-            # Random prompt ids (content does not matter, lengths do); padding beyond each length is dropped.
-            width = max(r.prompt_tokens for r in admitted)
-            prompts = torch.randint(0, vocab, (len(admitted), width), device=device)
-            logits = model.forward_cached(prompts, [r.prompt_tokens for r in admitted],
-                                          [r.slot for r in admitted], cache)
-            sampled.append(logits.argmax(-1))
-        clock.between()
-        if decoding:
-            last = [r.last_token for r in decoding]
-            slots = [r.slot for r in decoding]
-            if decoder is not None:
-                logits = decoder.step(last, slots)
-            else:
-                logits = model.forward_cached(_column(last, device), [1] * len(decoding), slots, cache)
-            sampled.append(logits.argmax(-1))
-        clock.before_sync()
-        # The step's one host sync: the tokens go back to their clients. Spans end after it.
-        tokens = (torch.cat(sampled) if len(sampled) > 1 else sampled[0]).tolist()
-        step_end_ns = clock_ns()
-        mid_ns = clock.split(step_end_ns, bool(admitted), bool(decoding))
-        if admitted:
-            reporter.span("compute", clock.start_ns, mid_ns, PREFILL_ACTIVITY)
-            totals.prefill_seconds += (mid_ns - clock.start_ns) / 1e9
-            totals.prefill_batches.append(len(admitted))
-        if decoding:
-            reporter.span("compute", mid_ns, step_end_ns, DECODE_ACTIVITY)
-            totals.decode_seconds += (step_end_ns - mid_ns) / 1e9
-            totals.decode_batches.append(len(decoding))
-
-        prompt_tokens = sum(r.prompt_tokens for r in admitted)
-        reporter.add_tokens("prompt", prompt_tokens)
-        reporter.add_tokens("generated", len(tokens))
-        totals.prompt += prompt_tokens
-        totals.generated += len(tokens)
-        still_running = []
-        for request, token in zip(admitted + decoding, tokens):
-            if request.generated == 0:
-                request.first_token_ns = step_end_ns
-                request.admit_step = step
-            request.generated += 1
-            request.last_token = token
-            request.last_step = step
-            if request.generated == request.output_tokens:
-                request.finished_ns = step_end_ns
-                free_slots.append(request.slot)
-                reserved -= request.kv_tokens
-            else:
-                still_running.append(request)
-        running = still_running
-
+        tokens, step_end_ns = server.step(admitted, decoding, totals)
+        queue.retire(admitted + decoding, tokens, totals.steps, step_end_ns)
         if step_end_ns >= next_log_ns:
             next_log_ns += round(config.log_every_s * 1e9)
-            elapsed = (step_end_ns - start_ns) / 1e9
-            log.info("chat t=%.0fs: %d arrived, %d running, %d waiting, %.0f generated tok/s, busy %.0f%%",
-                     elapsed, len(requests) - len(pending), len(running), len(waiting), totals.generated / elapsed,
-                     100 * (totals.prefill_seconds + totals.decode_seconds) / elapsed)
+            _log_progress(queue, totals, (step_end_ns - start_ns) / 1e9)
 
     finished_ns = clock_ns()
     return _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config,
-                    scale, max_len, kv_budget, weight_bytes + cache.nbytes(), warm_up_seconds)
+                    shape, server.memory_bytes, warm_up_seconds)
 
 
-def _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config, scale,
-             max_len, kv_budget, memory_bytes, warm_up_seconds) -> dict:
+def _log_progress(queue: _Queue, totals: _Totals, elapsed: float) -> None:
+    log.info("chat t=%.0fs: %d arrived, %d running, %d waiting, %.0f generated tok/s, busy %.0f%%",
+             elapsed, queue.total - len(queue.pending), len(queue.running), len(queue.waiting),
+             totals.generated / elapsed, 100 * (totals.prefill_seconds + totals.decode_seconds) / elapsed)
+
+
+def _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config,
+             shape: _Shape, memory_bytes, warm_up_seconds) -> dict:
     elapsed = (finished_ns - start_ns) / 1e9
     arrived = [r for r in requests if r.arrival_s * 1e9 <= finished_ns - start_ns]
     completed = [r for r in arrived if r.finished_ns]
@@ -407,9 +478,9 @@ def _summary(config, options, device, dtype, requests, totals, start_ns, finishe
         "peak_trough_ratio": config.peak_trough_ratio,
         "start_fraction": config.start_fraction,
         "max_batch": config.max_batch,
-        "max_len": max_len,
-        "kv_budget_tokens": kv_budget,
-        "length_scale": scale,
+        "max_len": shape.max_len,
+        "kv_budget_tokens": shape.kv_budget,
+        "length_scale": shape.length_scale,
         "memory_bytes": memory_bytes,
         "warm_up_seconds": warm_up_seconds,
         "requests_arrived": len(arrived),
@@ -483,45 +554,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-requests", action="store_true", help="per-request records in the --json summary")
 
 
-def _number(name: str, text, kind=float):
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise ValueError(f"--{name} expects a finite number, got {text!r}")
-    return value
-
-
 def config_from_args(args: argparse.Namespace) -> ChatConfig:
     from wattledger.agent.config import parse_duration_seconds
 
-    peak = _number("peak-at", args.peak_at)
+    peak = number_flag("--peak-at", args.peak_at)
     start_text = str(args.start_at).strip().lower()
     if start_text == "peak":
         start = peak
     elif start_text == "trough":
         start = (peak + 0.5) % 1.0
     else:
-        start = _number("start-at", start_text)
-    try:
-        day = parse_duration_seconds(args.day)
-    except ValueError as err:
-        raise ValueError(f"--day: {err}") from None
+        start = number_flag("--start-at", start_text)
+    day = parsed_flag("--day", args.day, parse_duration_seconds)
     scale_text = str(args.length_scale).strip().lower()
     return ChatConfig(
-        mean_rate_per_s=_number("rate", args.rate),
+        mean_rate_per_s=number_flag("--rate", args.rate),
         day_seconds=day,
-        peak_trough_ratio=_number("peak-trough", args.peak_trough),
+        peak_trough_ratio=number_flag("--peak-trough", args.peak_trough),
         peak_fraction=peak,
         start_fraction=start,
-        start_day=_number("start-day", args.start_day, int),
-        weekend_factor=_number("weekend-factor", args.weekend_factor),
+        start_day=number_flag("--start-day", args.start_day, int),
+        weekend_factor=number_flag("--weekend-factor", args.weekend_factor),
         traffic=str(args.traffic),
-        max_batch=_number("max-batch", args.max_batch, int),
-        kv_budget_tokens=(None if args.kv_budget_tokens is None
-                          else _number("kv-budget-tokens", args.kv_budget_tokens, int)),
-        max_len=None if args.max_len is None else _number("max-len", args.max_len, int),
-        length_scale=None if scale_text == "auto" else _number("length-scale", scale_text),
+        max_batch=number_flag("--max-batch", args.max_batch, int),
+        kv_budget_tokens=number_flag("--kv-budget-tokens", args.kv_budget_tokens, int),
+        max_len=number_flag("--max-len", args.max_len, int),
+        length_scale=None if scale_text == "auto" else number_flag("--length-scale", scale_text),
         keep_requests=bool(getattr(args, "keep_requests", False)),
     )

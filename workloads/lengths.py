@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 Table = tuple[tuple[float, int], ...]  # (cumulative probability, tokens), increasing in both
 
-# Azure LLM inference trace 2023, conversation (computed; shared/reference/workloads.md, "Chat"):
+# Azure LLM inference trace 2023, conversation (computed; docs/workload-figures.md, "Chat"):
 # prompt p5 181, p25 396, p50 1020, p75 1189, p90 2734, p99 4142;
 # output p10 54, p50 129, p75 395, p90 424, p99 601, max 1000. The p0 and prompt p100 rows are ours
 # (module docstring).

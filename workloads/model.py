@@ -65,7 +65,7 @@ class ModelConfig:
 
 
 # Shapes: Llama-3.2-1B and Llama-3.1-8B as published in their model cards (config.json); 125m at GPT-2
-# small scale; tiny for CPU tests. Source table: shared/reference/workloads.md, "Model shapes".
+# small scale; tiny for CPU tests. Source table: docs/workload-figures.md, "Model shapes".
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig("tiny", dim=128, layers=2, heads=4, kv_heads=2, ffn_dim=384, vocab_size=512,
                         max_seq_len=1024, rope_theta=10_000.0),

@@ -13,7 +13,7 @@ sequence walks a fixed random transition table, ``next = table[prev]`` with prob
 uniformly random token. Sequence ``j`` of a step's global batch is a pure function of (seed, step, j), so
 rank ``r`` of ``W`` draws its own shard, and a resumed run sees the same data as an uninterrupted one.
 
-Figures and their sources: shared/reference/workloads.md, "Training".
+Figures and their sources: docs/workload-figures.md, "Training".
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -385,6 +385,56 @@ def _distributed_env() -> tuple[int, int, int] | None:
 # -- the run ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Trainer:
+    """What the loop works with, built once by ``_set_up``: this rank's place in the group, the model and
+    its optimizer, the data, the checkpointer, and the figures every step shares."""
+
+    model_config: ModelConfig
+    device: torch.device  # under torchrun on CUDA, the GPU of this rank's local rank
+    compute_dtype: torch.dtype
+    autocast: contextlib.AbstractContextManager
+    rank: int
+    world: int
+    distributed: bool  # launched by torchrun (even with one rank)
+    owns_group: bool  # this run initialised the process group, so it destroys it at the end
+    compiled: bool
+    raw_model: nn.Module  # the bare module: what checkpoints save and memory is counted on
+    model: nn.Module | None  # what the loop calls (DDP- and compile-wrapped as asked); None once freed
+    optimizer: torch.optim.Optimizer
+    data: SyntheticTokens
+    batch_size: int  # sequences per rank per micro-step
+    seq_len: int  # tokens per sequence
+    first_step: int  # the step counter at the start: the checkpoint's step when resumed, else 0
+    checkpointer: Checkpointer | None
+    temporary_folder: str | None  # the checkpoints' folder when the config names none; removed at the end
+    tokens_per_step: int  # per rank
+    flops_per_token: float  # training FLOPs per token, forward and backward
+    peak_flops: float | None  # per GPU, FLOP/s; None: no MFU
+    mfu_note: str | None  # why there is no peak, when there is none
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class _Progress:
+    """What the loop measured: each step's seconds, the losses, the log's points, the checkpoint stalls."""
+
+    step_seconds: list[float] = field(default_factory=list)
+    loss_first: float | None = None
+    loss_last: float | None = None
+    loss_log: list[list[float]] = field(default_factory=list)  # [step, loss] at each log line
+    checkpoints: list[dict] = field(default_factory=list)  # {"step", "stall_seconds"} per save
+    stall_seconds: float = 0.0  # the loop blocked on checkpoints, the final wait included
+
+    def add_step(self, seconds: float, loss: float) -> None:
+        self.step_seconds.append(seconds)
+        self.loss_first = loss if self.loss_first is None else self.loss_first
+        self.loss_last = loss
+
+
 def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
         stop: threading.Event | None = None) -> dict:
     """Train until ``config.max_steps`` or ``options.duration_s`` (or ``stop``); return the summary.
@@ -399,7 +449,48 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
     if seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the {model_config.name} model's {model_config.max_seq_len}")
     setup_start = time.perf_counter()
+    t = _set_up(config, options, model_config, device, batch_size, seq_len)
+    progress = _Progress()
+    setup_seconds = time.perf_counter() - setup_start
+    if t.master and config.log_every:
+        _log_start(t, config)
 
+    step = t.first_step
+    loop_start_ns = time.monotonic_ns()
+    deadline_ns = loop_start_ns + int(options.duration_s * 1e9)
+    while config.max_steps is None or step < config.max_steps:
+        # The previous step ended on a device sync (loss.item()), so the CPU clock is true here.
+        step_start_ns = time.monotonic_ns()
+        # Announced now, so an in-process mock GPU counts the step while it runs: a step longer than the
+        # mock's lag (seen on a busy host) would otherwise reach it too late to count in full.
+        reporter.span_started("compute", step_start_ns, TRAIN_ACTIVITY)
+        lr = learning_rate(config, step)
+        loss_sum = _optimizer_step(t, config, step, lr)
+        wants_stop = stop.is_set() or (config.max_steps is None and time.monotonic_ns() >= deadline_ns)
+        loss_value, wants_stop = _read_loss(t, loss_sum, wants_stop)
+        step_end_ns = time.monotonic_ns()
+        reporter.span("compute", step_start_ns, step_end_ns, TRAIN_ACTIVITY)
+        reporter.add_tokens("trained", t.tokens_per_step)
+        step += 1
+        progress.add_step((step_end_ns - step_start_ns) / 1e9, loss_value)
+        if len(progress.step_seconds) == 1:
+            reporter.set_memory(_memory_bytes(t.raw_model, t.optimizer, t.device))
+        if t.master and config.log_every and (step % config.log_every == 0 or step == t.first_step + 1):
+            _log_step(t, progress, step, loss_value, lr)
+        if t.checkpointer is not None and step % config.checkpoint_every == 0:
+            _checkpoint_step(t, config, options, reporter, progress, step)
+        if wants_stop:
+            break
+
+    _finish_checkpoints(t, reporter, progress)
+    wall_seconds = (time.monotonic_ns() - loop_start_ns) / 1e9
+    checkpoint_last_path = _leave(t)
+    return _summary(config, options, t, progress, wall_seconds, setup_seconds, checkpoint_last_path)
+
+
+def _set_up(config: TrainingConfig, options: RunOptions, model_config: ModelConfig, device: torch.device,
+            batch_size: int, seq_len: int) -> _Trainer:
+    """Join the process group under torchrun, then build the model, optimizer, data and checkpointer."""
     # Data parallel when launched by torchrun; alone otherwise.
     env = _distributed_env()
     rank, world, local_rank = env or (0, 1, 0)
@@ -410,7 +501,6 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
     if owns_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     distributed = env is not None
-    master = rank == 0
 
     # Master weights and optimizer state in fp32; matrix products in bf16 under autocast on CUDA. The CPU
     # stays fp32 so the tests can compare runs bit for bit.
@@ -420,144 +510,147 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
     raw_model = build_model(model_config, device, torch.float32, seed=options.seed)
     optimizer = make_optimizer(raw_model, config, device)
     data = SyntheticTokens(model_config.vocab_size, seq_len, options.seed)
-
-    step = 0
-    if config.resume_from:
-        step = load_checkpoint(config.resume_from, raw_model, optimizer)
+    first_step = load_checkpoint(config.resume_from, raw_model, optimizer) if config.resume_from else 0
     model: nn.Module = raw_model
     if distributed:
         model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[local_rank] if device.type == "cuda"
                                                     else None)
     if options.compile:
         model = torch.compile(model)
-
-    checkpointer = None
-    temporary_folder = None
-    if config.checkpoint_every:
-        folder = config.checkpoint_dir
-        if folder is None:
-            temporary_folder = tempfile.mkdtemp(prefix="wattledger-training-") if master else None
-            if distributed:  # every rank must write into the same folder (async) or agree on its name
-                shared = [temporary_folder]
-                dist.broadcast_object_list(shared, src=0)
-                temporary_folder = shared[0]
-            folder = temporary_folder
-        os.makedirs(folder, exist_ok=True)
-        checkpointer = Checkpointer(folder, config.checkpoint_mode, rank, distributed, device)
-
-    tokens_per_step = batch_size * seq_len * config.grad_accum_steps  # per rank
-    flops_per_token = model_config.training_flops_per_token(seq_len)
+    checkpointer, temporary_folder = _make_checkpointer(config, rank, distributed, device)
     if config.peak_flops is not None:
         peak_flops, mfu_note = float(config.peak_flops), None
     else:
         peak_flops, mfu_note = default_peak_flops(device)
-    first_step = step
-    step_seconds: list[float] = []
-    loss_first = loss_last = None
-    loss_log: list[list[float]] = []
-    checkpoints: list[dict] = []
-    stall_seconds = 0.0
-    setup_seconds = time.perf_counter() - setup_start
-    if master and config.log_every:
-        print(f"training {model_config.name}: {model_config.total_params():,} params, world {world}, "
-              f"{batch_size} x {seq_len} tokens x {config.grad_accum_steps} accum per rank, {device}, "
-              f"{str(compute_dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+    return _Trainer(
+        model_config=model_config, device=device, compute_dtype=compute_dtype, autocast=autocast, rank=rank,
+        world=world, distributed=distributed, owns_group=owns_group, compiled=options.compile,
+        raw_model=raw_model, model=model, optimizer=optimizer, data=data, batch_size=batch_size,
+        seq_len=seq_len, first_step=first_step, checkpointer=checkpointer, temporary_folder=temporary_folder,
+        tokens_per_step=batch_size * seq_len * config.grad_accum_steps,
+        flops_per_token=model_config.training_flops_per_token(seq_len), peak_flops=peak_flops,
+        mfu_note=mfu_note)
 
-    loop_start_ns = time.monotonic_ns()
-    deadline_ns = loop_start_ns + int(options.duration_s * 1e9)
-    while config.max_steps is None or step < config.max_steps:
-        # The previous step ended on a device sync (loss.item()), so the CPU clock is true here.
-        step_start_ns = time.monotonic_ns()
-        # Announced now, so an in-process mock GPU counts the step while it runs: a step longer than the
-        # mock's lag (seen on a busy host) would otherwise reach it too late to count in full.
-        reporter.span_started("compute", step_start_ns, TRAIN_ACTIVITY)
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(config.grad_accum_steps):
-            tokens = data.batch(step, rank, world, batch_size, micro_step)
-            tokens = tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens
-            if distributed:
-                # All-reduce the gradients only on the last micro-step (as nanoGPT does): the earlier
-                # ones just accumulate locally.
-                raw_ddp = model._orig_mod if options.compile else model
-                raw_ddp.require_backward_grad_sync = micro_step == config.grad_accum_steps - 1
-            with autocast:
-                logits = model(tokens[:, :-1])
-            # Mean over this micro-batch, divided by the micro-steps so the sum of the gradients is the
-            # mean over the whole step's batch.
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                   tokens[:, 1:].reshape(-1)) / config.grad_accum_steps
-            loss.backward()
-            loss_sum += loss.detach()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        wants_stop = stop.is_set() or (config.max_steps is None and time.monotonic_ns() >= deadline_ns)
-        # Reading the loss back waits for the device: the step's one sync point, so the compute span below
-        # ends when the GPU is done, and the log needs the value anyway.
-        if distributed:
-            # One small all-reduce carries the mean loss for the log and the stop decision: every rank
-            # must leave the loop at the same step, or the others hang in the next gradient all-reduce.
-            shared = torch.stack([loss_sum, torch.tensor(float(wants_stop), device=device)])
-            dist.all_reduce(shared)
-            loss_total, stop_votes = shared.tolist()
-            loss_value, wants_stop = loss_total / world, stop_votes > 0
-        else:
-            loss_value = loss_sum.item()
-        step_end_ns = time.monotonic_ns()
-        reporter.span("compute", step_start_ns, step_end_ns, TRAIN_ACTIVITY)
-        reporter.add_tokens("trained", tokens_per_step)
-        step += 1
-        step_seconds.append((step_end_ns - step_start_ns) / 1e9)
-        loss_first = loss_value if loss_first is None else loss_first
-        loss_last = loss_value
-        if len(step_seconds) == 1:
-            reporter.set_memory(_memory_bytes(raw_model, optimizer, device))
+def _make_checkpointer(config: TrainingConfig, rank: int, distributed: bool,
+                       device: torch.device) -> tuple[Checkpointer | None, str | None]:
+    """(checkpointer, temporary folder): (None, None) without ``checkpoint_every``; the folder is a fresh
+    temporary one, the same on every rank, when the config names none (else None)."""
+    if not config.checkpoint_every:
+        return None, None
+    folder = config.checkpoint_dir
+    temporary_folder = None
+    if folder is None:
+        temporary_folder = tempfile.mkdtemp(prefix="wattledger-training-") if rank == 0 else None
+        if distributed:  # every rank must write into the same folder (async) or agree on its name
+            shared = [temporary_folder]
+            dist.broadcast_object_list(shared, src=0)
+            temporary_folder = shared[0]
+        folder = temporary_folder
+    os.makedirs(folder, exist_ok=True)
+    return Checkpointer(folder, config.checkpoint_mode, rank, distributed, device), temporary_folder
 
-        if master and config.log_every and (step % config.log_every == 0 or step == first_step + 1):
-            seconds = step_seconds[-1]
-            tokens_per_second = tokens_per_step * world / seconds
-            mfu = flops_per_token * tokens_per_second / (peak_flops * world) if peak_flops else None
-            mfu_text = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
-            print(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | {seconds * 1e3:.1f} ms | "
-                  f"{tokens_per_second:,.0f} tok/s{mfu_text}", file=sys.stderr, flush=True)
-            loss_log.append([step, loss_value])
 
-        if checkpointer is not None and step % config.checkpoint_every == 0:
-            stall_start_ns = time.monotonic_ns()
-            checkpointer.save(raw_model, optimizer, step, {
-                "seed": options.seed, "world_size": world, "batch_size": batch_size, "seq_len": seq_len,
-                "grad_accum_steps": config.grad_accum_steps})
-            stall_end_ns = time.monotonic_ns()
-            reporter.span("checkpoint", stall_start_ns, stall_end_ns)
-            stall_seconds += (stall_end_ns - stall_start_ns) / 1e9
-            checkpoints.append({"step": step, "stall_seconds": (stall_end_ns - stall_start_ns) / 1e9})
-        if wants_stop:
-            break
+def _optimizer_step(t: _Trainer, config: TrainingConfig, step: int, lr: float) -> torch.Tensor:
+    """One optimizer step at learning rate ``lr`` over ``grad_accum_steps`` micro-steps. Returns the step's
+    mean loss (nats) as a device scalar, not read back: the caller's read is the step's one sync."""
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=t.device)
+    for micro_step in range(config.grad_accum_steps):
+        tokens = t.data.batch(step, t.rank, t.world, t.batch_size, micro_step)
+        tokens = tokens.pin_memory().to(t.device, non_blocking=True) if t.device.type == "cuda" else tokens
+        if t.distributed:
+            # All-reduce the gradients only on the last micro-step (as nanoGPT does): the earlier
+            # ones just accumulate locally.
+            raw_ddp = t.model._orig_mod if t.compiled else t.model
+            raw_ddp.require_backward_grad_sync = micro_step == config.grad_accum_steps - 1
+        with t.autocast:
+            logits = t.model(tokens[:, :-1])
+        # Mean over this micro-batch, divided by the micro-steps so the sum of the gradients is the
+        # mean over the whole step's batch.
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                               tokens[:, 1:].reshape(-1)) / config.grad_accum_steps
+        loss.backward()
+        loss_sum += loss.detach()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), config.grad_clip)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
 
-    if checkpointer is not None and checkpointer.pending is not None:
+
+def _read_loss(t: _Trainer, loss_sum: torch.Tensor, wants_stop: bool) -> tuple[float, bool]:
+    """(mean loss over the ranks in nats, whether any rank wants to stop).
+
+    Reading the loss back waits for the device: the step's one sync point, so the compute span ends when
+    the GPU is done, and the log needs the value anyway.
+    """
+    if not t.distributed:
+        return loss_sum.item(), wants_stop
+    # One small all-reduce carries the mean loss for the log and the stop decision: every rank must leave
+    # the loop at the same step, or the others hang in the next gradient all-reduce.
+    shared = torch.stack([loss_sum, torch.tensor(float(wants_stop), device=t.device)])
+    dist.all_reduce(shared)
+    loss_total, stop_votes = shared.tolist()
+    return loss_total / t.world, stop_votes > 0
+
+
+def _log_start(t: _Trainer, config: TrainingConfig) -> None:
+    print(f"training {t.model_config.name}: {t.model_config.total_params():,} params, world {t.world}, "
+          f"{t.batch_size} x {t.seq_len} tokens x {config.grad_accum_steps} accum per rank, {t.device}, "
+          f"{str(t.compute_dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+
+
+def _log_step(t: _Trainer, progress: _Progress, step: int, loss: float, lr: float) -> None:
+    """The step's log line (loss, lr, step time, tokens/s of all ranks, MFU), and its point in loss_log."""
+    seconds = progress.step_seconds[-1]
+    tokens_per_second = t.tokens_per_step * t.world / seconds
+    mfu = t.flops_per_token * tokens_per_second / (t.peak_flops * t.world) if t.peak_flops else None
+    mfu_text = f" | mfu {mfu * 100:.1f}%" if mfu is not None else ""
+    print(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {seconds * 1e3:.1f} ms | "
+          f"{tokens_per_second:,.0f} tok/s{mfu_text}", file=sys.stderr, flush=True)
+    progress.loss_log.append([step, loss])
+
+
+def _checkpoint_step(t: _Trainer, config: TrainingConfig, options: RunOptions, reporter: Reporter,
+                     progress: _Progress, step: int) -> None:
+    """Save at ``step``; the time the loop is blocked is a "checkpoint" span and counts as stall."""
+    stall_start_ns = time.monotonic_ns()
+    t.checkpointer.save(t.raw_model, t.optimizer, step, {
+        "seed": options.seed, "world_size": t.world, "batch_size": t.batch_size, "seq_len": t.seq_len,
+        "grad_accum_steps": config.grad_accum_steps})
+    stall_end_ns = time.monotonic_ns()
+    reporter.span("checkpoint", stall_start_ns, stall_end_ns)
+    progress.stall_seconds += (stall_end_ns - stall_start_ns) / 1e9
+    progress.checkpoints.append({"step": step, "stall_seconds": (stall_end_ns - stall_start_ns) / 1e9})
+
+
+def _finish_checkpoints(t: _Trainer, reporter: Reporter, progress: _Progress) -> None:
+    """Wait for an async write still in flight, then close the checkpointer."""
+    if t.checkpointer is None:
+        return
+    if t.checkpointer.pending is not None:
         # The run is not over until its last checkpoint is on disk: the loop is blocked, so it is stall.
         stall_start_ns = time.monotonic_ns()
-        checkpointer.wait()
+        t.checkpointer.wait()
         stall_end_ns = time.monotonic_ns()
         reporter.span("checkpoint", stall_start_ns, stall_end_ns)
-        stall_seconds += (stall_end_ns - stall_start_ns) / 1e9
-    if checkpointer is not None:
-        checkpointer.close()
-    wall_seconds = (time.monotonic_ns() - loop_start_ns) / 1e9
+        progress.stall_seconds += (stall_end_ns - stall_start_ns) / 1e9
+    t.checkpointer.close()
 
-    checkpoint_last_path = checkpointer.latest if checkpointer is not None else None
-    if temporary_folder is not None:
-        if distributed:
+
+def _leave(t: _Trainer) -> str | None:
+    """Remove the temporary checkpoint folder and leave the process group this run joined. Returns the
+    newest checkpoint's path (None when there is none or it was in the temporary folder)."""
+    checkpoint_last_path = t.checkpointer.latest if t.checkpointer is not None else None
+    if t.temporary_folder is not None:
+        if t.distributed:
             dist.barrier()  # every rank is done writing into it
-        if master:
-            shutil.rmtree(temporary_folder, ignore_errors=True)
+        if t.master:
+            shutil.rmtree(t.temporary_folder, ignore_errors=True)
         checkpoint_last_path = None
-    if owns_group:
+    if t.owns_group:
         # Leave together: a rank that closes its gloo connections while a slower peer (a busy host) is
         # still finishing the last collective can make that peer's gloo thread throw, which aborts it.
         dist.barrier()
@@ -565,53 +658,59 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
         # interpreter exit, where gloo's worker threads are torn down with the interpreter: rank 1 was
         # seen dying there with SIGABRT ("terminate called without an active exception") under load.
         # Free the wrapper (and with it the group) now, while the interpreter is whole.
-        model = None
+        t.model = None
         gc.collect()
         dist.destroy_process_group()
+    return checkpoint_last_path
 
-    steps = len(step_seconds)
-    trained_tokens = steps * tokens_per_step * world
-    busy_seconds = sum(step_seconds)
+
+def _summary(config: TrainingConfig, options: RunOptions, t: _Trainer, progress: _Progress, wall_seconds: float,
+             setup_seconds: float, checkpoint_last_path: str | None) -> dict:
+    """The run's summary: ``summary_header`` plus the shape, losses, step times, throughput, MFU (with
+    its formula) and the checkpoint figures; seconds of wall time unless named otherwise."""
+    steps = len(progress.step_seconds)
+    trained_tokens = steps * t.tokens_per_step * t.world
+    busy_seconds = sum(progress.step_seconds)
     tokens_per_second = trained_tokens / busy_seconds if busy_seconds > 0 else None
-    mfu = (flops_per_token * tokens_per_second / (peak_flops * world)
-           if peak_flops and tokens_per_second else None)
-    if steps == 0:
-        mfu_note = "no step finished"
-    spread = percentiles(step_seconds, qs=(0.5, 0.9))
-    summary = summary_header("training", options, device, compute_dtype, wall_seconds,
+    mfu = (t.flops_per_token * tokens_per_second / (t.peak_flops * t.world)
+           if t.peak_flops and tokens_per_second else None)
+    mfu_note = "no step finished" if steps == 0 else t.mfu_note
+    m, checkpointer = t.model_config, t.checkpointer
+    summary = summary_header("training", options, t.device, t.compute_dtype, wall_seconds,
                              {"trained": trained_tokens})
     summary.update({
-        "rank": rank,
-        "world_size": world,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
+        "rank": t.rank,
+        "world_size": t.world,
+        "batch_size": t.batch_size,
+        "seq_len": t.seq_len,
         "grad_accum_steps": config.grad_accum_steps,
-        "tokens_per_step": tokens_per_step * world,
+        "tokens_per_step": t.tokens_per_step * t.world,
         "steps": steps,
-        "step_start": first_step,
-        "loss_first": loss_first,
-        "loss_last": loss_last,
-        "loss_floor_nats": data.loss_floor_nats(),
-        "loss_log": loss_log,
-        "step_time_seconds": {"mean": busy_seconds / steps if steps else None, **spread},
+        "step_start": t.first_step,
+        "loss_first": progress.loss_first,
+        "loss_last": progress.loss_last,
+        "loss_floor_nats": t.data.loss_floor_nats(),
+        "loss_log": progress.loss_log,
+        "step_time_seconds": {"mean": busy_seconds / steps if steps else None,
+                              **percentiles(progress.step_seconds, qs=(0.5, 0.9))},
         "tokens_per_second": tokens_per_second,
         "tokens_per_second_wall": trained_tokens / wall_seconds if wall_seconds > 0 else None,
-        "flops_per_token": flops_per_token,
+        "flops_per_token": t.flops_per_token,
         "mfu": mfu,
-        "mfu_peak_flops": peak_flops,
+        "mfu_peak_flops": t.peak_flops,
         "mfu_formula": (f"mfu = flops_per_token * tokens_per_second / (peak_flops * world_size); "
-                        f"flops_per_token = 6N + 12*L*H*Q*T = 6*{model_config.matmul_params()} + "
-                        f"12*{model_config.layers}*{model_config.heads}*{model_config.head_dim}*{seq_len} "
+                        f"flops_per_token = 6N + 12*L*H*Q*T = 6*{m.matmul_params()} + "
+                        f"12*{m.layers}*{m.heads}*{m.head_dim}*{t.seq_len} "
                         f"(PaLM appendix B); tokens_per_second = trained tokens of all ranks / summed step "
                         f"time"),
         "mfu_note": None if mfu is not None else mfu_note,
         "checkpoint_mode": config.checkpoint_mode if checkpointer else None,
         "checkpoint_mode_used": checkpointer.mode_used if checkpointer else None,
         "checkpoint_fallback_reason": checkpointer.fallback_reason if checkpointer else None,
-        "checkpoint_count": len(checkpoints),
-        "checkpoint_stall_seconds": stall_seconds,
+        "checkpoint_count": len(progress.checkpoints),
+        "checkpoint_stall_seconds": progress.stall_seconds,
         "checkpoint_last_path": checkpoint_last_path,
-        "checkpoints": checkpoints,
+        "checkpoints": progress.checkpoints,
         "goodput": busy_seconds / wall_seconds if wall_seconds > 0 else None,
         "setup_seconds": setup_seconds,
         "config": asdict(config),
