@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 from wattledger.workloads.bench.rundata import RunData, load_run
+from wattledger.workloads.registry import REGIMES
 
 ORIGIN_NS = 1_000_000_000_000  # the host's monotonic clock at run start
 INTERVAL_S = 0.2  # sampling interval
@@ -38,7 +39,7 @@ TOKEN_RATES = {
     "chat": {"prompt": 9_000.0, "generated": 2_400.0},
     "agentic": {"prompt": 6_500.0, "generated": 900.0},
 }
-MAIN_KIND = {"training": "trained", "chat": "generated", "agentic": "generated"}
+MAIN_KIND = {name: REGIMES[name].main_token_kind for name in TOKEN_RATES}
 CREATED = "2024-06-01T09:30:00+00:00"
 HOST = {"hostname": "bench-host", "cpu_model": "AMD EPYC 9454 48-Core", "cpu_count": 32, "memory_total_bytes": 512 * GIB}
 

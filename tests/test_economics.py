@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 from hypothesis import given, settings
@@ -23,6 +24,7 @@ from wattledger.workloads.bench.economics import (
     pricing_record,
     regime_economics,
 )
+from wattledger.workloads.bench.results import CostPerMillionTokens
 
 SIMPLE = Pricing(gpu_hour_usd=2.0, electricity_usd_per_kwh=0.10, pue=1.5, grid_carbon_g_per_kwh=400.0)
 
@@ -37,19 +39,19 @@ def econ(pricing=SIMPLE, gpus=1, window=3600.0, energy=3.6e6, tokens=1e6, utiliz
 def test_measured_cost_hand_computed():
     # $2/GPU-hour for 1 h = $2; 1 kWh * PUE 1.5 * $0.10 = $0.15; over 1e6 tokens -> $2.15 per Mtok.
     r = econ()
-    assert r["cost_usd_per_million_tokens"]["measured"] == pytest.approx(2.15, rel=1e-12)
-    assert r["energy_share_of_cost"] == pytest.approx(0.15 / 2.15, rel=1e-12)
+    assert r.cost_usd_per_million_tokens.measured == pytest.approx(2.15, rel=1e-12)
+    assert r.energy_share_of_cost == pytest.approx(0.15 / 2.15, rel=1e-12)
     # 1 kWh * 1.5 * 400 g = 600 g over 1e6 tokens.
-    assert r["co2_grams_per_million_tokens"] == pytest.approx(600.0, rel=1e-12)
-    assert r["breakdown"]["measured_energy_kwh"] == pytest.approx(1.0)
-    assert r["breakdown"]["facility_energy_kwh"] == pytest.approx(1.5)
-    assert r["note"] is None
+    assert r.co2_grams_per_million_tokens == pytest.approx(600.0, rel=1e-12)
+    assert r.breakdown.measured_energy_kwh == pytest.approx(1.0)
+    assert r.breakdown.facility_energy_kwh == pytest.approx(1.5)
+    assert r.note is None
 
 
 def test_gpu_count_multiplies_gpu_cost_only():
     r = econ(gpus=4)
     # 4 GPUs * $2 + $0.15 energy (energy is the measured total, already summed over GPUs).
-    assert r["cost_usd_per_million_tokens"]["measured"] == pytest.approx(8.15, rel=1e-12)
+    assert r.cost_usd_per_million_tokens.measured == pytest.approx(8.15, rel=1e-12)
 
 
 def test_full_load_hand_computed():
@@ -57,54 +59,54 @@ def test_full_load_hand_computed():
     # full-load J/token = 3.24 + 100 / (1e6/1800) = 3.42; GPU $/Mtok = 2/3600 * 1800 = 1.0;
     # energy $/Mtok = 3.42 / 3.6e6 * 1.5 * 0.10 * 1e6 = 0.1425.
     r = econ(utilization=0.5, idle=100.0)
-    assert r["cost_usd_per_million_tokens"]["measured"] == pytest.approx(2.15, rel=1e-12)
-    assert r["cost_usd_per_million_tokens"]["full_load"] == pytest.approx(1.1425, rel=1e-12)
-    b = r["breakdown"]
-    assert b["tokens_per_busy_second"] == pytest.approx(1e6 / 1800)
-    assert b["dynamic_joules_per_token"] == pytest.approx(3.24)
-    assert b["full_load_joules_per_token"] == pytest.approx(3.42)
+    assert r.cost_usd_per_million_tokens.measured == pytest.approx(2.15, rel=1e-12)
+    assert r.cost_usd_per_million_tokens.full_load == pytest.approx(1.1425, rel=1e-12)
+    b = r.breakdown
+    assert b.tokens_per_busy_second == pytest.approx(1e6 / 1800)
+    assert b.dynamic_joules_per_token == pytest.approx(3.24)
+    assert b.full_load_joules_per_token == pytest.approx(3.42)
 
 
 @pytest.mark.parametrize("utilization", [0.05, 0.3, 0.5, 0.9])
 def test_full_load_below_measured_when_utilization_below_one(utilization):
     r = econ(utilization=utilization, idle=80.0)
-    cost = r["cost_usd_per_million_tokens"]
-    assert cost["full_load"] < cost["measured"]
+    cost = r.cost_usd_per_million_tokens
+    assert cost.full_load < cost.measured
 
 
 @pytest.mark.parametrize("idle", [0.0, 60.0, 250.0, None])
 def test_full_load_equals_measured_at_full_utilization(idle):
     r = econ(utilization=1.0, idle=idle)
-    cost = r["cost_usd_per_million_tokens"]
-    assert cost["full_load"] == pytest.approx(cost["measured"], rel=1e-12)
+    cost = r.cost_usd_per_million_tokens
+    assert cost.full_load == pytest.approx(cost.measured, rel=1e-12)
 
 
 def test_cost_curve_decreasing_and_passes_through_measured():
     r = econ(utilization=0.5, idle=100.0)
-    curve = r["cost_curve"]
-    assert [p["utilization"] for p in curve] == list(COST_CURVE_UTILIZATIONS)
-    assert curve[0]["utilization"] == 0.05 and curve[-1]["utilization"] == 1.0 and len(curve) == 20
-    values = [p["usd_per_million_tokens"] for p in curve]
+    curve = r.cost_curve
+    assert [p.utilization for p in curve] == list(COST_CURVE_UTILIZATIONS)
+    assert curve[0].utilization == 0.05 and curve[-1].utilization == 1.0 and len(curve) == 20
+    values = [p.usd_per_million_tokens for p in curve]
     assert all(a > b for a, b in itertools.pairwise(values))
-    at_half = next(p for p in curve if p["utilization"] == 0.5)
-    assert at_half["usd_per_million_tokens"] == pytest.approx(r["cost_usd_per_million_tokens"]["measured"], rel=1e-12)
-    assert curve[-1]["usd_per_million_tokens"] == pytest.approx(r["cost_usd_per_million_tokens"]["full_load"])
+    at_half = next(p for p in curve if p.utilization == 0.5)
+    assert at_half.usd_per_million_tokens == pytest.approx(r.cost_usd_per_million_tokens.measured, rel=1e-12)
+    assert curve[-1].usd_per_million_tokens == pytest.approx(r.cost_usd_per_million_tokens.full_load)
 
 
 def test_idle_above_mean_power_is_capped_and_noted():
     # mean power is 1000 W; an idle baseline of 1500 W cannot hold over this window.
     r = econ(utilization=0.4, idle=1500.0)
-    assert r["breakdown"]["idle_power_watts_used"] == pytest.approx(1000.0)
-    assert r["breakdown"]["dynamic_joules_per_token"] == 0.0
-    assert "capped" in r["note"]
-    cost = r["cost_usd_per_million_tokens"]
-    assert cost["full_load"] < cost["measured"]
+    assert r.breakdown.idle_power_watts_used == pytest.approx(1000.0)
+    assert r.breakdown.dynamic_joules_per_token == 0.0
+    assert "capped" in r.note
+    cost = r.cost_usd_per_million_tokens
+    assert cost.full_load < cost.measured
 
 
 def test_no_idle_baseline_counts_all_energy_dynamic():
     r = econ(utilization=0.5, idle=None)
-    assert r["breakdown"]["dynamic_joules_per_token"] == pytest.approx(3.6)
-    assert "idle" in r["note"]
+    assert r.breakdown.dynamic_joules_per_token == pytest.approx(3.6)
+    assert "idle" in r.note
 
 
 # ---------------------------------------------------------------- None, not zero
@@ -113,33 +115,33 @@ def test_no_idle_baseline_counts_all_energy_dynamic():
 @pytest.mark.parametrize("tokens", [0, 0.0, None])
 def test_no_tokens_gives_none_with_note(tokens):
     r = econ(tokens=tokens)
-    assert r["cost_usd_per_million_tokens"] == {"measured": None, "full_load": None}
-    assert r["energy_share_of_cost"] is None and r["co2_grams_per_million_tokens"] is None
-    assert r["cost_curve"] is None
-    assert "token" in r["note"]
+    assert r.cost_usd_per_million_tokens == CostPerMillionTokens(measured=None, full_load=None)
+    assert r.energy_share_of_cost is None and r.co2_grams_per_million_tokens is None
+    assert r.cost_curve is None
+    assert "token" in r.note
 
 
 @pytest.mark.parametrize("utilization", [0, 0.0, None])
 def test_no_utilization_gives_none_full_load_with_note(utilization):
     r = econ(utilization=utilization)
-    assert r["cost_usd_per_million_tokens"]["full_load"] is None
-    assert r["cost_curve"] is None
-    assert "utilization" in r["note"]
+    assert r.cost_usd_per_million_tokens.full_load is None
+    assert r.cost_curve is None
+    assert "utilization" in r.note
     # what needs no utilization is still there
-    assert r["cost_usd_per_million_tokens"]["measured"] == pytest.approx(2.15)
+    assert r.cost_usd_per_million_tokens.measured == pytest.approx(2.15)
 
 
 def test_no_energy_or_empty_window_gives_none():
     for kwargs in ({"energy": None}, {"window": 0.0}):
         r = econ(**kwargs)
-        assert r["cost_usd_per_million_tokens"]["measured"] is None
-        assert r["note"]
+        assert r.cost_usd_per_million_tokens.measured is None
+        assert r.note
 
 
 def test_no_carbon_figure_gives_none_co2():
     r = econ(pricing=Pricing(gpu_hour_usd=2.0, grid_carbon_g_per_kwh=None))
-    assert r["co2_grams_per_million_tokens"] is None
-    assert "carbon" in r["note"]
+    assert r.co2_grams_per_million_tokens is None
+    assert "carbon" in r.note
 
 
 @pytest.mark.parametrize("kwargs", [{"utilization": 1.5}, {"utilization": -0.1}, {"energy": -1.0},
@@ -172,12 +174,12 @@ def test_pue_never_changes_measured_joules():
     low, high = at(1.0), at(2.0)
     for key in ("measured_energy_kwh", "gross_joules_per_token", "dynamic_joules_per_token",
                 "full_load_joules_per_token"):
-        assert low["breakdown"][key] == high["breakdown"][key]
-    assert high["breakdown"]["facility_energy_kwh"] == pytest.approx(2 * low["breakdown"]["facility_energy_kwh"])
+        assert getattr(low.breakdown, key) == getattr(high.breakdown, key)
+    assert high.breakdown.facility_energy_kwh == pytest.approx(2 * low.breakdown.facility_energy_kwh)
     # cost and CO2 do change: energy cost doubles, GPU cost does not
-    assert high["breakdown"]["energy_cost_usd"] == pytest.approx(2 * low["breakdown"]["energy_cost_usd"])
-    assert high["breakdown"]["gpu_cost_usd"] == low["breakdown"]["gpu_cost_usd"]
-    assert high["co2_grams_per_million_tokens"] == pytest.approx(2 * low["co2_grams_per_million_tokens"])
+    assert high.breakdown.energy_cost_usd == pytest.approx(2 * low.breakdown.energy_cost_usd)
+    assert high.breakdown.gpu_cost_usd == low.breakdown.gpu_cost_usd
+    assert high.co2_grams_per_million_tokens == pytest.approx(2 * low.co2_grams_per_million_tokens)
 
 
 def test_inputs_are_not_mutated():
@@ -353,19 +355,19 @@ def test_property_figures_finite_nonnegative_and_linear_in_gpu_price(
     pricing = Pricing(gpu_hour_usd=gpu_hour, electricity_usd_per_kwh=electricity, pue=pue, grid_carbon_g_per_kwh=carbon)
     r = regime_economics(pricing, gpus, window, energy, tokens, utilization, idle)
     figures = [
-        r["cost_usd_per_million_tokens"]["measured"],
-        r["cost_usd_per_million_tokens"]["full_load"],
-        r["energy_share_of_cost"],
-        r["co2_grams_per_million_tokens"],
-        *(p["usd_per_million_tokens"] for p in r["cost_curve"]),
-        *(v for v in r["breakdown"].values() if isinstance(v, float)),
+        r.cost_usd_per_million_tokens.measured,
+        r.cost_usd_per_million_tokens.full_load,
+        r.energy_share_of_cost,
+        r.co2_grams_per_million_tokens,
+        *(p.usd_per_million_tokens for p in r.cost_curve),
+        *(v for v in asdict(r.breakdown).values() if isinstance(v, float)),
     ]
     for value in figures:
         assert value is not None and math.isfinite(value) and value >= 0
-    assert r["energy_share_of_cost"] <= 1.0
-    cost = r["cost_usd_per_million_tokens"]
-    assert cost["full_load"] <= cost["measured"] * (1 + 1e-9)
-    curve = [p["usd_per_million_tokens"] for p in r["cost_curve"]]
+    assert r.energy_share_of_cost <= 1.0
+    cost = r.cost_usd_per_million_tokens
+    assert cost.full_load <= cost.measured * (1 + 1e-9)
+    curve = [p.usd_per_million_tokens for p in r.cost_curve]
     assert all(a >= b * (1 - 1e-12) for a, b in itertools.pairwise(curve))
 
     # cost is affine in the GPU price: the GPU part scales, the energy part stays put
@@ -374,23 +376,23 @@ def test_property_figures_finite_nonnegative_and_linear_in_gpu_price(
         gpus, window, energy, tokens, utilization, idle,
     )
     for key in ("measured", "full_load"):
-        base = r["cost_usd_per_million_tokens"][key]
+        base = getattr(r.cost_usd_per_million_tokens, key)
         gpu_part = base - _energy_part(r, key, pricing)
-        assert doubled["cost_usd_per_million_tokens"][key] == pytest.approx(base + gpu_part, rel=1e-9, abs=1e-12)
+        assert getattr(doubled.cost_usd_per_million_tokens, key) == pytest.approx(base + gpu_part, rel=1e-9, abs=1e-12)
     # and linear when energy is free
     free = regime_economics(Pricing(gpu_hour_usd=gpu_hour, electricity_usd_per_kwh=0.0), gpus, window, energy,
                             tokens, utilization, idle)
     free3 = regime_economics(Pricing(gpu_hour_usd=3 * gpu_hour, electricity_usd_per_kwh=0.0), gpus, window, energy,
                              tokens, utilization, idle)
-    assert free3["cost_usd_per_million_tokens"]["measured"] == pytest.approx(
-        3 * free["cost_usd_per_million_tokens"]["measured"], rel=1e-12)
-    assert free3["cost_usd_per_million_tokens"]["full_load"] == pytest.approx(
-        3 * free["cost_usd_per_million_tokens"]["full_load"], rel=1e-12)
+    assert free3.cost_usd_per_million_tokens.measured == pytest.approx(
+        3 * free.cost_usd_per_million_tokens.measured, rel=1e-12)
+    assert free3.cost_usd_per_million_tokens.full_load == pytest.approx(
+        3 * free.cost_usd_per_million_tokens.full_load, rel=1e-12)
 
 
 def _energy_part(r, key, pricing):
-    b = r["breakdown"]
-    joules = b["gross_joules_per_token"] if key == "measured" else b["full_load_joules_per_token"]
+    b = r.breakdown
+    joules = b.gross_joules_per_token if key == "measured" else b.full_load_joules_per_token
     return joules / 3.6e6 * pricing.pue * pricing.electricity_usd_per_kwh * 1e6
 
 

@@ -24,7 +24,9 @@ from wattledger.workloads.bench.analysis import (  # noqa: E402
     window_energy,
 )
 from wattledger.workloads.bench.economics import load_pricing  # noqa: E402
+from wattledger.workloads.bench.results import RegimeResult  # noqa: E402
 from wattledger.workloads.bench.rundata import RunData  # noqa: E402
+from wattledger.workloads.registry import REGIMES, PerUnitEnergy, Regime  # noqa: E402
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -193,8 +195,8 @@ def stepped(idle_w: float, busy_w: float, busy_from_s: float, busy_to_s: float):
 PRICING = load_pricing()
 
 
-def checks(summary: dict) -> dict[str, bool]:
-    return {c["check"]: c["passed"] for c in summary["validity"]}
+def checks(summary: RegimeResult) -> dict[str, bool]:
+    return {c.check: c.passed for c in summary.validity}
 
 
 def test_window_energy_sums_gpus_over_the_reference_gpus_window():
@@ -209,9 +211,9 @@ def test_window_energy_sums_gpus_over_the_reference_gpus_window():
 def test_idle_baseline_is_counter_energy_over_its_window():
     run = make_run({"idle": (0.0, 10.0)}, constant(70.0))
     idle, idle_checks = idle_baseline(run)
-    assert idle["power_watts"] == pytest.approx(70.0, rel=1e-9)
-    assert idle["duration_seconds"] >= MIN_WINDOW_SECONDS
-    assert {c["check"]: c["passed"] for c in idle_checks}["idle baseline"] is True
+    assert idle.power_watts == pytest.approx(70.0, rel=1e-9)
+    assert idle.duration_seconds >= MIN_WINDOW_SECONDS
+    assert {c.check: c.passed for c in idle_checks}["idle baseline"] is True
 
 
 @pytest.mark.parametrize("phases, why", [
@@ -220,29 +222,29 @@ def test_idle_baseline_is_counter_energy_over_its_window():
 ])
 def test_idle_baseline_fails_its_check_when_missing_or_short(phases, why):
     idle, idle_checks = idle_baseline(make_run(phases, constant(70.0)))
-    check = next(c for c in idle_checks if c["check"] == "idle baseline")
-    assert check["passed"] is False and why in check["detail"]
+    check = next(c for c in idle_checks if c.check == "idle baseline")
+    assert check.passed is False and why in check.detail
 
 
 def test_idle_subtraction_gives_the_dynamic_energy_per_token():
     # 70 W idle, 370 W while training at 1000 tokens/s: gross 0.37 J/token, dynamic 0.30 J/token.
     run = make_run({"idle": (0.0, 10.0), "training": (11.0, 41.0)}, stepped(70.0, 370.0, 11.0, 41.0),
                    tokens_per_s={"training/trained": 1000.0})
-    idle_w = idle_baseline(run)[0]["power_watts"]
+    idle_w = idle_baseline(run)[0].power_watts
     summary = regime_summary(run, "training", idle_w, PRICING, gpus=1)
-    seconds = summary["duration_seconds"]
-    assert summary["energy_joules"] == pytest.approx(370.0 * seconds, rel=1e-6)
-    assert summary["energy"]["dynamic_joules"] == pytest.approx((370.0 - 70.0) * seconds, rel=1e-6)
-    assert summary["joules_per_token"]["gross"] == pytest.approx(0.37, rel=0.01)
-    assert summary["joules_per_token"]["dynamic"] == pytest.approx(0.30, rel=0.01)
-    assert all(checks(summary).values()), summary["validity"]
+    seconds = summary.duration_seconds
+    assert summary.energy_joules == pytest.approx(370.0 * seconds, rel=1e-6)
+    assert summary.energy.dynamic_joules == pytest.approx((370.0 - 70.0) * seconds, rel=1e-6)
+    assert summary.joules_per_token.gross == pytest.approx(0.37, rel=0.01)
+    assert summary.joules_per_token.dynamic == pytest.approx(0.30, rel=0.01)
+    assert all(checks(summary).values()), summary.validity
 
 
 def test_without_an_idle_baseline_there_is_no_dynamic_figure():
     run = make_run({"training": (1.0, 31.0)}, constant(370.0), tokens_per_s={"training/trained": 1000.0})
     summary = regime_summary(run, "training", None, PRICING, gpus=1)
-    assert summary["energy_joules"] > 0 and summary["energy"]["dynamic_joules"] is None
-    assert summary["joules_per_token"]["dynamic"] is None
+    assert summary.energy_joules > 0 and summary.energy.dynamic_joules is None
+    assert summary.joules_per_token.dynamic is None
 
 
 # -- each validity check ------------------------------------------------------------------------------------------
@@ -268,10 +270,69 @@ def test_each_validity_check_fails_on_its_own_fault(change, failing):
             "counter vs integrated power"} <= set(results)
     failed = {name for name, passed in results.items() if not passed}
     expected = set() if failing is None else {failing} if isinstance(failing, str) else failing
-    assert failed == expected, summary["validity"]
+    assert failed == expected, summary.validity
 
 
 def test_the_mock_truth_check_passes_within_one_percent():
     summary = regime_summary(make_run(**GOOD, truth_scale=1.004), "training", 70.0, PRICING, gpus=1)
     assert checks(summary)["mock ground truth"] is True
-    assert summary["mock_truth"]["energy_joules"] == pytest.approx(summary["energy_joules"] * 1.004, rel=1e-3)
+    assert summary.mock_truth.energy_joules == pytest.approx(summary.energy_joules * 1.004, rel=1e-3)
+
+
+# -- what the regime registry decides: main token kind, per-unit energy --------------------------------------
+
+
+TOY_PER_UNIT = PerUnitEnergy("joules_per_episode", "episode", "episodes_completed", None, from_tokens=True)
+
+
+@pytest.fixture
+def toy_regime(monkeypatch):
+    """A fourth regime, registered for one test: its record alone decides its main kind and per-unit figure."""
+    toy = Regime("toy", "nowhere.toy", "ToyConfig", "a toy regime", "prompt", "#123456", TOY_PER_UNIT)
+    monkeypatch.setitem(REGIMES, "toy", toy)
+    return toy
+
+
+def _with_workload_summary(run: RunData, name: str, workload: dict) -> RunData:
+    run.event("phase_end", phase=name)["workload_summary"] = workload
+    return run
+
+
+def test_a_registered_regime_gets_its_main_kind_and_per_unit_energy_from_its_record(toy_regime):
+    # It produces more generated than prompt tokens, but its record says prompt is what it is quoted for.
+    run = make_run({"idle": (0.0, 10.0), "toy": (11.0, 41.0)}, stepped(70.0, 370.0, 11.0, 41.0),
+                   tokens_per_s={"toy/prompt": 500.0, "toy/generated": 2000.0})
+    _with_workload_summary(run, "toy", {"episodes_completed": 50, "tokens": {"prompt": 15_000}})
+    result = regime_summary(run, "toy", 70.0, PRICING, gpus=1)
+    assert result.main_token_kind == "prompt"
+    assert result.joules_per_token.gross == result.joules_per_token.by_kind["prompt"].gross
+    expected = result.joules_per_token.gross * 15_000 / 50  # J per prompt token x prompt tokens per episode
+    assert result.per_unit_joules["joules_per_episode"] == pytest.approx(expected)
+    written = result.to_json()
+    assert written["joules_per_episode"] == pytest.approx(expected)
+    assert written["joules_per_request"] is None and written["joules_per_session"] is None  # others' figures
+    assert RegimeResult.from_json(written).to_json() == written
+
+
+@pytest.mark.parametrize("workload, why", [
+    ({}, "the toy workload reported no summary"),
+    ({"tokens": {"prompt": 10}}, "the toy workload's summary has no episode count"),
+    ({"episodes_completed": 0, "tokens": {"prompt": 10}}, "no toy episode completed during the phase"),
+])
+def test_a_registered_regime_says_why_it_has_no_per_unit_figure(toy_regime, workload, why):
+    run = make_run({"toy": (1.0, 31.0)}, constant(300.0), tokens_per_s={"toy/prompt": 1000.0})
+    _with_workload_summary(run, "toy", workload)
+    result = regime_summary(run, "toy", 70.0, PRICING, gpus=1)
+    assert result.per_unit_joules["joules_per_episode"] is None
+    assert result.not_available["joules_per_episode"] == why
+
+
+def test_a_profiled_command_not_in_the_registry_is_quoted_for_the_kind_it_produced_most():
+    run = make_run({"idle": (0.0, 10.0), "my-server": (11.0, 41.0)}, stepped(70.0, 370.0, 11.0, 41.0),
+                   tokens_per_s={"my-server/prompt": 3000.0, "my-server/generated": 800.0})
+    result = regime_summary(run, "my-server", 70.0, PRICING, gpus=1)
+    assert "my-server" not in REGIMES
+    assert result.main_token_kind == "prompt"
+    assert result.tokens.prompt == pytest.approx(3000.0 * result.duration_seconds, rel=0.01)
+    assert result.per_unit_joules == {} and set(result.not_available) == {"rapl_joules"}
+    assert all(checks(result).values()), result.validity

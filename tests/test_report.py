@@ -450,3 +450,63 @@ def test_closing_table_fits_80_columns_and_prints_every_failed_check_under_its_r
         section = flat[start:end]
         for check in failed:
             assert f"- {check['check']}: {' '.join(check['detail'].split())}" in section, (scope, check)
+
+
+# -- the typed results and the regime registry ----------------------------------------------------------------
+
+def test_summary_json_is_the_typed_result_serialised_and_reads_back_to_itself(analysed, tmp_path):
+    from wattledger.workloads.bench.analysis import analyse
+    from wattledger.workloads.bench.economics import load_pricing
+    from wattledger.workloads.bench.results import RunSummary
+
+    run, summary, page = analysed
+    typed = analyse(run, load_pricing())
+    assert isinstance(typed, RunSummary) and list(typed.regimes) == ["training", "chat", "agentic"]
+    written = json.dumps(typed.to_json(), indent=2, default=lambda v: v.item())
+    assert written == json.dumps(summary, indent=2)  # the same keys in the same order
+    back = RunSummary.from_json(json.loads(written))
+    assert json.dumps(back.to_json(), indent=2) == written
+    validate(back.to_json())
+    # The report reads either form and draws the same page.
+    text = render_report(run, back, tmp_path / "typed.html").read_text(encoding="utf-8")
+    assert text == page.read_text(encoding="utf-8")
+
+
+def test_regimes_come_in_registry_order_in_their_records_colours(tmp_path):
+    from wattledger.workloads.bench.results import as_summary
+    from wattledger.workloads.registry import COMMAND_COLOR, REGIMES
+
+    run, summary = make_run_dir(tmp_path / "run", regimes=("agentic", "chat", "training"))
+    summary["regimes"] = dict(reversed(list(summary["regimes"].items())))
+    summary["regimes"]["warm-up"] = summary["regimes"]["chat"]  # a phase name the registry does not know
+    shown = report._regime_names(as_summary(summary), report.phases_of(run))
+    assert list(shown) == [*REGIMES, "warm-up"]
+    assert {name: shown[name] for name in REGIMES} == {name: r.color for name, r in REGIMES.items()}
+    assert shown["warm-up"] == report.OTHER_COLORS[0]
+    # In a profiled command's run, the command's phase takes the command colour.
+    profiled = report._regime_names(as_summary({**summary, "kind": "run"}), report.phases_of(run))
+    assert profiled["warm-up"] == COMMAND_COLOR
+
+
+def test_a_profiled_commands_phase_is_reported_like_a_regime(tmp_path):
+    """A `wattledger run` workload has a name of its own, outside the registry: it is summarised, tabled and
+    drawn like a regime, quoted for the kind it produced most of, without per-unit rows."""
+    from wattledger.workloads.bench.analysis import summarize
+    from wattledger.workloads.bench.economics import load_pricing
+    from wattledger.workloads.bench.rundata import load_run
+
+    made, _ = make_run_dir(tmp_path / "run", regimes=("chat",))
+    for name in ("events.jsonl", "samples.jsonl", "spans.jsonl"):  # the chat phase, renamed
+        path = made.run_dir / name
+        path.write_text(path.read_text().replace('"chat', '"vllm-serve'))
+    run = load_run(made.run_dir)
+    summary = json.loads(json.dumps(summarize(run, load_pricing(), kind="run", regimes=("vllm-serve",)),
+                                    default=lambda v: v.item()))
+    validate(summary)
+    served = summary["regimes"]["vllm-serve"]
+    assert served["main_token_kind"] == "prompt" and served["tokens"]["prompt"] > served["tokens"]["generated"]
+    assert served["joules_per_request"] is None and "joules_per_request" not in served["not_available"]
+    text = render_report(run, summary, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert len(image_sources(text)) == len(FIGURE_FILES)
+    assert "vllm-serve (prompt tokens)" in text and "J/request" not in text
+    assert "vllm-serve" in _closing_table(summary)

@@ -1,6 +1,6 @@
 """From a run directory's raw samples to ``summary.json``: the measurement rules, applied.
 
-For each regime (the measurement checklist's numbers in brackets):
+For each regime (the numbers in brackets are the rules of docs/measurement.md):
 
 - the steady-state window: the phase less its ramp-up and drain, at least 5 s [2, 4];
 - energy from the hardware counters differenced over the window, summed over GPUs [1, 7]; the window's
@@ -12,36 +12,59 @@ For each regime (the measurement checklist's numbers in brackets):
 - joules per token for every kind the regime produced, and per request / per session [5];
 - RAPL CPU package and DRAM energy reported separately where readable [7];
 - cost and CO2 from a separately labelled pricing model (PUE never enters the measured joules) [11].
+
+What a regime is quoted for (its main token kind, its per-unit energy) comes from its record in
+workloads/registry.py; a phase the registry does not know (a ``wattledger run`` workload) is quoted for the
+kind it produced most of. :func:`analyse` returns the typed results (workloads/bench/results.py);
+:func:`summarize` is the same, serialised: ``summary.json``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from wattledger.workloads.bench.rundata import NS_PER_S, RunData
+from wattledger.workloads.bench.results import (
+    SCHEMA_VERSION,
+    TOKEN_KINDS,
+    Check,
+    EnergyDetail,
+    GpuInfo,
+    GrossDynamic,
+    IdleBaseline,
+    JoulesPerToken,
+    MemoryPeaks,
+    MockTruth,
+    PhaseTiming,
+    PowerStats,
+    RegimeResult,
+    RunSummary,
+    TokenCounts,
+    UtilizationStats,
+    Window,
+    finite,
+)
+from wattledger.workloads.registry import DEFAULT_REGIMES, REGIMES, PerUnitEnergy
 
-SCHEMA_VERSION = 1
+__all__ = ["MIN_WINDOW_SECONDS", "SCHEMA_VERSION", "analyse", "counter_energy", "idle_baseline",
+           "late_spans_check", "phase_timing", "phases", "regime_summary", "steady_window", "summarize",
+           "window_energy"]
+
 MIN_WINDOW_SECONDS = 5.0
 # Counter vs integrated instant power. Instant power sampled every 50 ms misses bursts shorter than that
 # (decode steps take milliseconds), which the counter does not: bursty regimes diverge by a few percent.
 MAX_DIVERGENCE = 0.10
-MAIN_TOKEN_KIND = {"training": "trained", "chat": "generated", "agentic": "generated"}
-TOKEN_KINDS = ("prompt", "generated", "trained")
+# A profiled command's main token kind is the kind it produced most of; ties go to the first here.
+COMMAND_KIND_PREFERENCE = ("generated", "prompt", "trained")
+# The simulator's exact energy is known: the counter must land within this of it.
+MOCK_TRUTH_TOLERANCE = 0.01
 
 
-def _number(value) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _check(check: str, passed: bool, detail: str) -> dict:
-    return {"check": check, "passed": bool(passed), "detail": detail}
+def _check(check: str, passed: bool, detail: str) -> Check:
+    return Check(check, bool(passed), detail)
 
 
 def phases(run: RunData) -> dict[str, tuple[int, int, bool]]:
@@ -59,7 +82,7 @@ def phases(run: RunData) -> dict[str, tuple[int, int, bool]]:
     return out
 
 
-def phase_timing(run: RunData, name: str) -> dict | None:
+def phase_timing(run: RunData, name: str) -> PhaseTiming | None:
     """How long a phase was planned to run and how long it ran, in seconds, and whether it finished.
 
     ``ran_seconds`` runs from phase_start to the moment a stop was asked for (an interrupted phase), to
@@ -82,16 +105,16 @@ def phase_timing(run: RunData, name: str) -> dict | None:
         if isinstance(requested, int) and start_ns <= requested <= end_ns:
             end_ns = requested
     planned = start.get("planned_seconds")
-    return {"planned_seconds": float(planned) if planned is not None else None,
-            "ran_seconds": (end_ns - start_ns) / NS_PER_S, "finished": finished, "stopped_by": stopped_by}
+    return PhaseTiming(float(planned) if planned is not None else None, (end_ns - start_ns) / NS_PER_S, finished,
+                       stopped_by)
 
 
-def _finished_check(timing: dict, check: str = "phase finished") -> dict:
+def _finished_check(timing: PhaseTiming, check: str = "phase finished") -> Check:
     """The "phase finished" check, saying how long an interrupted phase ran of its plan."""
-    if timing["finished"]:
+    if timing.finished:
         return _check(check, True, "the phase ran to its end")
-    planned = f" of the planned {timing['planned_seconds']:g} s" if timing["planned_seconds"] is not None else ""
-    return _check(check, False, f"interrupted ({timing['stopped_by']}) after {timing['ran_seconds']:.1f} s"
+    planned = f" of the planned {timing.planned_seconds:g} s" if timing.planned_seconds is not None else ""
+    return _check(check, False, f"interrupted ({timing.stopped_by}) after {timing.ran_seconds:.1f} s"
                   f"{planned}: figures cover only what was measured")
 
 
@@ -194,13 +217,14 @@ def window_energy(run: RunData, start_ns: int, end_ns: int) -> dict:
             "integrated_joules": integrated if have_integrated else None}
 
 
-def _tokens(run: RunData, workload: str, start_ns: int, end_ns: int) -> dict[str, int]:
+def _tokens(run: RunData, workload: str, start_ns: int, end_ns: int) -> TokenCounts:
+    """Tokens of each kind the workload counted between the two instants (its cumulative counts, interpolated)."""
     out = {}
     for kind in TOKEN_KINDS:
         column = f"{workload}/{kind}"
         a, b = _interpolate(run.tokens, column, start_ns), _interpolate(run.tokens, column, end_ns)
         out[kind] = int(round(b - a)) if a is not None and b is not None else 0
-    return out
+    return TokenCounts(**out)
 
 
 def _truth_joules(run: RunData, start_ns: int, end_ns: int) -> float | None:
@@ -215,7 +239,7 @@ def _truth_joules(run: RunData, start_ns: int, end_ns: int) -> float | None:
     return total
 
 
-def late_spans_check(run: RunData, name: str) -> dict | None:
+def _late_spans(run: RunData, name: str) -> Check | None:
     """The span-driven mock's "late spans" check for one phase: spans that reached the mock after it had
     simulated their time are activity it never simulated (see agent/span_activity.py). None when the run's
     events do not carry the mock's counts (real GPUs, older runs)."""
@@ -231,6 +255,12 @@ def late_spans_check(run: RunData, name: str) -> dict | None:
                   f"{spans} span(s) reached the mock after {lag_text} lag: {seconds:.3f} s of activity not simulated")
 
 
+def late_spans_check(run: RunData, name: str) -> dict | None:
+    """The "late spans" check of phase ``name`` as summary.json writes it, or None (see ``_late_spans``)."""
+    check = _late_spans(run, name)
+    return check.to_json() if check is not None else None
+
+
 def _rapl(run: RunData, start_ns: int, end_ns: int) -> dict[str, float]:
     out = {}
     for column in (c for c in run.host.columns if c.startswith("rapl_")):
@@ -241,10 +271,11 @@ def _rapl(run: RunData, start_ns: int, end_ns: int) -> dict[str, float]:
     return out
 
 
-def idle_baseline(run: RunData) -> tuple[dict, list[dict]]:
+def idle_baseline(run: RunData) -> tuple[IdleBaseline, list[Check]]:
+    """The idle phase's mean GPU power (W, all GPUs) from the counter over its steady window, and its checks."""
     phase = phases(run).get("idle")
     if phase is None:
-        return {"power_watts": None, "duration_seconds": None, "energy_joules": None}, [
+        return IdleBaseline(), [
             _check("idle baseline", False, "no idle phase was measured: dynamic figures are not available")]
     start, end = steady_window(phase[0], phase[1])[:2]
     energy = window_energy(run, start, end)
@@ -252,81 +283,76 @@ def idle_baseline(run: RunData) -> tuple[dict, list[dict]]:
     timing = phase_timing(run, "idle")
     finished = [_finished_check(timing, "idle phase finished")]
     if energy["joules"] is None or seconds <= 0:
-        return {"power_watts": None, "duration_seconds": seconds, "energy_joules": None, "phase": timing}, [
+        return IdleBaseline(None, seconds, None, timing), [
             _check("idle baseline", False, "the energy counter did not move during the idle phase"), *finished]
     power = energy["joules"] / seconds
     checks = [_check("idle baseline", seconds >= MIN_WINDOW_SECONDS,
                      f"{seconds:.1f} s window, {power:.1f} W on {run.gpu['index'].nunique()} GPU(s)"), *finished]
-    return {"power_watts": power, "duration_seconds": seconds, "energy_joules": energy["joules"],
-            "phase": timing}, checks
+    return IdleBaseline(power, seconds, energy["joules"], timing), checks
 
 
 def _peak(frame: pd.DataFrame, column: str, positive: bool = False) -> float | None:
     """The column's maximum; None when absent (or, with ``positive``, when nothing above 0 was seen)."""
     if column not in frame:
         return None
-    peak = _number(frame[column].max())
+    peak = finite(frame[column].max())
     return None if positive and not peak else peak
 
 
-def _temperature(samples: pd.DataFrame) -> dict:
-    """GPU temperature over the phase: p99 (what a sustained load reaches) and the single highest sample."""
+def _temperature(samples: pd.DataFrame) -> tuple[float | None, float | None]:
+    """GPU temperature over the phase (°C): p99 (what a sustained load reaches) and the single highest sample."""
     column = samples.get("temperature_gpu_celsius", pd.Series(dtype=float)).dropna()
-    return {"temperature_p99_celsius": _stats(column)["p99"],
-            "temperature_max_celsius": float(column.max()) if not column.empty else None}
+    return _stats(column)["p99"], float(column.max()) if not column.empty else None
 
 
-def _per_request_and_session(summary: dict, name: str, workload: dict, joules_per_token: float | None,
-                             run: RunData) -> None:
-    """Joules per chat request and per agentic session, or in ``not_available`` why not (in words); and why
-    there is no RAPL energy, when there is none."""
-    why = summary["not_available"]
-    cut = "" if summary["phase"]["finished"] else f" (the phase was cut short after {summary['phase']['ran_seconds']:.1f} s)"
-    if name == "chat":
-        completed = workload.get("requests_completed")
-        generated = (workload.get("tokens") or {}).get("generated")
-        if not workload:
-            why["joules_per_request"] = "the chat workload reported no summary" + cut
-        elif completed is None:
-            why["joules_per_request"] = "the chat workload's summary has no request count"
-        elif completed == 0:
-            why["joules_per_request"] = "no chat request completed during the phase" + cut
-        elif joules_per_token is None or not generated:
-            why["joules_per_request"] = "no joules per generated token in the steady-state window"
-        else:
-            summary["joules_per_request"] = joules_per_token * generated / completed
-    if name == "agentic":
-        sessions, started = workload.get("sessions_completed"), workload.get("sessions_started")
-        whole = summary["energy"]["whole_phase_joules"]
-        seconds = workload.get("duration_seconds", summary["phase_seconds"])
-        if not workload:
-            why["joules_per_session"] = "the agentic workload reported no summary" + cut
-        elif sessions is None:
-            why["joules_per_session"] = "the agentic workload's summary has no session counts"
-        elif sessions == 0:
-            why["joules_per_session"] = (
-                f"none of the {started or 0} sessions finished within the {seconds:.0f} s phase" + cut
-                + ("" if cut else ": sessions outlast it (a longer --duration lets some finish)"))
-        elif not whole:
-            why["joules_per_session"] = "the energy counter did not cover the phase"
-        else:
-            summary["joules_per_session"] = whole / sessions
-    if not summary["energy"]["rapl_joules"]:
-        reasons = [e.get("reason") for e in (run.event("run_start") or {}).get("rapl") or []
-                   if isinstance(e, dict) and not e.get("supported") and e.get("reason")]
-        why["rapl_joules"] = ("RAPL not readable on this host: " + "; ".join(reasons) if reasons
-                              else "no RAPL counters in the host samples")
+def _main_token_kind(name: str, tokens: TokenCounts) -> str:
+    """A regime's main kind is in its registry record; a profiled command's is whatever kind it produced most of."""
+    if name in REGIMES:
+        return REGIMES[name].main_token_kind
+    return max(COMMAND_KIND_PREFERENCE, key=tokens.of)
 
 
-def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pricing, gpus: int) -> dict | None:
-    from wattledger.workloads.bench.economics import regime_economics
+def _per_unit_energy(spec: PerUnitEnergy, name: str, workload: dict, main_kind: str,
+                     joules_per_token: float | None, whole_phase_joules: float | None,
+                     timing: PhaseTiming, phase_seconds: float) -> tuple[float | None, str | None]:
+    """Joules per unit of the regime's work (a chat request, an agentic session), or None and why not (in
+    words). ``spec.from_tokens``: joules per main token x the workload's main tokens per completed unit;
+    else the whole phase's counter energy over the completed units."""
+    cut = "" if timing.finished else f" (the phase was cut short after {timing.ran_seconds:.1f} s)"
+    completed = workload.get(spec.count_key)
+    if not workload:
+        return None, f"the {name} workload reported no summary" + cut
+    if completed is None:
+        counts = "counts" if spec.started_key else "count"  # started and completed, or completed alone
+        return None, f"the {name} workload's summary has no {spec.unit} {counts}"
+    if completed == 0:
+        if spec.started_key is None:
+            return None, f"no {name} {spec.unit} completed during the phase" + cut
+        started = workload.get(spec.started_key)
+        seconds = workload.get("duration_seconds", phase_seconds)
+        return None, (f"none of the {started or 0} {spec.unit}s finished within the {seconds:.0f} s phase" + cut
+                      + ("" if cut else f": {spec.unit}s outlast it (a longer --duration lets some finish)"))
+    if spec.from_tokens:
+        main_tokens = (workload.get("tokens") or {}).get(main_kind)
+        if joules_per_token is None or not main_tokens:
+            return None, f"no joules per {main_kind} token in the steady-state window"
+        return joules_per_token * main_tokens / completed, None
+    if not whole_phase_joules:
+        return None, "the energy counter did not cover the phase"
+    return whole_phase_joules / completed, None
 
-    phase = phases(run).get(name)
-    if phase is None:
-        return None
-    start_ns, end_ns, finished = phase
-    timing = phase_timing(run, name)
-    # Ramp-up counts from the workload's first activity: model building and imports before it are setup.
+
+def _rapl_missing_reason(run: RunData) -> str:
+    """Why a regime has no RAPL energy: the host probe's reasons at run start, or that no counter was sampled."""
+    reasons = [e.get("reason") for e in (run.event("run_start") or {}).get("rapl") or []
+               if isinstance(e, dict) and not e.get("supported") and e.get("reason")]
+    return ("RAPL not readable on this host: " + "; ".join(reasons) if reasons
+            else "no RAPL counters in the host samples")
+
+
+def _regime_window(run: RunData, name: str, start_ns: int, end_ns: int) -> tuple[int, int, str]:
+    """The phase's steady-state window (ns) and what it leaves out. Ramp-up counts from the workload's first
+    activity: model building and imports before it are setup."""
     work_start = start_ns
     if not run.spans.empty and "workload" in run.spans:
         own = run.spans[(run.spans["workload"] == name) & (run.spans["start_ns"] >= start_ns)
@@ -336,26 +362,13 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
     window_start, window_end, exclusions = steady_window(work_start, end_ns)
     if work_start > start_ns:
         exclusions += f", after {(work_start - start_ns) / NS_PER_S:.1f} s of setup"
-    energy = window_energy(run, window_start, window_end)
-    a, b = energy["start_ns"], energy["end_ns"]
-    seconds = (b - a) / NS_PER_S
-    inside = _between(run.gpu, a, b)
-    utilization = inside["utilization_gpu_ratio"].dropna() if "utilization_gpu_ratio" in inside else pd.Series()
-    tokens = _tokens(run, name, a, b)
-    # A bundled regime's main kind is known; a profiled command's is whatever kind it produced most of.
-    main_kind = MAIN_TOKEN_KIND.get(name) or max(("generated", "prompt", "trained"), key=lambda k: tokens[k])
-    gross = energy["joules"]
-    dynamic = gross - idle_power_watts * seconds if gross is not None and idle_power_watts is not None else None
-    per_kind = {
-        kind: {"gross": gross / n if gross is not None else None, "dynamic": dynamic / n if dynamic is not None else None}
-        for kind, n in tokens.items() if n > 0
-    }
-    main = per_kind.get(main_kind, {"gross": None, "dynamic": None})
-    whole_phase = _between(run.gpu, start_ns, end_ns)
-    host_phase = _between(run.host, start_ns, end_ns)
-    workload = (run.event("phase_end", phase=name) or {}).get("workload_summary", {})
-    util_mean = float(utilization.mean()) if not utilization.empty else None
+    return window_start, window_end, exclusions
 
+
+def _window_checks(seconds: float, exclusions: str, energy: dict, timing: PhaseTiming, tokens: TokenCounts,
+                   main_kind: str) -> tuple[list[Check], float | None]:
+    """The regime's validity checks on its window, and the counter vs integrated power divergence (ratio)."""
+    main_tokens = tokens.of(main_kind)
     checks = [
         _check("window length", seconds >= MIN_WINDOW_SECONDS, f"{seconds:.1f} s steady-state window ({exclusions})"),
         _check("counter resolution", all((g["changes"] or 0) >= 2 and (g["joules"] or 0) > 0
@@ -363,9 +376,9 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
                "energy counters advanced on every GPU: " + ", ".join(
                    f"GPU {i}: {g['changes']} updates" for i, g in energy["per_gpu"].items())),
         _finished_check(timing),
-        _check("tokens counted", tokens[main_kind] > 0, f"{tokens[main_kind]} {main_kind} tokens in the window"),
+        _check("tokens counted", main_tokens > 0, f"{main_tokens} {main_kind} tokens in the window"),
     ]
-    divergence = None
+    gross, divergence = energy["joules"], None
     if gross and energy["integrated_joules"]:
         divergence = (energy["integrated_joules"] - gross) / gross
         checks.append(_check("counter vs integrated power", abs(divergence) <= MAX_DIVERGENCE,
@@ -373,112 +386,161 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
                              f"(limit {100 * MAX_DIVERGENCE:.0f}%)"))
     else:
         checks.append(_check("counter vs integrated power", False, "instant power or counter energy unavailable"))
+    return checks, divergence
 
-    summary = {
-        "duration_seconds": seconds,
-        "phase_seconds": (end_ns - start_ns) / NS_PER_S,
-        "phase": timing,
-        "window": {"start_seconds": (a - run.origin_ns) / NS_PER_S, "end_seconds": (b - run.origin_ns) / NS_PER_S,
-                   "exclusions": exclusions},
-        "gpu_utilization": {
-            "mean": util_mean,
-            "p50": float(utilization.quantile(0.5)) if not utilization.empty else None,
-            "p99": float(utilization.quantile(0.99)) if not utilization.empty else None,
-            "idle_fraction": float((utilization == 0).mean()) if not utilization.empty else None,
-        },
-        "activity": {field.removesuffix("_activity_ratio"): _stats(inside[field])["mean"]
-                     for field in ("sm_activity_ratio", "tensor_activity_ratio", "dram_activity_ratio")
-                     if field in inside},
-        "power_watts": {"mean": gross / seconds if gross is not None and seconds > 0 else None,
-                        "p99": _stats(inside["power_watts"])["p99"] if "power_watts" in inside else None},
-        "energy_joules": gross,
-        "energy": {
-            "dynamic_joules": dynamic,
-            "integrated_power_joules": energy["integrated_joules"],
-            "counter_vs_integrated_divergence": divergence,
-            "rapl_joules": _rapl(run, a, b),
-            "whole_phase_joules": window_energy(run, start_ns, end_ns)["joules"],
-            **_temperature(whole_phase),
-        },
-        "memory": {
-            "gpu_peak_bytes": _peak(whole_phase, "memory_used_bytes"),
-            # The machine's used memory (every process on the host) and the workload processes' own RSS.
-            "host_peak_bytes": _peak(host_phase, "memory_used_bytes"),
-            "workload_host_rss_peak_bytes": _peak(host_phase, "process_rss_bytes", positive=True),
-            "host_pinned_peak_bytes": _peak(host_phase, "process_pinned_bytes"),
-        },
-        "tokens": tokens,
-        "tokens_per_second": {kind: n / seconds for kind, n in tokens.items() if seconds > 0},
-        "main_token_kind": main_kind,
-        "joules_per_token": {"gross": main["gross"], "dynamic": main["dynamic"], "by_kind": per_kind},
-        "joules_per_request": None,
-        "joules_per_session": None,
-        "workload": workload,
-        "validity": checks,
-    }
-    summary["not_available"] = {}
-    _per_request_and_session(summary, name, workload, main["gross"], run)
-    economics = regime_economics(pricing, gpus, seconds, gross, tokens[main_kind], util_mean, idle_power_watts)
-    summary["cost_usd_per_million_tokens"] = economics["cost_usd_per_million_tokens"]
-    summary["energy_share_of_cost"] = economics["energy_share_of_cost"]
-    summary["co2_grams_per_million_tokens"] = economics["co2_grams_per_million_tokens"]
-    summary["_cost_curve"] = economics.get("cost_curve")
+
+def _utilization(inside: pd.DataFrame) -> UtilizationStats:
+    """GPU utilization over the window's samples (ratios); idle fraction: the share of samples at 0."""
+    utilization = inside["utilization_gpu_ratio"].dropna() if "utilization_gpu_ratio" in inside else pd.Series()
+    if utilization.empty:
+        return UtilizationStats()
+    return UtilizationStats(float(utilization.mean()), float(utilization.quantile(0.5)),
+                            float(utilization.quantile(0.99)), float((utilization == 0).mean()))
+
+
+def _memory(whole_phase: pd.DataFrame, host_phase: pd.DataFrame) -> MemoryPeaks:
+    """Peaks over the phase: HBM; the machine's used memory (every process on the host) and the workload
+    processes' own RSS and pinned memory."""
+    return MemoryPeaks(_peak(whole_phase, "memory_used_bytes"), _peak(host_phase, "memory_used_bytes"),
+                       _peak(host_phase, "process_rss_bytes", positive=True),
+                       _peak(host_phase, "process_pinned_bytes"))
+
+
+def _joules_per_token(gross: float | None, dynamic: float | None, tokens: TokenCounts,
+                      main_kind: str) -> JoulesPerToken:
+    """Gross and dynamic joules per token of every kind counted, the main kind's on top."""
+    by_kind = {kind: GrossDynamic(gross / n if gross is not None else None, dynamic / n if dynamic is not None else None)
+               for kind, n in tokens.to_json().items() if n > 0}
+    main = by_kind.get(main_kind, GrossDynamic())
+    return JoulesPerToken(main.gross, main.dynamic, by_kind)
+
+
+def _mock_checks(run: RunData, name: str, a: int, b: int, gross: float | None,
+                 main_tokens: int) -> tuple[MockTruth | None, list[Check]]:
+    """The simulator's exact energy over the window (mock backend) and the checks against it: the measured
+    energy within 1 % of it, and no span that reached the mock too late to be simulated."""
+    checks, truth_figures = [], None
     truth = _truth_joules(run, a, b)
     if truth is not None:
-        summary["mock_truth"] = {"energy_joules": truth,
-                                 "joules_per_token": truth / tokens[main_kind] if tokens[main_kind] else None}
+        truth_figures = MockTruth(truth, truth / main_tokens if main_tokens else None)
         if gross is not None and truth > 0:
             error = (gross - truth) / truth
-            checks.append(_check("mock ground truth", abs(error) <= 0.01,
+            checks.append(_check("mock ground truth", abs(error) <= MOCK_TRUTH_TOLERANCE,
                                  f"measured energy is {100 * error:+.3f}% from the simulator's exact energy"))
-    late = late_spans_check(run, name)
+    late = _late_spans(run, name)
     if late is not None:
         checks.append(late)
-    return summary
+    return truth_figures, checks
 
 
-def summarize(run: RunData, pricing, kind: str = "bench", regimes: Sequence[str] = ("training", "chat", "agentic"),
-              settings: dict | None = None) -> dict:
-    """The whole ``summary.json`` (see docs/summary.schema.json)."""
-    from wattledger.workloads.bench.economics import pricing_record
+def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pricing, gpus: int) -> RegimeResult | None:
+    """The figures of regime (phase) ``name`` over its steady-state window; None when it has no phase_start.
 
-    start = run.event("run_start") or {}
-    end = run.event("run_end")
-    gpus = run.header.get("gpus", [])
+    ``idle_power_watts``: the idle baseline (all GPUs), None if not measured; ``gpus``: how many the
+    economics pays for."""
+    from wattledger.workloads.bench.economics import regime_economics
+
+    phase = phases(run).get(name)
+    if phase is None:
+        return None
+    start_ns, end_ns, _ = phase
+    timing = phase_timing(run, name)
+    window_start, window_end, exclusions = _regime_window(run, name, start_ns, end_ns)
+    energy = window_energy(run, window_start, window_end)
+    a, b = energy["start_ns"], energy["end_ns"]
+    seconds = (b - a) / NS_PER_S
+    phase_seconds = (end_ns - start_ns) / NS_PER_S
+    inside, whole_phase = _between(run.gpu, a, b), _between(run.gpu, start_ns, end_ns)
+    tokens = _tokens(run, name, a, b)
+    main_kind = _main_token_kind(name, tokens)
+    gross = energy["joules"]
+    dynamic = gross - idle_power_watts * seconds if gross is not None and idle_power_watts is not None else None
+    joules_per_token = _joules_per_token(gross, dynamic, tokens, main_kind)
+    workload = (run.event("phase_end", phase=name) or {}).get("workload_summary", {})
+    utilization = _utilization(inside)
+    checks, divergence = _window_checks(seconds, exclusions, energy, timing, tokens, main_kind)
+    temperature_p99, temperature_max = _temperature(whole_phase)
+    energy_detail = EnergyDetail(dynamic, energy["integrated_joules"], divergence, _rapl(run, a, b),
+                                 window_energy(run, start_ns, end_ns)["joules"], temperature_p99, temperature_max)
+    per_unit, not_available = {}, {}
+    spec = REGIMES[name].per_unit if name in REGIMES else None
+    if spec is not None:
+        value, why = _per_unit_energy(spec, name, workload or {}, main_kind, joules_per_token.gross,
+                                      energy_detail.whole_phase_joules, timing, phase_seconds)
+        per_unit[spec.summary_key] = value
+        if why is not None:
+            not_available[spec.summary_key] = why
+    if not energy_detail.rapl_joules:
+        not_available["rapl_joules"] = _rapl_missing_reason(run)
+    mock_truth, mock_checks = _mock_checks(run, name, a, b, gross, tokens.of(main_kind))
+    return RegimeResult(
+        duration_seconds=seconds, phase_seconds=phase_seconds, phase=timing,
+        window=Window((a - run.origin_ns) / NS_PER_S, (b - run.origin_ns) / NS_PER_S, exclusions),
+        gpu_utilization=utilization,
+        activity={field.removesuffix("_activity_ratio"): _stats(inside[field])["mean"]
+                  for field in ("sm_activity_ratio", "tensor_activity_ratio", "dram_activity_ratio")
+                  if field in inside},
+        power_watts=PowerStats(gross / seconds if gross is not None and seconds > 0 else None,
+                               _stats(inside["power_watts"])["p99"] if "power_watts" in inside else None),
+        energy_joules=gross, energy=energy_detail, memory=_memory(whole_phase, _between(run.host, start_ns, end_ns)),
+        tokens=tokens, tokens_per_second={kind: n / seconds for kind, n in tokens.to_json().items() if seconds > 0},
+        main_token_kind=main_kind, joules_per_token=joules_per_token, per_unit_joules=per_unit,
+        workload=workload, validity=(*checks, *mock_checks), not_available=not_available,
+        economics=regime_economics(pricing, gpus, seconds, gross, tokens.of(main_kind), utilization.mean,
+                                   idle_power_watts),
+        mock_truth=mock_truth,
+    )
+
+
+def _gpus(run: RunData) -> tuple[GpuInfo, ...]:
+    """The run's GPUs from the samples' header, each with the power limit it ended the run at (W)."""
     limits = {}
     if not run.gpu.empty and "power_limit_watts" in run.gpu:
         limits = run.gpu.groupby("index")["power_limit_watts"].last().to_dict()
-    idle, checks = idle_baseline(run)
-    out_regimes, economics = {}, {}
-    for name in regimes:
-        summary = regime_summary(run, name, idle["power_watts"], pricing, max(1, len(gpus)))
-        if summary is not None:
-            economics[name] = {"cost_curve": summary.pop("_cost_curve")}
-            out_regimes[name] = summary
+    return tuple(GpuInfo(g["index"], g["uuid"], g["model_name"], g["driver_version"],
+                         finite(limits.get(g["index"], g.get("power_limit_default_watts"))),
+                         g.get("memory_total_bytes"), bool(g.get("simulated")))
+                 for g in run.header.get("gpus", []))
+
+
+def _run_checks(run: RunData) -> list[Check]:
+    """The run-wide checks besides the idle baseline: every GPU answered, and whether the GPUs were real."""
+    checks = []
     if not run.gpu.empty and "up" in run.gpu:
         down = run.gpu[run.gpu["up"] == False]  # noqa: E712 - pandas element-wise comparison
         checks.append(_check("GPUs up", down.empty, "every GPU answered throughout" if down.empty
                              else f"{len(down)} samples from lost GPUs"))
     checks.append(_check("backend", not run.simulated, "real hardware counters (NVML)" if not run.simulated else
                          "SIMULATED: mock GPU; energy figures come from the simulator, not hardware"))
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": kind,
-        "status": (end or {}).get("status", "partial") if end else "partial",
-        "backend": run.header.get("backend") or "mock",
-        "simulated": run.simulated,
-        "created": start.get("wall_time", ""),
-        "host": start.get("host", {}),
-        "settings": settings if settings is not None else start.get("settings", {}),
-        "gpus": [{
-            "index": g["index"], "uuid": g["uuid"], "model_name": g["model_name"],
-            "driver_version": g["driver_version"],
-            "power_limit_watts": _number(limits.get(g["index"], g.get("power_limit_default_watts"))),
-            "memory_total_bytes": g.get("memory_total_bytes"), "simulated": bool(g.get("simulated")),
-        } for g in gpus],
-        "idle": idle,
-        "regimes": out_regimes,
-        "validity": checks,
-        "pricing": pricing_record(pricing),
-        "economics": economics,
-    }
+    return checks
+
+
+def analyse(run: RunData, pricing, kind: str = "bench", regimes: Sequence[str] = DEFAULT_REGIMES,
+            settings: dict | None = None) -> RunSummary:
+    """The whole run, typed: ``analyse(...).to_json()`` is ``summary.json`` (docs/summary.schema.json).
+
+    ``regimes``: the phases to summarise, registry regimes or any other name (a profiled command's phase);
+    one that never started is left out."""
+    from wattledger.workloads.bench.economics import pricing_record
+
+    start = run.event("run_start") or {}
+    end = run.event("run_end")
+    gpus = _gpus(run)
+    idle, checks = idle_baseline(run)
+    results = {}
+    for name in regimes:
+        result = regime_summary(run, name, idle.power_watts, pricing, max(1, len(gpus)))
+        if result is not None:
+            results[name] = result
+    return RunSummary(
+        kind=kind, status=(end or {}).get("status", "partial") if end else "partial",
+        backend=run.header.get("backend") or "mock", simulated=run.simulated, created=start.get("wall_time", ""),
+        host=start.get("host", {}), settings=settings if settings is not None else start.get("settings", {}),
+        gpus=gpus, idle=idle, regimes=results, validity=(*checks, *_run_checks(run)),
+        pricing=pricing_record(pricing), schema_version=SCHEMA_VERSION)
+
+
+def summarize(run: RunData, pricing, kind: str = "bench", regimes: Sequence[str] = DEFAULT_REGIMES,
+              settings: dict | None = None) -> dict:
+    """The whole ``summary.json`` object (see docs/summary.schema.json): :func:`analyse`, serialised."""
+    return analyse(run, pricing, kind=kind, regimes=regimes, settings=settings).to_json()

@@ -7,7 +7,7 @@ TOML file (``--pricing FILE``), then explicit overrides (command-line flags). Ev
 source string, and a figure replaced by a file or a flag has its source replaced too, so
 ``summary.json``'s ``pricing`` object always says where each number came from.
 
-Facility overhead (PUE) is a separate, labelled estimate (measurement.md rule 11): it multiplies the
+Facility overhead (PUE) is a separate, labelled estimate (docs/measurement.md, rule 11): it multiplies the
 energy that is *paid for* and the CO2, never the measured joules, which this module only reads.
 
 Default figures and where they come from (looked up in stored copies of public pages; the dates are
@@ -34,7 +34,7 @@ those of the pages, not of this code):
   average.
 - PUE, ``pue = 1.58``: Uptime Institute industry average for 2023 (Uptime Intelligence Update 221,
   "Large data centers are mostly more efficient, analysis confirms", 23 Nov 2023: "In 2023, industry
-  average PUE stood at 1.58"); the best hyperscale sites are about 1.1 (Google), per measurement.md.
+  average PUE stood at 1.58"); the best hyperscale sites are about 1.1 (Google), per docs/measurement.md.
 - Grid carbon, ``grid_carbon_g_per_kwh = 366``: EIA FAQ "How much carbon dioxide is produced per
   kilowatthour of U.S. electricity generation?" (eia.gov/tools/faqs/faq.php?id=74): in 2023 US
   utility-scale generation of about 4.18 trillion kWh emitted about 1.53 billion metric tons of CO2,
@@ -51,8 +51,10 @@ from __future__ import annotations
 import argparse
 import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from wattledger.workloads.bench.results import CostBreakdown, CostPerMillionTokens, CostPoint, RegimeEconomics
 
 JOULES_PER_KWH = 3.6e6
 HOURS_PER_YEAR = 8766.0  # 365.25 days
@@ -295,9 +297,47 @@ def _usd_per_kwh_paid(pricing: Pricing) -> float:
     return pricing.pue * pricing.electricity_usd_per_kwh
 
 
+def _check_inputs(window_seconds, energy_joules, tokens, utilization_mean, idle_power_watts) -> None:
+    """ValueError naming the first input that is not a finite number >= 0 (utilization: a ratio 0..1)."""
+    for name, value in (("window_seconds", window_seconds), ("energy_joules", energy_joules),
+                        ("tokens", tokens), ("idle_power_watts", idle_power_watts)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ValueError(f"economics: {name} must be a finite number >= 0, got {value!r}")
+    if utilization_mean is not None and (
+        isinstance(utilization_mean, bool) or not isinstance(utilization_mean, (int, float))
+        or not math.isfinite(utilization_mean) or utilization_mean < 0 or utilization_mean > 1 + 1e-9
+    ):
+        raise ValueError(f"economics: utilization_mean must be a ratio in 0..1, got {utilization_mean!r}")
+
+
+def _why_undefined(window_seconds, energy_joules, tokens) -> str | None:
+    """Why no per-token figure can be computed at all, or None when it can."""
+    if not tokens:
+        return "no tokens in the window: per-token figures are undefined"
+    if energy_joules is None:
+        return "no energy measured for the window: cost and CO2 per token are undefined"
+    if not window_seconds:
+        return "empty window (0 s): per-token figures are undefined"
+    return None
+
+
+def _idle_power_used(idle_power_watts: float | None, mean_power_watts: float, notes: list[str]) -> float:
+    """The idle power (W) the full-load model counts: none measured is 0 (all energy dynamic); one above the
+    window's mean power is capped at it, so dynamic energy is never negative. Says so in ``notes``."""
+    if idle_power_watts is None:
+        notes.append("no idle baseline: all energy counted as dynamic")
+        return 0.0
+    if idle_power_watts > mean_power_watts:
+        notes.append(f"idle power {idle_power_watts:g} W above the window's mean power {mean_power_watts:g} W: "
+                     "capped at the mean")
+        return mean_power_watts
+    return float(idle_power_watts)
+
+
 def regime_economics(pricing: Pricing, gpus: int, window_seconds: float | None, energy_joules: float | None,
                      tokens: float | None, utilization_mean: float | None,
-                     idle_power_watts: float | None) -> dict[str, Any]:
+                     idle_power_watts: float | None) -> RegimeEconomics:
     """Cost per million tokens, its energy share, and CO2 for one measured regime.
 
     Inputs: the steady-state window (s), the energy the regime's GPUs used over it (J, from the
@@ -320,120 +360,74 @@ def regime_economics(pricing: Pricing, gpus: int, window_seconds: float | None, 
 
     PUE multiplies paid-for energy and CO2 only; ``energy_joules`` is not changed.
 
-    Returns the regime fields ``cost_usd_per_million_tokens`` {measured, full_load},
-    ``energy_share_of_cost``, ``co2_grams_per_million_tokens``, plus ``cost_curve``, ``breakdown``
-    (the intermediate figures) and ``note`` (why a figure is None, or what was assumed; None if
-    nothing). A figure that cannot be computed (no tokens, no energy, utilization 0 or unknown) is
-    None, never zero.
+    Returns a :class:`RegimeEconomics`: ``cost_usd_per_million_tokens`` {measured, full_load},
+    ``energy_share_of_cost``, ``co2_grams_per_million_tokens``, ``cost_curve``, ``breakdown`` (the
+    intermediate figures) and ``note`` (why a figure is None, or what was assumed; None if nothing). A
+    figure that cannot be computed (no tokens, no energy, utilization 0 or unknown) is None, never zero.
     """
-    notes: list[str] = []
-    result: dict[str, Any] = {
-        "cost_usd_per_million_tokens": {"measured": None, "full_load": None},
-        "energy_share_of_cost": None,
-        "co2_grams_per_million_tokens": None,
-        "cost_curve": None,
-        "breakdown": None,
-        "note": None,
-    }
-    for name, value in (("window_seconds", window_seconds), ("energy_joules", energy_joules),
-                        ("tokens", tokens), ("idle_power_watts", idle_power_watts)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
-            raise ValueError(f"economics: {name} must be a finite number >= 0, got {value!r}")
-    if utilization_mean is not None and (
-        isinstance(utilization_mean, bool) or not isinstance(utilization_mean, (int, float))
-        or not math.isfinite(utilization_mean) or utilization_mean < 0 or utilization_mean > 1 + 1e-9
-    ):
-        raise ValueError(f"economics: utilization_mean must be a ratio in 0..1, got {utilization_mean!r}")
+    _check_inputs(window_seconds, energy_joules, tokens, utilization_mean, idle_power_watts)
     gpu_usd_per_s = gpu_cost_usd_per_second(pricing, gpus)
-
-    if not tokens:
-        result["note"] = "no tokens in the window: per-token figures are undefined"
-        return result
-    if energy_joules is None:
-        result["note"] = "no energy measured for the window: cost and CO2 per token are undefined"
-        return result
-    if not window_seconds:
-        result["note"] = "empty window (0 s): per-token figures are undefined"
-        return result
-
-    tokens = float(tokens)
-    window = float(window_seconds)
-    energy = float(energy_joules)
-    usd_per_kwh = _usd_per_kwh_paid(pricing)
-    measured_kwh = energy / JOULES_PER_KWH
-    facility_kwh = measured_kwh * pricing.pue
-    gpu_usd = gpu_usd_per_s * window
-    energy_usd = measured_kwh * usd_per_kwh
-    total_usd = gpu_usd + energy_usd
-    result["cost_usd_per_million_tokens"]["measured"] = total_usd / tokens * TOKENS_PER_MILLION
-    if total_usd > 0:
-        result["energy_share_of_cost"] = energy_usd / total_usd
-    else:
-        notes.append("GPU and energy prices are both zero: energy share undefined")
-    if pricing.grid_carbon_g_per_kwh is not None:
-        result["co2_grams_per_million_tokens"] = (
-            facility_kwh * pricing.grid_carbon_g_per_kwh / tokens * TOKENS_PER_MILLION
-        )
-    else:
-        notes.append("no grid carbon figure: CO2 not computed")
-
-    breakdown: dict[str, Any] = {
-        "gpus": gpus,
-        "window_seconds": window,
-        "tokens": tokens,
-        "measured_energy_kwh": measured_kwh,
-        "facility_energy_kwh": facility_kwh,
-        "pue": pricing.pue,
-        "gpu_cost_usd": gpu_usd,
-        "energy_cost_usd": energy_usd,
-        "gross_joules_per_token": energy / tokens,
-        "utilization_mean": utilization_mean,
-        "idle_power_watts_used": None,
-        "tokens_per_busy_second": None,
-        "dynamic_joules_per_token": None,
-        "full_load_joules_per_token": None,
-    }
-    result["breakdown"] = breakdown
-
+    undefined = _why_undefined(window_seconds, energy_joules, tokens)
+    if undefined:
+        return RegimeEconomics(note=undefined)
+    notes: list[str] = []
+    measured = _measured(pricing, gpus, gpu_usd_per_s, float(window_seconds), float(energy_joules), float(tokens),
+                         utilization_mean, notes)
     if utilization_mean is None or utilization_mean <= 0:
         why = "unknown" if utilization_mean is None else "0"
         notes.append(f"GPU utilization {why}: full-load cost and the cost curve are undefined")
-        result["note"] = "; ".join(notes)
-        return result
+        return replace(measured, note="; ".join(notes))
+    return _with_full_load(measured, pricing, gpu_usd_per_s, float(energy_joules), min(float(utilization_mean), 1.0),
+                           idle_power_watts, notes)
 
-    utilization = min(float(utilization_mean), 1.0)
-    mean_power = energy / window
-    if idle_power_watts is None:
-        idle = 0.0
-        notes.append("no idle baseline: all energy counted as dynamic")
-    elif idle_power_watts > mean_power:
-        idle = mean_power
-        notes.append(
-            f"idle power {idle_power_watts:g} W above the window's mean power {mean_power:g} W: capped at the mean"
-        )
+
+def _measured(pricing: Pricing, gpus: int, gpu_usd_per_s: float, window: float, energy: float, tokens: float,
+              utilization_mean: float | None, notes: list[str]) -> RegimeEconomics:
+    """The figures at the measured utilization: cost per Mtok, its energy share, CO2 per Mtok."""
+    measured_kwh = energy / JOULES_PER_KWH
+    facility_kwh = measured_kwh * pricing.pue
+    gpu_usd = gpu_usd_per_s * window
+    energy_usd = measured_kwh * _usd_per_kwh_paid(pricing)
+    total_usd = gpu_usd + energy_usd
+    if total_usd <= 0:
+        notes.append("GPU and energy prices are both zero: energy share undefined")
+    co2 = None
+    if pricing.grid_carbon_g_per_kwh is not None:
+        co2 = facility_kwh * pricing.grid_carbon_g_per_kwh / tokens * TOKENS_PER_MILLION
     else:
-        idle = float(idle_power_watts)
-    busy_rate = tokens / (window * utilization)
-    dynamic_j = max(0.0, (energy - idle * window) / tokens)
+        notes.append("no grid carbon figure: CO2 not computed")
+    breakdown = CostBreakdown(
+        gpus=gpus, window_seconds=window, tokens=tokens, measured_energy_kwh=measured_kwh,
+        facility_energy_kwh=facility_kwh, pue=pricing.pue, gpu_cost_usd=gpu_usd, energy_cost_usd=energy_usd,
+        gross_joules_per_token=energy / tokens, utilization_mean=utilization_mean)
+    return RegimeEconomics(
+        cost_usd_per_million_tokens=CostPerMillionTokens(measured=total_usd / tokens * TOKENS_PER_MILLION),
+        energy_share_of_cost=energy_usd / total_usd if total_usd > 0 else None,
+        co2_grams_per_million_tokens=co2, breakdown=breakdown)
+
+
+def _with_full_load(measured: RegimeEconomics, pricing: Pricing, gpu_usd_per_s: float, energy: float,
+                    utilization: float, idle_power_watts: float | None, notes: list[str]) -> RegimeEconomics:
+    """The measured figures plus the full-load cost and the cost curve (the busy-fraction model above)."""
+    b = measured.breakdown
+    assert b is not None  # _measured always gives one
+    idle = _idle_power_used(idle_power_watts, energy / b.window_seconds, notes)
+    busy_rate = b.tokens / (b.window_seconds * utilization)
+    dynamic_j = max(0.0, (energy - idle * b.window_seconds) / b.tokens)
+    usd_per_kwh = _usd_per_kwh_paid(pricing)
 
     def usd_per_mtok(x: float) -> float:
         rate = busy_rate * x
         joules = dynamic_j + idle / rate
         return (gpu_usd_per_s / rate + joules / JOULES_PER_KWH * usd_per_kwh) * TOKENS_PER_MILLION
 
-    breakdown.update(
-        idle_power_watts_used=idle,
-        tokens_per_busy_second=busy_rate,
-        dynamic_joules_per_token=dynamic_j,
-        full_load_joules_per_token=dynamic_j + idle / busy_rate,
-    )
-    result["cost_usd_per_million_tokens"]["full_load"] = usd_per_mtok(1.0)
-    result["cost_curve"] = [
-        {"utilization": x, "usd_per_million_tokens": usd_per_mtok(x)} for x in COST_CURVE_UTILIZATIONS
-    ]
-    result["note"] = "; ".join(notes) if notes else None
-    return result
+    return replace(
+        measured,
+        cost_usd_per_million_tokens=replace(measured.cost_usd_per_million_tokens, full_load=usd_per_mtok(1.0)),
+        cost_curve=tuple(CostPoint(x, usd_per_mtok(x)) for x in COST_CURVE_UTILIZATIONS),
+        breakdown=replace(b, idle_power_watts_used=idle, tokens_per_busy_second=busy_rate,
+                          dynamic_joules_per_token=dynamic_j, full_load_joules_per_token=dynamic_j + idle / busy_rate),
+        note="; ".join(notes) if notes else None)
 
 
 def pricing_record(pricing: Pricing) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """The run report: one self-contained HTML page (``report.html``) and its figures as PNG files.
 
 ``render_report(run, summary, out_path)`` draws the figures from the run's raw tables (``RunData``) and
-the tables from ``summary`` (summary.json, docs/summary.schema.json). The page needs nothing outside
+the tables from ``summary``: the analysis's typed ``RunSummary`` (workloads/bench/results.py), or a
+summary.json object, which is read back into one. Regimes come in the registry's order
+(workloads/registry.py), then any other phase; each in its record's colour. The page needs nothing outside
 itself: inline CSS, no scripts, figures embedded as base64 PNG ``<img>`` with alt text. The same figures
 are saved under ``run.run_dir / "figures"``:
 
 Every time-series figure has one axis, seconds since the run started, and shades the steady-state window
-each regime's figures come from (``summary["regimes"][name]["window"]``); titles say SIMULATED on the mock.
+each regime's figures come from (its ``RegimeResult.window``); titles say SIMULATED on the mock.
 
 - ``utilization_by_regime.png``: one panel per regime, stacked on that shared axis: GPU utilization during
   the regime's phase (raw samples plus a rolling mean);
@@ -32,17 +34,28 @@ import base64
 import html
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from wattledger.workloads.bench.results import (
+    EnergyDetail,
+    GpuInfo,
+    MemoryPeaks,
+    RegimeResult,
+    RunSummary,
+    as_summary,
+    finite,
+)
 from wattledger.workloads.bench.rundata import NS_PER_S, RunData
+from wattledger.workloads.registry import COMMAND_COLOR, REGIMES
 
-REGIME_ORDER = ("training", "chat", "agentic", "command")
-COLORS = {"training": "#1f5fa8", "chat": "#d9731a", "agentic": "#2a9150", "command": "#7a4fb0"}
+# Colours of phases that are neither a registry regime nor a profiled command, taken in turn.
 OTHER_COLORS = ("#a83a5a", "#5a6b7d", "#8c6d1f", "#3a8c8c")
+IDLE_PHASE = "idle"  # the baseline phase (analysis.idle_baseline), never a regime
 IDLE_PHASE_COLOR = "#8a8a8a"
 GB = 1e9
 FIGURE_DPI = 110
@@ -76,19 +89,14 @@ class Figure:
 
 # -- helpers: numbers ------------------------------------------------------------------------------------
 
-def _num(value: Any) -> float | None:
-    """A finite number or None (bools, strings, NaN and infinities are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _get(mapping: Any, *keys: str) -> Any:
+def _workload_figure(regime: RegimeResult, *keys: str) -> Any:
+    """A figure of the workload's own summary (free-form, each regime its own: TTFT, MFU, spill...), or None."""
+    value = regime.workload
     for key in keys:
-        if not isinstance(mapping, dict):
+        if not isinstance(value, dict):
             return None
-        mapping = mapping.get(key)
-    return mapping
+        value = value.get(key)
+    return value
 
 
 def _sig(value: float, digits: int = 3) -> str:
@@ -103,24 +111,24 @@ def _sig(value: float, digits: int = 3) -> str:
 
 
 def fmt(value: Any, unit: str = "", digits: int = 3) -> str:
-    number = _num(value)
+    number = finite(value)
     if number is None:
         return "n/a"
     return f"{_sig(number, digits)}{(' ' + unit) if unit else ''}"
 
 
 def fmt_percent(value: Any, digits: int = 1) -> str:
-    number = _num(value)
+    number = finite(value)
     return "n/a" if number is None else f"{number * 100:.{digits}f} %"
 
 
 def fmt_usd(value: Any) -> str:
-    number = _num(value)
+    number = finite(value)
     return "n/a" if number is None else f"${_sig(number, 3)}"
 
 
 def fmt_bytes(value: Any) -> str:
-    number = _num(value)
+    number = finite(value)
     if number is None:
         return "n/a"
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -130,7 +138,7 @@ def fmt_bytes(value: Any) -> str:
 
 
 def fmt_energy(value: Any) -> str:
-    number = _num(value)
+    number = finite(value)
     if number is None:
         return "n/a"
     if abs(number) >= 1e6:
@@ -141,7 +149,7 @@ def fmt_energy(value: Any) -> str:
 
 
 def fmt_seconds(value: Any) -> str:
-    number = _num(value)
+    number = finite(value)
     if number is None:
         return "n/a"
     if abs(number) < 1:
@@ -187,12 +195,12 @@ def _data_end(run: RunData) -> float:
 
 
 def _interval(run: RunData) -> float:
-    value = _num(run.header.get("interval_seconds"))
+    value = finite(run.header.get("interval_seconds"))
     if value and value > 0:
         return value
     if not run.gpu.empty and "index" in run.gpu:
         first = run.gpu[run.gpu["index"] == run.gpu["index"].iloc[0]]["t"].diff().median()
-        if _num(first):
+        if finite(first):
             return float(first)
     return 1.0
 
@@ -211,32 +219,46 @@ def per_tick(run: RunData, column: str, how: str = "mean") -> pd.DataFrame:
     return frame[["t", "value"]].dropna().sort_values("t").reset_index(drop=True)
 
 
-def _regime_names(summary: dict, phases: list[Phase]) -> list[str]:
-    """Regimes in the summary, then regimes that ran but have no summary entry (an interrupted phase)."""
-    names = list((summary.get("regimes") or {}).keys())
+# The regimes the report shows, in its order, each with its colour: regime name -> colour (hex).
+RegimeColors = dict[str, str]
+
+
+def _regime_names(summary: RunSummary, phases: list[Phase]) -> RegimeColors:
+    """Regimes in the summary, then phases that ran but have no summary entry (an interrupted phase): a
+    registry regime's, or in a profiled command's run any phase but the idle baseline. Registry regimes
+    come first, in registry order, then the others as they came; each with its colour."""
+    names = list(summary.regimes)
     for phase in phases:
-        if (phase.name in REGIME_ORDER or phase.name in names) and phase.name not in names:
+        is_regime = phase.name in REGIMES or (summary.kind == "run" and phase.name != IDLE_PHASE)
+        if is_regime and phase.name not in names:
             names.append(phase.name)
-    rank = {name: i for i, name in enumerate(REGIME_ORDER)}
-    return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+    rank = {name: i for i, name in enumerate(REGIMES)}
+    ordered = sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+    return _regime_colors(ordered, profiled_command=summary.kind == "run")
 
 
-def _color(name: str, names: list[str]) -> str:
-    if name in COLORS:
-        return COLORS[name]
-    others = [n for n in names if n not in COLORS]
-    return OTHER_COLORS[others.index(name) % len(OTHER_COLORS)] if name in others else IDLE_PHASE_COLOR
+def _regime_colors(names: list[str], profiled_command: bool) -> RegimeColors:
+    """A registry regime in its record's colour; a profiled command's phase in COMMAND_COLOR; any other
+    name takes OTHER_COLORS in turn."""
+    colors, others = {}, 0
+    for name in names:
+        if name in REGIMES:
+            colors[name] = REGIMES[name].color
+        elif profiled_command:
+            colors[name] = COMMAND_COLOR
+        else:
+            colors[name] = OTHER_COLORS[others % len(OTHER_COLORS)]
+            others += 1
+    return colors
 
 
-def _main_kind(regime: dict) -> str | None:
-    kind = regime.get("main_token_kind")
-    if kind:
-        return kind
-    tokens = regime.get("tokens") or {}
-    for candidate in ("trained", "generated", "prompt"):
-        if (_num(tokens.get(candidate)) or 0) > 0:
-            return candidate
-    return None
+def _color(name: str, names: RegimeColors) -> str:
+    return names.get(name, IDLE_PHASE_COLOR)
+
+
+def _simulated(run: RunData, summary: RunSummary) -> bool:
+    """What the summary says, else what the recording's header says."""
+    return summary.simulated if summary.simulated is not None else run.simulated
 
 
 # -- figures -----------------------------------------------------------------------------------------------
@@ -270,9 +292,9 @@ def _legend_above(ax, handles=None, ncols=None) -> None:
                   frameon=False, fontsize=9, borderaxespad=0.2, handlelength=1.8, columnspacing=1.2)
 
 
-def _shade_phases(ax, phases: list[Phase], names: list[str], label: bool) -> None:
+def _shade_phases(ax, phases: list[Phase], names: RegimeColors, label: bool) -> None:
     for phase in phases:
-        color = _color(phase.name, names) if phase.name in names else IDLE_PHASE_COLOR
+        color = _color(phase.name, names)
         ax.axvspan(phase.start_s, phase.end_s, color=color, alpha=0.10, linewidth=0)
         if label:
             text = phase.name if phase.finished else f"{phase.name} (cut short)"
@@ -285,12 +307,12 @@ def _sim_title(title: str, simulated: bool) -> str:
     return f"{title} (SIMULATED: mock GPU)" if simulated else title
 
 
-def steady_windows(summary: dict, names: list[str]) -> dict[str, tuple[float, float]]:
+def steady_windows(summary: RunSummary, names) -> dict[str, tuple[float, float]]:
     """regime -> (start, end) of the steady-state window its figures come from, seconds since run start."""
     out = {}
     for name in names:
-        window = _get(summary, "regimes", name, "window")
-        start, end = _num(_get(window, "start_seconds")), _num(_get(window, "end_seconds"))
+        window = summary.regimes[name].window if name in summary.regimes else None
+        start, end = (finite(window.start_seconds), finite(window.end_seconds)) if window else (None, None)
         if start is not None and end is not None and end > start:
             out[name] = (start, end)
     return out
@@ -304,7 +326,7 @@ def _shade_window(ax, window: tuple[float, float] | None, color: str, label: boo
                label="steady-state window (the summary's figures)" if label else None)
 
 
-def _regime_panels(run: RunData, summary: dict, phases: list[Phase], names: list[str], title: str,
+def _regime_panels(run: RunData, summary: RunSummary, phases: list[Phase], names: RegimeColors, title: str,
                    draw, ylabel: str, height_per_panel: float = 1.75):
     """One panel per regime, stacked on one shared axis of seconds since the run started. ``draw(ax, phase,
     color)`` plots the regime's data and returns whether there was any. Each panel shades its phase and its
@@ -338,13 +360,13 @@ def _regime_panels(run: RunData, summary: dict, phases: list[Phase], names: list
     return fig, drawn
 
 
-def _window_text(summary: dict, names: list[str]) -> str:
+def _window_text(summary: RunSummary, names) -> str:
     windows = steady_windows(summary, names)
     return "; ".join(f"{n} {a:.1f}-{b:.1f} s" for n, (a, b) in windows.items()) or "none in the summary"
 
 
-def figure_utilization(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
-    simulated = bool(summary.get("simulated", run.simulated))
+def figure_utilization(run: RunData, summary: RunSummary, phases: list[Phase], names: RegimeColors) -> Figure:
+    simulated = _simulated(run, summary)
     title = _sim_title("GPU utilization by regime", simulated)
     # NVML's utilization where the board reports it, else GPM's SM activity.
     column = next((c for c in ("utilization_gpu_ratio", "sm_activity_ratio")
@@ -384,8 +406,8 @@ ACTIVITY_FIELDS = (("sm_activity_ratio", "SM", "#1b7837"), ("tensor_activity_rat
                    ("dram_activity_ratio", "DRAM", "#e08214"))
 
 
-def figure_activity(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
-    simulated = bool(summary.get("simulated", run.simulated))
+def figure_activity(run: RunData, summary: RunSummary, phases: list[Phase], names: RegimeColors) -> Figure:
+    simulated = _simulated(run, summary)
     title = _sim_title("SM, tensor and DRAM activity by regime", simulated)
     series = {label: (per_tick(run, column), color) for column, label, color in ACTIVITY_FIELDS}
     series = {label: value for label, value in series.items() if not value[0].empty}
@@ -411,7 +433,7 @@ def figure_activity(run: RunData, summary: dict, phases: list[Phase], names: lis
     _legend_above(fig.axes[0], list(unique.values()))
     means = []
     for name in drawn:
-        activity = _get(summary, "regimes", name, "activity") or {}
+        activity = summary.regimes[name].activity if name in summary.regimes else {}
         parts = [f"{label} {fmt_percent(activity.get(key))}" for key, label in
                  (("sm", "SM"), ("tensor", "tensor"), ("dram", "DRAM")) if key in activity]
         if parts:
@@ -442,19 +464,19 @@ def rapl_power(run: RunData) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _rapl_reason(run: RunData, summary: dict) -> str:
+def _rapl_reason(run: RunData, summary: RunSummary) -> str:
     """Why a run has no RAPL energy, from the summary or the host probe's status at run start."""
-    for name in summary.get("regimes") or {}:
-        reason = _get(summary, "regimes", name, "not_available", "rapl_joules")
-        if isinstance(reason, str):
+    for regime in summary.regimes.values():
+        reason = regime.not_available.get("rapl_joules")
+        if reason is not None:
             return reason
     reasons = [e.get("reason") for e in (run.event("run_start") or {}).get("rapl") or []
                if isinstance(e, dict) and not e.get("supported") and e.get("reason")]
     return "RAPL not readable on this host: " + "; ".join(reasons) if reasons else "no RAPL counters recorded"
 
 
-def figure_power(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
-    simulated = bool(summary.get("simulated", run.simulated))
+def figure_power(run: RunData, summary: RunSummary, phases: list[Phase], names: RegimeColors) -> Figure:
+    simulated = _simulated(run, summary)
     title = _sim_title("GPU power over the run", simulated)
     power = per_tick(run, "power_watts", how="sum")
     if power.empty:
@@ -469,11 +491,11 @@ def figure_power(run: RunData, summary: dict, phases: list[Phase], names: list[s
     gpus = run.gpu["index"].nunique() if "index" in run.gpu else 1
     ax.plot(power["t"], power["value"], color="#222222", linewidth=1.0,
             label="GPU power, all GPUs" if gpus > 1 else "GPU power")
-    idle_w = _num(_get(summary, "idle", "power_watts"))
+    idle_w = finite(summary.idle.power_watts)
     if idle_w is not None:
         ax.axhline(idle_w, color=IDLE_PHASE_COLOR, linestyle="--", linewidth=1.1,
                    label=f"idle baseline {idle_w:.0f} W")
-    limits = [_num(g.get("power_limit_watts")) for g in summary.get("gpus") or [] if isinstance(g, dict)]
+    limits = [finite(g.power_limit_watts) for g in summary.gpus]
     if limits and all(v is not None for v in limits):
         ax.axhline(sum(limits), color="#b03030", linestyle=":", linewidth=1.1,
                    label=f"power limit {sum(limits):.0f} W")
@@ -511,8 +533,8 @@ def _host_column(run: RunData, column: str, positive: bool = False) -> pd.DataFr
     return frame if not positive or (not frame.empty and float(frame[column].max()) > 0) else pd.DataFrame()
 
 
-def figure_memory(run: RunData, summary: dict, phases: list[Phase], names: list[str]) -> Figure:
-    simulated = bool(summary.get("simulated", run.simulated))
+def figure_memory(run: RunData, summary: RunSummary, phases: list[Phase], names: RegimeColors) -> Figure:
+    simulated = _simulated(run, summary)
     title = _sim_title("GPU memory (HBM) and host memory used", simulated)
     hbm = per_tick(run, "memory_used_bytes", how="sum")
     total = per_tick(run, "memory_total_bytes", how="sum")
@@ -568,16 +590,15 @@ def figure_memory(run: RunData, summary: dict, phases: list[Phase], names: list[
     return Figure("memory", title, alt, _png(fig), note, fig)
 
 
-def figure_joules_per_token(summary: dict, names: list[str]) -> Figure:
-    title = _sim_title("Joules per token, gross and dynamic", bool(summary.get("simulated")))
-    regimes = summary.get("regimes") or {}
+def figure_joules_per_token(summary: RunSummary, names: RegimeColors) -> Figure:
+    title = _sim_title("Joules per token, gross and dynamic", bool(summary.simulated))
     rows = []
     for name in names:
-        regime = regimes.get(name)
-        if not isinstance(regime, dict):
+        regime = summary.regimes.get(name)
+        if regime is None:
             continue
-        jpt = regime.get("joules_per_token") or {}
-        rows.append((name, _main_kind(regime), _num(jpt.get("gross")), _num(jpt.get("dynamic"))))
+        jpt = regime.joules_per_token
+        rows.append((name, regime.main_kind, finite(jpt.gross), finite(jpt.dynamic)))
     if not any(g is not None or d is not None for _, _, g, d in rows):
         return Figure("joules_per_token", title, title, None, "n/a: no joules-per-token figures")
     fig, ax = _new_figure(7.5, 3.8)
@@ -608,34 +629,25 @@ def figure_joules_per_token(summary: dict, names: list[str]) -> Figure:
                   "Per token of the regime's main kind. Dynamic subtracts the idle baseline's power over the window.")
 
 
-def _cost_curve(summary: dict, name: str) -> list[tuple[float, float]]:
-    curve = _get(summary, "economics", name, "cost_curve")
-    points = []
-    for point in curve if isinstance(curve, list) else []:
-        if isinstance(point, dict):
-            u, c = _num(point.get("utilization")), _num(point.get("usd_per_million_tokens"))
-            if u is not None and c is not None and c > 0:
-                points.append((u, c))
-    return sorted(points)
+def _cost_curve(regime: RegimeResult) -> list[tuple[float, float]]:
+    """(utilization, USD per million tokens) of the regime's cost curve, positive costs only, in order."""
+    return sorted((p.utilization, p.usd_per_million_tokens) for p in regime.economics.cost_curve or ()
+                  if p.usd_per_million_tokens > 0)
 
 
-def figure_cost(summary: dict, names: list[str]) -> Figure:
-    title = _sim_title("Cost per million tokens against GPU utilization", bool(summary.get("simulated")))
-    regimes = summary.get("regimes") or {}
+def figure_cost(summary: RunSummary, names: RegimeColors) -> Figure:
+    title = _sim_title("Cost per million tokens against GPU utilization", bool(summary.simulated))
     series = []
     for name in names:
-        regime = regimes.get(name) if isinstance(regimes.get(name), dict) else {}
-        curve = _cost_curve(summary, name)
-        measured = _num(_get(regime, "cost_usd_per_million_tokens", "measured"))
-        at = _num(_get(summary, "economics", name, "measured_utilization"))
-        if at is None:
-            at = _num(_get(regime, "gpu_utilization", "mean"))
+        regime = summary.regimes.get(name, RegimeResult())
+        curve = _cost_curve(regime)
+        cost = regime.economics.cost_usd_per_million_tokens
+        measured, at, full = finite(cost.measured), finite(regime.gpu_utilization.mean), finite(cost.full_load)
         point = (at, measured) if at is not None and measured is not None and measured > 0 else None
-        full = _num(_get(regime, "cost_usd_per_million_tokens", "full_load"))
         if not curve and full is not None and full > 0:
             curve = [(1.0, full)]  # no curve: the full-load figure is its point at 100 %
         if curve or point:
-            series.append((name, curve, point, _main_kind(regime)))
+            series.append((name, curve, point, regime.main_kind))
     if not series:
         return Figure("cost", title, title, None, "n/a: no cost curves or measured costs in the summary")
     fig, ax = _new_figure(8.5, 4.2)
@@ -684,150 +696,201 @@ def figure_cost(summary: dict, names: list[str]) -> Figure:
 
 # -- tables ------------------------------------------------------------------------------------------------
 
-def _regime_rows(summary: dict, names: list[str]) -> list[tuple[str, list[str]] | str]:
-    """Rows of the per-regime table: (label, one cell per regime), or a group heading."""
-    regimes = summary.get("regimes") or {}
-    r = {name: regimes.get(name) if isinstance(regimes.get(name), dict) else None for name in names}
+# One regime's cell of a table row; a regime that was not measured is None (its cell says so).
+Regimes = dict[str, "RegimeResult | None"]
 
-    def row(label: str, cell) -> tuple[str, list[str]]:
-        return label, [cell(reg) if reg is not None else "not measured" for reg in r.values()]
 
-    def tokens_per_second(reg: dict) -> str:
-        kind = _main_kind(reg)
-        tps = _num(reg.get("tokens_per_second"))  # a bare number is the main kind's rate
-        if tps is None and kind:
-            tps = _num(_get(reg, "tokens_per_second", kind))
-        if tps is None and kind:
-            tokens, duration = _num(_get(reg, "tokens", kind)), _num(reg.get("duration_seconds"))
-            tps = tokens / duration if tokens is not None and duration else None
-        return f"{fmt(tps)} {kind}/s" if tps is not None else "n/a"
+def _row(r: Regimes, label: str, cell: Callable[[RegimeResult], str]) -> tuple[str, list[str]]:
+    return label, [cell(reg) if reg is not None else "not measured" for reg in r.values()]
 
-    def tokens(reg: dict) -> str:
-        counts = reg.get("tokens") or {}
-        parts = [f"{_sig(_num(counts.get(k)), 4) if _num(counts.get(k)) else '0'} {k}"
-                 for k in ("trained", "prompt", "generated") if _num(counts.get(k))]
-        return ", ".join(parts) or "n/a"
 
-    def workload(*keys: str, form=fmt) -> callable:
-        return lambda reg: form(_get(reg, "workload", *keys))
+def _only(r: Regimes, regime: str, cell: Callable[[RegimeResult], str]) -> list[str]:
+    """Cells for a figure that only one regime has: '—' for the others."""
+    return [cell(reg) if n == regime and reg else ("not measured" if reg is None else "—") for n, reg in r.items()]
 
-    def phase_ran(reg: dict) -> str:
-        timing = reg.get("phase") if isinstance(reg.get("phase"), dict) else {}
-        ran, planned = _num(timing.get("ran_seconds")), _num(timing.get("planned_seconds"))
-        if ran is None:
-            return fmt_seconds(reg.get("phase_seconds"))
-        text = f"{fmt_seconds(ran)} of {fmt_seconds(planned)} planned" if planned is not None else fmt_seconds(ran)
-        return text + ("" if timing.get("finished", True) else f" (cut short: {timing.get('stopped_by')})")
 
-    def activity(reg: dict) -> str:
-        values = reg.get("activity") if isinstance(reg.get("activity"), dict) else {}
-        return " / ".join(fmt_percent(values.get(k)) for k in ("sm", "tensor", "dram")) if values else "n/a"
+def _measured(r: Regimes) -> list[RegimeResult]:
+    return [reg for reg in r.values() if reg is not None]
 
-    def rapl(reg: dict) -> str:
-        zones = _get(reg, "energy", "rapl_joules")
-        if isinstance(zones, dict) and zones:
-            ordered = sorted(zones.items(), key=lambda item: (not item[0].startswith("package"), item[0]))
-            return ", ".join(f"{zone} {fmt_energy(j)}" for zone, j in ordered)
-        return "n/a (see below the table)" if _get(reg, "not_available", "rapl_joules") else "n/a"
 
-    def per_unit(reg: dict, key: str, unit_name: str) -> str:
-        """Joules per request or session, or why there is none."""
-        value = _num(reg.get(key))
-        if value is not None:
-            return f"{fmt_energy(value)} per {unit_name}"
-        reason = _get(reg, "not_available", key)
-        return f"n/a: {reason}" if reason else "n/a"
+def _memory_of(reg: RegimeResult) -> MemoryPeaks:
+    return reg.memory or MemoryPeaks()
 
-    def only(regime: str, cell) -> list[str]:
-        """Cells for a figure that only one regime has: '—' for the others."""
-        return [cell(reg) if n == regime and reg else ("not measured" if reg is None else "—") for n, reg in r.items()]
 
-    rows: list = ["GPU"]
-    rows += [
-        row("phase ran", phase_ran),
-        row("steady-state window", lambda reg: fmt_seconds(reg.get("duration_seconds"))),
-        row("utilization mean", lambda reg: fmt_percent(_get(reg, "gpu_utilization", "mean"))),
-        row("utilization p50 / p99", lambda reg: f"{fmt_percent(_get(reg, 'gpu_utilization', 'p50'))} / "
-                                                 f"{fmt_percent(_get(reg, 'gpu_utilization', 'p99'))}"),
-        row("idle fraction", lambda reg: fmt_percent(_get(reg, "gpu_utilization", "idle_fraction"))),
-        row("power mean / p99", lambda reg: f"{fmt(_get(reg, 'power_watts', 'mean'), 'W')} / "
-                                            f"{fmt(_get(reg, 'power_watts', 'p99'), 'W')}"),
+def _energy_of(reg: RegimeResult) -> EnergyDetail:
+    return reg.energy or EnergyDetail()
+
+
+def _tokens_per_second_cell(reg: RegimeResult) -> str:
+    kind = reg.main_kind
+    tps = finite(reg.tokens_per_second.get(kind)) if kind else None
+    if tps is None and kind:  # a summary without rates: the counts over the window's length
+        duration = finite(reg.duration_seconds)
+        tps = reg.tokens.of(kind) / duration if duration else None
+    return f"{fmt(tps)} {kind}/s" if tps is not None else "n/a"
+
+
+def _tokens_cell(reg: RegimeResult) -> str:
+    parts = [f"{_sig(reg.tokens.of(k), 4)} {k}" for k in ("trained", "prompt", "generated") if reg.tokens.of(k)]
+    return ", ".join(parts) or "n/a"
+
+
+def _phase_ran_cell(reg: RegimeResult) -> str:
+    timing = reg.phase
+    ran = finite(timing.ran_seconds) if timing else None
+    if ran is None:
+        return fmt_seconds(reg.phase_seconds)
+    planned = finite(timing.planned_seconds)
+    text = f"{fmt_seconds(ran)} of {fmt_seconds(planned)} planned" if planned is not None else fmt_seconds(ran)
+    return text + ("" if timing.finished else f" (cut short: {timing.stopped_by})")
+
+
+def _activity_cell(reg: RegimeResult) -> str:
+    values = reg.activity
+    return " / ".join(fmt_percent(values.get(k)) for k in ("sm", "tensor", "dram")) if values else "n/a"
+
+
+def _rapl_cell(reg: RegimeResult) -> str:
+    zones = _energy_of(reg).rapl_joules
+    if zones:
+        ordered = sorted(zones.items(), key=lambda item: (not item[0].startswith("package"), item[0]))
+        return ", ".join(f"{zone} {fmt_energy(j)}" for zone, j in ordered)
+    return "n/a (see below the table)" if reg.not_available.get("rapl_joules") else "n/a"
+
+
+def _per_unit_cell(reg: RegimeResult, key: str, unit_name: str) -> str:
+    """Joules per request or session, or why there is none."""
+    value = finite(reg.per_unit_joules.get(key))
+    if value is not None:
+        return f"{fmt_energy(value)} per {unit_name}"
+    reason = reg.not_available.get(key)
+    return f"n/a: {reason}" if reason else "n/a"
+
+
+def _gpu_rows(r: Regimes) -> list:
+    """The GPU group: how long the phase ran, the window, utilization, power, activity, memory, temperature."""
+    rows: list = [
+        "GPU",
+        _row(r, "phase ran", _phase_ran_cell),
+        _row(r, "steady-state window", lambda reg: fmt_seconds(reg.duration_seconds)),
+        _row(r, "utilization mean", lambda reg: fmt_percent(reg.gpu_utilization.mean)),
+        _row(r, "utilization p50 / p99", lambda reg: f"{fmt_percent(reg.gpu_utilization.p50)} / "
+                                                     f"{fmt_percent(reg.gpu_utilization.p99)}"),
+        _row(r, "idle fraction", lambda reg: fmt_percent(reg.gpu_utilization.idle_fraction)),
+        _row(r, "power mean / p99", lambda reg: f"{fmt(reg.power_watts.mean, 'W')} / {fmt(reg.power_watts.p99, 'W')}"),
     ]
-    if any(reg and isinstance(reg.get("activity"), dict) and reg["activity"] for reg in r.values()):
-        rows.append(row("SM / tensor / DRAM activity (window mean)", activity))
-    if any(reg and isinstance(reg.get("memory"), dict) for reg in r.values()):
-        rows.append(row("peak HBM used", lambda reg: fmt_bytes(_get(reg, "memory", "gpu_peak_bytes"))))
-        if any(_num(_get(reg, "memory", "workload_host_rss_peak_bytes")) for reg in r.values() if reg):
-            rows.append(row("peak host memory of the workload (RSS)",
-                            lambda reg: fmt_bytes(_get(reg, "memory", "workload_host_rss_peak_bytes"))))
-        rows.append(row("peak host memory used, whole machine",
-                        lambda reg: fmt_bytes(_get(reg, "memory", "host_peak_bytes"))))
-        if any(_num(_get(reg, "memory", "host_pinned_peak_bytes")) for reg in r.values() if reg):
-            rows.append(row("peak host memory pinned by the workload",
-                            lambda reg: fmt_bytes(_get(reg, "memory", "host_pinned_peak_bytes"))))
-    temperatures = [(_num(_get(reg, "energy", "temperature_p99_celsius")), _num(_get(reg, "energy", "temperature_max_celsius")))
-                    for reg in r.values() if reg]
+    measured = _measured(r)
+    if any(reg.activity for reg in measured):
+        rows.append(_row(r, "SM / tensor / DRAM activity (window mean)", _activity_cell))
+    if any(reg.memory is not None for reg in measured):
+        rows.append(_row(r, "peak HBM used", lambda reg: fmt_bytes(_memory_of(reg).gpu_peak_bytes)))
+        if any(finite(_memory_of(reg).workload_host_rss_peak_bytes) for reg in measured):
+            rows.append(_row(r, "peak host memory of the workload (RSS)",
+                             lambda reg: fmt_bytes(_memory_of(reg).workload_host_rss_peak_bytes)))
+        rows.append(_row(r, "peak host memory used, whole machine",
+                         lambda reg: fmt_bytes(_memory_of(reg).host_peak_bytes)))
+        if any(finite(_memory_of(reg).host_pinned_peak_bytes) for reg in measured):
+            rows.append(_row(r, "peak host memory pinned by the workload",
+                             lambda reg: fmt_bytes(_memory_of(reg).host_pinned_peak_bytes)))
+    temperatures = [(finite(_energy_of(reg).temperature_p99_celsius), finite(_energy_of(reg).temperature_max_celsius))
+                    for reg in measured]
     if any(p is not None for p, _ in temperatures):
-        rows.append(row("GPU temperature p99 / max",
-                        lambda reg: f"{fmt(_get(reg, 'energy', 'temperature_p99_celsius'), '°C')} / "
-                                    f"{fmt(_get(reg, 'energy', 'temperature_max_celsius'), '°C')}"))
+        rows.append(_row(r, "GPU temperature p99 / max",
+                         lambda reg: f"{fmt(_energy_of(reg).temperature_p99_celsius, '°C')} / "
+                                     f"{fmt(_energy_of(reg).temperature_max_celsius, '°C')}"))
     elif any(m is not None for _, m in temperatures):  # a summary from before p99 was kept apart: it was the p99
-        rows.append(row("GPU temperature p99", lambda reg: fmt(_get(reg, "energy", "temperature_max_celsius"), "°C")))
-    rows += [
-        "Energy and tokens",
-        row("energy", lambda reg: fmt_energy(reg.get("energy_joules"))),
-        row("tokens", tokens),
-        row("tokens/s (main kind)", tokens_per_second),
-        row("J/token gross", lambda reg: fmt(_get(reg, "joules_per_token", "gross"), "J")),
-        row("J/token dynamic (above idle)", lambda reg: fmt(_get(reg, "joules_per_token", "dynamic"), "J")),
-    ]
-    if "chat" in r:
-        rows.append(("J/request (chat)", only("chat", lambda reg: per_unit(reg, "joules_per_request", "request"))))
-    if "agentic" in r:
-        rows.append(("J/session (agentic, whole phase)",
-                     only("agentic", lambda reg: per_unit(reg, "joules_per_session", "session"))))
-    rows.append(row("host CPU energy (RAPL, window)", rapl))
-    if any(reg and "mock_truth" in reg for reg in r.values()):
-        rows.append(row("simulator truth: energy, J/token",
-                        lambda reg: f"{fmt_energy(_get(reg, 'mock_truth', 'energy_joules'))}, "
-                                    f"{fmt(_get(reg, 'mock_truth', 'joules_per_token'), 'J')}"))
-    rows += [
-        "Cost and carbon",
-        row("$/M tokens measured", lambda reg: fmt_usd(_get(reg, "cost_usd_per_million_tokens", "measured"))),
-        row("$/M tokens at full load", lambda reg: fmt_usd(_get(reg, "cost_usd_per_million_tokens", "full_load"))),
-        row("energy share of cost", lambda reg: fmt_percent(reg.get("energy_share_of_cost"))),
-        row("CO₂ per M tokens", lambda reg: fmt(reg.get("co2_grams_per_million_tokens"), "g")),
-    ]
-    headline = [
-        ("TTFT p50 / p99", lambda reg: f"{fmt_seconds(_get(reg, 'workload', 'ttft_seconds', 'p50'))} / "
-                                       f"{fmt_seconds(_get(reg, 'workload', 'ttft_seconds', 'p99'))}",
-         ("ttft_seconds",)),
-        ("TPOT p50 / p99", lambda reg: f"{fmt_seconds(_get(reg, 'workload', 'tpot_seconds', 'p50'))} / "
-                                       f"{fmt_seconds(_get(reg, 'workload', 'tpot_seconds', 'p99'))}",
-         ("tpot_seconds",)),
-        ("tool-time share (per session)", workload("tool_time_share", "per_session_mean", form=fmt_percent),
-         ("tool_time_share",)),
-        ("spilled to host", workload("spill", "spilled_bytes", form=fmt_bytes), ("spill",)),
-        ("MFU", workload("mfu", form=fmt_percent), ("mfu",)),
-        ("goodput", workload("goodput", form=fmt_percent), ("goodput",)),
-    ]
-    workload_rows = []
-    for label, cell, keys in headline:
-        present = [reg is not None and isinstance(reg.get("workload"), dict) and keys[0] in reg["workload"]
-                   for reg in r.values()]
-        if any(present):
-            workload_rows.append((label, [cell(reg) if has else "—" for reg, has in zip(r.values(), present)]))
-    if workload_rows:
-        rows += ["Workload's own figures"] + workload_rows
+        rows.append(_row(r, "GPU temperature p99", lambda reg: fmt(_energy_of(reg).temperature_max_celsius, "°C")))
     return rows
 
 
-def _regime_notes(summary: dict, names: list[str]) -> str:
+def _per_unit_rows(r: Regimes) -> list:
+    """J per request, per session...: one row for each registry regime shown that has a per-unit figure."""
+    rows = []
+    for regime in REGIMES.values():
+        spec = regime.per_unit
+        if spec is None or regime.name not in r:
+            continue
+        scope = regime.name if spec.from_tokens else f"{regime.name}, whole phase"
+        rows.append((f"J/{spec.unit} ({scope})",
+                     _only(r, regime.name, lambda reg, spec=spec: _per_unit_cell(reg, spec.summary_key, spec.unit))))
+    return rows
+
+
+def _energy_rows(r: Regimes) -> list:
+    """The energy group: window energy, tokens, rates, joules per token and per unit, RAPL, the mock's truth."""
+    rows: list = [
+        "Energy and tokens",
+        _row(r, "energy", lambda reg: fmt_energy(reg.energy_joules)),
+        _row(r, "tokens", _tokens_cell),
+        _row(r, "tokens/s (main kind)", _tokens_per_second_cell),
+        _row(r, "J/token gross", lambda reg: fmt(reg.joules_per_token.gross, "J")),
+        _row(r, "J/token dynamic (above idle)", lambda reg: fmt(reg.joules_per_token.dynamic, "J")),
+        *_per_unit_rows(r),
+        _row(r, "host CPU energy (RAPL, window)", _rapl_cell),
+    ]
+    if any(reg.mock_truth is not None for reg in _measured(r)):
+        rows.append(_row(r, "simulator truth: energy, J/token",
+                         lambda reg: f"{fmt_energy(reg.mock_truth.energy_joules if reg.mock_truth else None)}, "
+                                     f"{fmt(reg.mock_truth.joules_per_token if reg.mock_truth else None, 'J')}"))
+    return rows
+
+
+def _cost_rows(r: Regimes) -> list:
+    def cost(reg: RegimeResult):
+        return reg.economics.cost_usd_per_million_tokens
+
+    return [
+        "Cost and carbon",
+        _row(r, "$/M tokens measured", lambda reg: fmt_usd(cost(reg).measured)),
+        _row(r, "$/M tokens at full load", lambda reg: fmt_usd(cost(reg).full_load)),
+        _row(r, "energy share of cost", lambda reg: fmt_percent(reg.economics.energy_share_of_cost)),
+        _row(r, "CO₂ per M tokens", lambda reg: fmt(reg.economics.co2_grams_per_million_tokens, "g")),
+    ]
+
+
+def _workload_cell(*keys: str, form=fmt) -> Callable[[RegimeResult], str]:
+    return lambda reg: form(_workload_figure(reg, *keys))
+
+
+def _p50_p99_seconds(key: str) -> Callable[[RegimeResult], str]:
+    return lambda reg: (f"{fmt_seconds(_workload_figure(reg, key, 'p50'))} / "
+                        f"{fmt_seconds(_workload_figure(reg, key, 'p99'))}")
+
+
+# The workloads' headline figures: (label, cell, the workload summary's key that must be there).
+WORKLOAD_HEADLINES = (
+    ("TTFT p50 / p99", _p50_p99_seconds("ttft_seconds"), "ttft_seconds"),
+    ("TPOT p50 / p99", _p50_p99_seconds("tpot_seconds"), "tpot_seconds"),
+    ("tool-time share (per session)", _workload_cell("tool_time_share", "per_session_mean", form=fmt_percent),
+     "tool_time_share"),
+    ("spilled to host", _workload_cell("spill", "spilled_bytes", form=fmt_bytes), "spill"),
+    ("MFU", _workload_cell("mfu", form=fmt_percent), "mfu"),
+    ("goodput", _workload_cell("goodput", form=fmt_percent), "goodput"),
+)
+
+
+def _workload_rows(r: Regimes) -> list:
+    """The workloads' own figures, a row for each that at least one regime reported ('—' for the others)."""
+    rows = []
+    for label, cell, key in WORKLOAD_HEADLINES:
+        present = [reg is not None and isinstance(reg.workload, dict) and key in reg.workload for reg in r.values()]
+        if any(present):
+            rows.append((label, [cell(reg) if has else "—" for reg, has in zip(r.values(), present)]))
+    return ["Workload's own figures", *rows] if rows else []
+
+
+def _regime_rows(summary: RunSummary, names) -> list[tuple[str, list[str]] | str]:
+    """Rows of the per-regime table: (label, one cell per regime), or a group heading."""
+    r = {name: summary.regimes.get(name) for name in names}
+    return [*_gpu_rows(r), *_energy_rows(r), *_cost_rows(r), *_workload_rows(r)]
+
+
+def _regime_notes(summary: RunSummary, names) -> str:
     """Reasons shared by every regime (RAPL unreadable on the host), said once under the table, not per cell."""
     reasons = []
     for name in names:
-        reason = _get(summary, "regimes", name, "not_available", "rapl_joules")
-        if isinstance(reason, str) and reason not in reasons:
+        reason = summary.regimes[name].not_available.get("rapl_joules") if name in summary.regimes else None
+        if reason is not None and reason not in reasons:
             reasons.append(reason)
     if not reasons:
         return ""
@@ -855,41 +918,44 @@ def _table(headers: list[str], rows: list, css: str = "") -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def _gpu_table(summary: dict, run: RunData) -> str:
-    gpus = [g for g in summary.get("gpus") or [] if isinstance(g, dict)]
-    if not gpus:  # fall back on the recording's header
-        gpus = [dict(g, power_limit_watts=g.get("power_limit_default_watts"))
-                for g in run.header.get("gpus") or [] if isinstance(g, dict)]
+def _header_gpus(run: RunData) -> list[GpuInfo]:
+    """The GPUs the recording's header lists, with their default power limits (a summary without GPUs)."""
+    return [GpuInfo.from_json(dict(g, power_limit_watts=g.get("power_limit_default_watts")))
+            for g in run.header.get("gpus") or [] if isinstance(g, dict)]
+
+
+def _gpu_table(summary: RunSummary, run: RunData) -> str:
+    gpus = list(summary.gpus) or _header_gpus(run)
     if not gpus:
         return "<p class='na'>n/a: no GPU information in the summary or the recording.</p>"
     rows = []
     for g in gpus:
-        rows.append((str(g.get("index", "?")), [
-            str(g.get("model_name") or "n/a") + (" (mock)" if g.get("simulated") else ""),
-            str(g.get("driver_version") or "n/a"),
-            fmt(g.get("power_limit_watts"), "W"),
-            fmt_bytes(g.get("memory_total_bytes")),
-            str(g.get("uuid") or "n/a"),
+        rows.append((str(g.index) if g.index is not None else "?", [
+            (g.model_name or "n/a") + (" (mock)" if g.simulated else ""),
+            g.driver_version or "n/a",
+            fmt(g.power_limit_watts, "W"),
+            fmt_bytes(g.memory_total_bytes),
+            g.uuid or "n/a",
         ]))
     return _table(["GPU", "model", "driver", "power limit", "memory", "UUID"], rows, "gpus")
 
 
 def _plain(value: Any) -> str:
     """An input as given: numbers without padding zeros, anything else as text."""
-    number = _num(value)
+    number = finite(value)
     if number is not None:
         return f"{number:,.6g}" if abs(number) < 1e6 else f"{number:,.0f}"
     return "n/a" if value is None else str(value)
 
 
-def _pricing_table(summary: dict) -> str:
+def _pricing_table(summary: RunSummary) -> str:
     """Pricing inputs with their sources, then the formulas and notes when the summary has them.
 
     Reads the shape economics.pricing_record writes (inputs as plain keys, a ``sources`` map, ``formulas``,
     ``notes``) and tolerates others: ``KEY_source`` siblings, or ``{value, unit, source}`` per input.
     """
-    pricing = summary.get("pricing")
-    if not isinstance(pricing, dict) or not pricing:
+    pricing = summary.pricing
+    if not pricing:
         return "<p class='na'>n/a: no pricing inputs in the summary.</p>"
     sources = {k.removesuffix("_source"): v for k, v in pricing.items() if k.endswith("_source")}
     if isinstance(pricing.get("sources"), dict):
@@ -925,20 +991,19 @@ def _pricing_table(summary: dict) -> str:
     return out
 
 
-def _validity_table(summary: dict, names: list[str]) -> tuple[str, int, int]:
-    checks = [("run", c) for c in summary.get("validity") or [] if isinstance(c, dict)]
-    regimes = summary.get("regimes") or {}
+def _validity_table(summary: RunSummary, names) -> tuple[str, int, int]:
+    checks = [("run", c) for c in summary.validity]
     for name in names:
-        checks += [(name, c) for c in _get(regimes, name, "validity") or [] if isinstance(c, dict)]
+        if name in summary.regimes:
+            checks += [(name, c) for c in summary.regimes[name].validity]
     if not checks:
         return "<p class='na'>n/a: the summary lists no validity checks.</p>", 0, 0
     body = []
     for scope, check in checks:
-        passed = check.get("passed") is True
-        badge = "<span class='pass'>PASS</span>" if passed else "<span class='fail'>FAIL</span>"
-        body.append(f"<tr class='{'ok' if passed else 'bad'}'><td>{_esc(scope)}</td><td>{_esc(check.get('check', '?'))}"
-                    f"</td><td>{badge}</td><td>{_esc(check.get('detail', ''))}</td></tr>")
-    passed = sum(1 for _, c in checks if c.get("passed") is True)
+        badge = "<span class='pass'>PASS</span>" if check.passed else "<span class='fail'>FAIL</span>"
+        body.append(f"<tr class='{'ok' if check.passed else 'bad'}'><td>{_esc(scope)}</td><td>{_esc(check.check)}"
+                    f"</td><td>{badge}</td><td>{_esc(check.detail)}</td></tr>")
+    passed = sum(1 for _, c in checks if c.passed)
     table = ("<div class='table-wrap'><table class='validity'><thead><tr><th scope='col'>scope</th>"
              "<th scope='col'>check</th><th scope='col'>result</th><th scope='col'>detail</th></tr></thead>"
              f"<tbody>{''.join(body)}</tbody></table></div>")
@@ -1019,30 +1084,30 @@ def _when(created: Any) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") + zone
 
 
-def _facts(run: RunData, summary: dict, names: list[str], phases: list[Phase], checks: tuple[int, int]) -> str:
-    gpus = [g for g in summary.get("gpus") or [] if isinstance(g, dict)] or list(run.header.get("gpus") or [])
+def _facts(run: RunData, summary: RunSummary, names, phases: list[Phase], checks: tuple[int, int]) -> str:
+    gpus = list(summary.gpus) or _header_gpus(run)
     models: dict[str, int] = {}
     for g in gpus:
-        models[str(g.get("model_name", "?"))] = models.get(str(g.get("model_name", "?")), 0) + 1
+        models[g.model_name or "?"] = models.get(g.model_name or "?", 0) + 1
     gpu_text = ", ".join(f"{n} × {m}" for m, n in models.items()) or "n/a"
-    drivers = sorted({str(g.get("driver_version")) for g in gpus if g.get("driver_version")})
-    regimes = summary.get("regimes") or {}
-    energies = [_num(_get(regimes, n, "energy_joules")) for n in regimes]
+    drivers = sorted({g.driver_version for g in gpus if g.driver_version})
+    regimes = summary.regimes
+    energies = [finite(regime.energy_joules) for regime in regimes.values()]
     total_energy = sum(e for e in energies if e is not None) if any(e is not None for e in energies) else None
     length = max([_data_end(run)] + [p.end_s for p in phases])
-    settings = summary.get("settings") or {}
+    settings = summary.settings
     passed, total = checks
     facts = [
-        ("kind", f"{summary.get('kind', 'n/a')} · {summary.get('status', 'n/a')}"),
-        ("started", _when(summary.get("created"))),
-        ("backend", str(summary.get("backend") or run.header.get("backend") or "n/a")
-         + (" (simulated)" if summary.get("simulated") else "")),
+        ("kind", f"{summary.kind or 'n/a'} · {summary.status or 'n/a'}"),
+        ("started", _when(summary.created)),
+        ("backend", str(summary.backend or run.header.get("backend") or "n/a")
+         + (" (simulated)" if summary.simulated else "")),
         ("GPUs", gpu_text),
         ("driver", ", ".join(drivers) or "n/a"),
         ("preset · device", f"{settings.get('preset', 'n/a')} · {settings.get('device', 'n/a')}"),
         ("run length", fmt_seconds(length) if length else "n/a"),
         ("regimes measured", ", ".join(n for n in names if n in regimes) or "none"),
-        ("idle power", fmt(_get(summary, "idle", "power_watts"), "W")),
+        ("idle power", fmt(summary.idle.power_watts, "W")),
         ("energy in windows", fmt_energy(total_energy)),
         ("validity checks", f"{passed} of {total} passed" if total else "n/a"),
     ]
@@ -1050,7 +1115,9 @@ def _facts(run: RunData, summary: dict, names: list[str], phases: list[Phase], c
         + "</dl>"
 
 
-def build_figures(run: RunData, summary: dict) -> list[Figure]:
+def build_figures(run: RunData, summary: RunSummary | dict) -> list[Figure]:
+    """Every figure of the report, drawn (or, with nothing to draw, the line saying why)."""
+    summary = as_summary(summary)
     phases = phases_of(run)
     names = _regime_names(summary, phases)
     return [
@@ -1063,14 +1130,14 @@ def build_figures(run: RunData, summary: dict) -> list[Figure]:
     ]
 
 
-def render_report(run: RunData, summary: dict, out_path: Path) -> Path:
+def render_report(run: RunData, summary: RunSummary | dict, out_path: Path) -> Path:
     """Write the report page to ``out_path`` and each figure to ``run.run_dir/figures/*.png``.
 
     Returns ``out_path``. Everything missing from ``run`` or ``summary`` shows as "n/a" or a line saying
     what is missing; nothing here raises for partial data.
     """
     out_path = Path(out_path)
-    summary = summary if isinstance(summary, dict) else {}
+    summary = as_summary(summary)
     phases = phases_of(run)
     names = _regime_names(summary, phases)
     figures = {f.key: f for f in build_figures(run, summary)}
@@ -1080,9 +1147,9 @@ def render_report(run: RunData, summary: dict, out_path: Path) -> Path:
         if figure.png is not None:
             (figure_dir / FIGURE_FILES[key]).write_bytes(figure.png)
 
-    simulated = bool(summary.get("simulated", run.simulated))
-    partial = summary.get("status") == "partial"
-    kind = summary.get("kind") or "bench"
+    simulated = _simulated(run, summary)
+    partial = summary.status == "partial"
+    kind = summary.kind or "bench"
     title = f"wattledger {kind} report"
     if partial:
         title = f"PARTIAL · {title}"
@@ -1097,7 +1164,7 @@ def render_report(run: RunData, summary: dict, out_path: Path) -> Path:
     if partial:
         banners.append("<div class='banner partial' role='alert'><p>PARTIAL run: it was interrupted, so this "
                        "report holds only what was measured up to then (status: partial).</p></div>")
-    regimes_measured = [n for n in names if n in (summary.get("regimes") or {})]
+    regimes_measured = [n for n in names if n in summary.regimes]
     not_measured = [n for n in names if n not in regimes_measured]
     subtitle = f"Run directory {run.run_dir.name}"
     if not_measured:

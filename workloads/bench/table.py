@@ -5,6 +5,20 @@ from __future__ import annotations
 
 import sys
 
+from wattledger.workloads.bench.results import Check, RegimeResult, RunSummary, as_summary
+from wattledger.workloads.registry import REGIMES
+
+
+def _main_kinds_legend() -> str:
+    """Each regime's main token kind, from the registry: "training: trained, chat and agentic: generated"."""
+    by_kind: dict[str, list[str]] = {}
+    for regime in REGIMES.values():
+        by_kind.setdefault(regime.main_token_kind, []).append(regime.name)
+    groups = [(", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + f": {kind}"
+              for kind, names in by_kind.items()]
+    return ", ".join(groups)
+
+
 # The closing table's columns: (header, legend entry). Short headers so the table fits 80 columns; the
 # legend line under the table says what each stands for.
 TABLE_COLUMNS = (
@@ -12,7 +26,7 @@ TABLE_COLUMNS = (
     ("util", "util = mean GPU utilization"),
     ("idle", "idle = share of samples at 0 %"),
     ("W", "W = mean power"),
-    ("tok/s", "tok/s = main-kind tokens per second (training: trained, chat and agentic: generated)"),
+    ("tok/s", f"tok/s = main-kind tokens per second ({_main_kinds_legend()})"),
     ("J/tok", "J/tok = joules per token, gross"),
     ("J/dyn", "J/dyn = the same above the idle baseline"),
     ("$/Mtok", "$/Mtok = USD per million tokens at the measured utilization"),
@@ -26,14 +40,13 @@ def _fmt(value, spec=",.3g", unit=""):
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
-def _regime_row(name: str, r: dict) -> list[str]:
-    kind = r["main_token_kind"]
-    passed = sum(c["passed"] for c in r["validity"])
-    return [name, _fmt(r["gpu_utilization"]["mean"], ".2f"), _fmt(r["gpu_utilization"]["idle_fraction"], ".2f"),
-            _fmt(r["power_watts"]["mean"], ".0f"), _fmt(r["tokens_per_second"].get(kind), ",.0f"),
-            _fmt(r["joules_per_token"]["gross"], ".3g"), _fmt(r["joules_per_token"]["dynamic"], ".3g"),
-            _fmt(r["cost_usd_per_million_tokens"]["measured"], ",.2f"),
-            _fmt(r["cost_usd_per_million_tokens"]["full_load"], ",.2f"), f"{passed}/{len(r['validity'])}"]
+def _regime_row(name: str, r: RegimeResult) -> list[str]:
+    passed = sum(c.passed for c in r.validity)
+    cost = r.economics.cost_usd_per_million_tokens
+    return [name, _fmt(r.gpu_utilization.mean, ".2f"), _fmt(r.gpu_utilization.idle_fraction, ".2f"),
+            _fmt(r.power_watts.mean, ".0f"), _fmt(r.tokens_per_second.get(r.main_kind), ",.0f"),
+            _fmt(r.joules_per_token.gross, ".3g"), _fmt(r.joules_per_token.dynamic, ".3g"),
+            _fmt(cost.measured, ",.2f"), _fmt(cost.full_load, ",.2f"), f"{passed}/{len(r.validity)}"]
 
 
 def _say(console, text: str, indent: int = 0, hanging: int = 4) -> None:
@@ -48,37 +61,39 @@ def _say(console, text: str, indent: int = 0, hanging: int = 4) -> None:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def failed_checks(summary: dict) -> list[tuple[str, list[dict]]]:
-    """(scope, failed checks) per regime in table order, then the run-wide ones ("run"); empty scopes left out."""
-    scopes = [(name, r["validity"]) for name, r in summary["regimes"].items()] + [("run", summary["validity"])]
-    return [(scope, failed) for scope, checks in scopes if (failed := [c for c in checks if not c["passed"]])]
+def failed_checks(summary: RunSummary) -> list[tuple[str, list[Check], int]]:
+    """(scope, failed checks, checks in that scope) per regime in table order, then the run-wide ones
+    ("run"); scopes where every check passed left out."""
+    scopes = [(name, r.validity) for name, r in summary.regimes.items()] + [("run", summary.validity)]
+    return [(scope, failed, len(checks)) for scope, checks in scopes
+            if (failed := [c for c in checks if not c.passed])]
 
 
-def print_table(summary: dict, console) -> None:
-    """The summary as a table that fits 80 columns, a legend line, then every failed check under its regime
-    (the first line says SIMULATED when it is)."""
+def print_table(summary: RunSummary | dict, console) -> None:
+    """The summary (typed, or summary.json's object) as a table that fits 80 columns, a legend line, then
+    every failed check under its regime (the first line says SIMULATED when it is)."""
     from rich import box
     from rich.table import Table
 
-    label = "SIMULATED (mock GPU): " if summary["simulated"] else ""
-    gpus = summary["gpus"]
-    model = gpus[0]["model_name"] if gpus else "no GPU"
-    _say(console, f"{label}wattledger {summary['kind']} {summary['status']}")
-    _say(console, f"{len(gpus)} x {model}, idle baseline {_fmt(summary['idle']['power_watts'], '.1f', ' W')}")
+    summary = as_summary(summary)
+    label = "SIMULATED (mock GPU): " if summary.simulated else ""
+    gpus = summary.gpus
+    model = gpus[0].model_name if gpus else "no GPU"
+    _say(console, f"{label}wattledger {summary.kind} {summary.status}")
+    _say(console, f"{len(gpus)} x {model}, idle baseline {_fmt(summary.idle.power_watts, '.1f', ' W')}")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold", pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
     for header, _ in TABLE_COLUMNS:
         table.add_column(header, justify="left" if header == "regime" else "right", no_wrap=True)
-    for name, r in summary["regimes"].items():
+    for name, r in summary.regimes.items():
         table.add_row(*_regime_row(name, r))
     console.print(table)
     shown = [legend for header, legend in TABLE_COLUMNS if legend]
     _say(console, "; ".join(shown) + ".", hanging=0)
-    for scope, failed in failed_checks(summary):
-        total = len(summary["validity"] if scope == "run" else summary["regimes"][scope]["validity"])
+    for scope, failed, total in failed_checks(summary):
         _say(console, f"{scope}: {len(failed)} of {total} checks failed")
         for check in failed:
-            _say(console, f"- {check['check']}: {check['detail']}", indent=2)
+            _say(console, f"- {check.check}: {check.detail}", indent=2)
 
 
 def console(file=None):
