@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from wattledger.agent import version
 from wattledger.agent.config import BACKENDS, DEFAULT_PORT, AgentConfig, ConfigError, build_config
@@ -73,15 +74,16 @@ def make_parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=s)
     _add_backend_flags(agent)
 
-    # Only named here: its options live in wattledger.workloads.cli, which imports torch (main() hands the
-    # whole command line over before this parser sees it).
-    commands.add_parser("workload", help="run a bundled workload (training, chat, agentic); needs torch",
-                        add_help=False)
+    # Only named here: their options live in the modules of HEAVY_COMMANDS (main() hands the whole command
+    # line over before this parser sees it).
+    commands.add_parser("workload", help="run one bundled workload alone (`wattledger workload --help` lists "
+                        "them); workloads extra (torch)", add_help=False)
     commands.add_parser("bench", help="measure each regime's utilization, joules per token and cost; write a "
-                        "report", add_help=False)
-    commands.add_parser("report", help="rebuild summary.json and report.html from a run directory",
+                        "report (workloads extra)", add_help=False)
+    commands.add_parser("report", help="rebuild summary.json and report.html from a run directory (bench extra)",
                         add_help=False)
-    commands.add_parser("run", help="profile any command: wattledger run -- CMD ...", add_help=False)
+    commands.add_parser("run", help="profile any command: wattledger run -- CMD ... (bench extra, no torch)",
+                        add_help=False)
 
     devices = commands.add_parser("devices", help="list GPUs and which fields and probes work on each; on a "
                                   "machine without a GPU say so and exit 1 (--backend mock lists simulated GPUs)")
@@ -231,23 +233,60 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class HeavyCommand:
+    """A command that runs the regimes or the measurement: imported only when it runs, never by the agent.
+    ``extra`` is the pyproject extra that installs ``packages`` (what it imports beyond the agent's own)."""
+
+    module: str
+    function: str
+    extra: str
+    packages: tuple[str, ...]
+
+
+# pyproject's extras: [bench] is the measurement (run, report); [workloads] adds torch for the regimes.
+BENCH_PACKAGES = ("numpy", "pandas", "pyarrow", "matplotlib", "rich")
+INSTALL = {"bench": "pip install 'wattledger[bench]'",
+           "workloads": "pip install torch==2.13.0 'wattledger[workloads]'"}  # torch first: see pyproject
+HEAVY_COMMANDS = {
+    "workload": HeavyCommand("wattledger.workloads.cli", "main", "workloads", ("torch", "numpy")),
+    "bench": HeavyCommand("wattledger.workloads.bench.cli", "bench_main", "workloads",
+                          ("torch", *BENCH_PACKAGES)),
+    "report": HeavyCommand("wattledger.workloads.bench.cli", "report_main", "bench", BENCH_PACKAGES),
+    "run": HeavyCommand("wattledger.workloads.bench.run_command", "run_main", "bench", BENCH_PACKAGES),
+}
+
+
+def _importable(package: str) -> bool:
+    """Whether ``import package`` can work, without importing it (None in sys.modules: blocked)."""
+    import importlib.util
+
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def run_heavy(name: str, argv: list[str]) -> int:
+    """Hand the command line over to a heavy command; without its extra, one line naming what to install."""
+    import importlib
+
+    heavy = HEAVY_COMMANDS[name]
+    missing = [package for package in heavy.packages if not _importable(package)]
+    try:
+        if missing:
+            raise ImportError(f"no {', '.join(missing)}")
+        command = getattr(importlib.import_module(heavy.module), heavy.function)
+    except ImportError as err:
+        print(f"wattledger: error: '{name}' needs the {heavy.extra} extra ({err}); install with: "
+              f"{INSTALL[heavy.extra]}", file=sys.stderr)
+        return EXIT_USAGE
+    return command(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    heavy = {"workload": ("wattledger.workloads.cli", "main"), "bench": ("wattledger.workloads.bench.cli", "bench_main"),
-             "report": ("wattledger.workloads.bench.cli", "report_main"),
-             "run": ("wattledger.workloads.bench.run_command", "run_main")}
-    if argv[:1] and argv[0] in heavy:
-        # These commands need torch, pandas and matplotlib: imported only now, never by the agent.
-        module_name, function = heavy[argv[0]]
-        try:
-            import importlib
-
-            command = getattr(importlib.import_module(module_name), function)
-        except ImportError as err:
-            print(f"wattledger: error: '{argv[0]}' needs the workloads extra ({err}); install with: "
-                  "pip install torch==2.13.0 'wattledger[workloads]'", file=sys.stderr)
-            return EXIT_USAGE
-        return command(argv[1:])
+    if argv[:1] and argv[0] in HEAVY_COMMANDS:
+        return run_heavy(argv[0], argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command is None:

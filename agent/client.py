@@ -16,6 +16,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+# The most spans one POST /v1/spans may carry (the agent's MAX_SPANS_PER_CALL; a test keeps them equal).
+# Written out here, not imported, so that this file stays standard library only.
+MAX_SPANS_PER_REQUEST = 1000
+
 
 class AgentClientError(Exception):
     """A call the agent refused or could not be made. ``status`` is the HTTP status, or None when the
@@ -60,8 +64,9 @@ class AgentClient:
         self._request("POST", "/v1/tokens", {"workload": workload, "kind": kind, "count": count})
 
     def add_spans(self, spans: list[dict]) -> None:
-        """Record finished spans, all or none. Each is a dict with workload, kind, start_ns, end_ns,
-        gpus and optionally activity ({"gpu", "sm", "tensor", "dram"} ratios)."""
+        """Record finished spans, all or none (at most ``MAX_SPANS_PER_REQUEST``). Each is a dict with
+        workload, kind, start_ns, end_ns, gpus and optionally activity ({"gpu", "sm", "tensor", "dram"}
+        ratios)."""
         self._request("POST", "/v1/spans", {"spans": list(spans)})
 
     def set_memory(self, workload: str, gpu: int, memory_bytes: int) -> None:

@@ -9,6 +9,11 @@ kubelet restarts it). ``auto`` looks for signs of an NVIDIA driver (device nodes
 an NVML library that loaded but failed): on a machine with none, a laptop, it serves the mock, saying
 so; on a GPU node it keeps the host probes, retries NVML with backoff and exports
 ``wattledger_probe_success{probe="gpu"} 0`` until NVML opens. It never serves simulated GPUs there.
+
+The measurement (``workloads/bench``) builds an ``Agent`` in-process and uses only its public face: the
+methods below the "public face" line, the ``notes``, and the names in ``__all__`` (the errors it may
+catch, the limits it must respect). It never reaches into the sampler, ledger, accounting or backends
+(``tests/test_agent_public_face.py`` checks).
 """
 
 from __future__ import annotations
@@ -19,20 +24,44 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wattledger.agent import version
-from wattledger.agent.accounting import Accounting, procfs_start_ticks
+from wattledger.agent.accounting import MAX_TOKENS_PER_CALL, Accounting, Span, procfs_start_ticks
 from wattledger.agent.config import AgentConfig
-from wattledger.agent.ledger import Ledger
-from wattledger.agent.sampler import Sampler, SinkGuard
+from wattledger.agent.http_api import ServerStartError
+from wattledger.agent.ledger import Ledger, WorkloadProcessFigures
+from wattledger.agent.sampler import SampleSink, Sampler, SinkGuard
 from wattledger.agent.span_activity import SpanActivitySource
 from wattledger.exporters.jsonl import JsonlRecorder
 from wattledger.exporters.prometheus import LateSpansCollector, SinkStatusCollector, make_registry
-from wattledger.probes.base import GpuBackend, HostBackend, ProbeUnavailable
+from wattledger.probes.base import FieldStatus, GpuBackend, GpuInfo, HostBackend, ProbeUnavailable
 from wattledger.probes.host import open_host_backend
 from wattledger.probes.mock import MockGpuBackend, parse_fault
 from wattledger.probes.nvml_retry import RetryingNvmlBackend, nvidia_driver_evidence
 from wattledger.probes.replay import ReplayGpuBackend
 
+# The public face: what code outside agent/ may take from this module (see the module docstring).
+__all__ = ["MAX_TOKENS_PER_CALL", "Agent", "MockLateness", "OpenedGpuBackend", "ProbeUnavailable",
+           "ServerStartError", "WorkloadFigures", "open_gpu_backend"]
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkloadFigures:
+    """What the ledger has attributed to one workload so far (no window cut: since it was first seen)."""
+
+    energy_joules_by_gpu: dict[int, float]  # joules, by GPU index
+    active_seconds_by_gpu: dict[int, float]  # seconds it ran on each GPU
+    tokens: dict[str, int]  # tokens by kind, as the ledger counted them
+    processes: WorkloadProcessFigures | None  # its processes as last sampled; None when none is watched
+
+
+@dataclass(frozen=True)
+class MockLateness:
+    """The span-driven mock's late spans so far (cumulative) and how far behind the clock it simulates."""
+
+    spans: int
+    seconds: float  # the late spans' total length
+    lag_seconds: float
 
 
 @dataclass
@@ -197,3 +226,79 @@ class Agent:
         for backend in (self.gpu, self.host):
             if backend is not None:
                 backend.close()
+
+    # -- the public face for in-process users (the measurement) -----------------------------------------
+
+    @property
+    def gpu_backend_name(self) -> str | None:
+        """``nvml``, ``mock``, ``replay``...; None when no GPU backend opened."""
+        return self.gpu.name if self.gpu is not None else None
+
+    def devices(self) -> list[GpuInfo]:
+        """The GPUs the backend has found (empty without one, or while NVML is being retried)."""
+        return self.gpu.devices() if self.gpu is not None else []
+
+    @property
+    def base_url(self) -> str | None:
+        """Where the HTTP API is served (``http://host:port``); None before ``start()`` or without HTTP."""
+        return self.server.url if self.server is not None else None
+
+    def add_sample_sink(self, sink: SampleSink, name: str | None = None) -> None:
+        """Call ``sink(gpu_samples, host_sample)`` after every sampler tick (guarded: a failing sink is
+        disabled with one line and shows in the self-metrics, under ``name``)."""
+        self.sampler.add_sink(sink, name=name)
+
+    def add_span_listener(self, listener: Callable[[Span], None]) -> None:
+        """Call ``listener(span)`` for every span the accounting records (``span.to_json()`` is its record)."""
+        self.accounting.add_span_listener(listener)
+
+    def accounting_api(self) -> Accounting:
+        """The in-process twin of the HTTP accounting API: ``start``/``stop`` a workload, ``add_tokens``,
+        spans (``make_span``, ``add_spans``, ``begin_span``/``end_span``, ``announce_spans``) and
+        ``set_memory``, with the same checks and limits. In-process reporters and ``wattledger run`` report
+        through it; the rest of the accounting object is not part of the face."""
+        return self.accounting
+
+    def tokens(self) -> dict[tuple[str, str], int]:
+        """Every workload's reported tokens so far, ``(workload, kind) -> count``."""
+        return self.accounting.tokens()
+
+    def power_watts(self) -> float | None:
+        """The GPUs' summed power at their last sample, in watts; None before any GPU reported one."""
+        powers = [g.last.power_watts for g in self.ledger.snapshot().gpus
+                  if g.up and g.last and g.last.power_watts is not None]
+        return sum(powers) if powers else None
+
+    def workload_figures(self, name: str) -> WorkloadFigures:
+        """What the ledger has attributed to workload ``name`` so far (empty figures for an unknown one)."""
+        snapshot = self.ledger.snapshot()
+        return WorkloadFigures(
+            energy_joules_by_gpu={gpu: joules for (workload, gpu), joules in snapshot.workload_energy_joules.items()
+                                  if workload == name},
+            active_seconds_by_gpu={gpu: seconds for (workload, gpu), seconds in
+                                   snapshot.workload_active_seconds.items() if workload == name},
+            tokens={kind: n for (workload, kind), n in snapshot.workload_tokens.items() if workload == name},
+            processes=snapshot.workload_processes.get(name))
+
+    def simulator_truth(self) -> list[float] | None:
+        """The mock's exact energy per GPU since it started (joules, by index: what a test compares the
+        measured figures with); None when the GPUs are not simulated by the mock."""
+        if not isinstance(self.gpu, MockGpuBackend):
+            return None
+        return [self.gpu.true_energy_joules(i) for i in range(len(self.gpu.devices()))]
+
+    def mock_lateness(self) -> MockLateness | None:
+        """The span-driven mock's late spans and lag; None when the GPU is not the span-driven mock."""
+        gpu = self.gpu
+        source = gpu.activity_source if isinstance(gpu, MockGpuBackend) else None
+        if not isinstance(source, SpanActivitySource):
+            return None
+        late = source.late()
+        return MockLateness(spans=late.spans, seconds=late.seconds, lag_seconds=gpu.lag_seconds)
+
+    def rapl_status(self) -> list[FieldStatus]:
+        """The host probe's RAPL entries (readable, or why not), so a summary can say why it has no CPU
+        energy; one unsupported entry when there is no host probe at all."""
+        if self.host is None:
+            return [FieldStatus("rapl", False, "no host probe")]
+        return [st for st in self.host.field_status() if st.name == "rapl" or st.name.startswith("rapl:")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -256,24 +257,71 @@ def test_without_nvml_backend_nvml_exits_1_with_one_line():
     assert done.stderr.startswith("wattledger: NVML unavailable:") and done.stderr.count("\n") == 1
 
 
+def packages_loaded_after(script: str, packages: tuple[str, ...]) -> list[str]:
+    """The modules of ``packages`` that a fresh interpreter holds after running ``script``."""
+    script += f"import sys\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {packages!r}))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip())
+
+
+IMPORT_EVERY_MODULE_OF = (  # then the packages named in ``packages``
+    "import pkgutil, importlib\n"
+    "for pkg in packages:\n"
+    "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+    "        importlib.import_module(pkg.__name__ + '.' + m.name)\n")
+
+
 def test_the_agent_never_imports_torch_or_pandas():
     script = (
-        "import sys, pkgutil, importlib, time\n"
-        "import wattledger.agent, wattledger.probes, wattledger.exporters\n"
-        "for pkg in (wattledger.agent, wattledger.probes, wattledger.exporters):\n"
-        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
-        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+        "import time, wattledger.agent, wattledger.probes, wattledger.exporters\n"
+        "packages = (wattledger.agent, wattledger.probes, wattledger.exporters)\n" + IMPORT_EVERY_MODULE_OF +
         "from wattledger.agent.config import build_config\n"
         "from wattledger.agent.daemon import Agent\n"
         "agent = Agent(build_config({'backend': 'mock', 'mock_gpus': 2, 'port': 0, 'address': '127.0.0.1'}, {}))\n"
         "agent.start(); time.sleep(0.5)\n"
         "import urllib.request; urllib.request.urlopen(agent.metrics_url).read()\n"
         "agent.stop()\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'matplotlib', 'numpy')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert packages_loaded_after(script, ("torch", "pandas", "matplotlib", "numpy")) == []
+
+
+def test_the_measurement_never_imports_torch():
+    # `wattledger run` and `report` install with the bench extra alone: no module of the measurement may
+    # load torch (the regimes it runs load it through the registry, only when a benchmark runs them).
+    script = ("import wattledger.workloads.bench\npackages = (wattledger.workloads.bench,)\n" + IMPORT_EVERY_MODULE_OF
+              + "import wattledger.workloads.registry, wattledger.workloads.reporter, wattledger.workloads.cli_args\n")
+    assert packages_loaded_after(script, ("torch",)) == []
+
+
+def without_torch(*argv: str, timeout: float = 60, cwd=None) -> subprocess.CompletedProcess:
+    """``wattledger ARGV`` in a process where ``import torch`` fails, as on a machine without it."""
+    script = ("import sys\nsys.modules['torch'] = None\nfrom wattledger.agent.cli import main\n"
+              f"sys.exit(main({list(argv)!r}))\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.mark.parametrize("command", ["report", "run"])
+def test_report_and_run_need_no_torch(command):
+    result = without_torch(command, "--help")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.startswith(f"usage: wattledger {command}")
+
+
+def test_run_profiles_a_command_without_torch(tmp_path):
+    result = without_torch("run", "--backend", "mock", "--idle", "0", "--output", str(tmp_path), "--json", "--",
+                           sys.executable, "-c", "pass", timeout=120)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["summary"]["status"] == "complete" and "command" in record["summary"]["regimes"]
+
+
+@pytest.mark.parametrize("command, extra", [("bench", "workloads"), ("workload", "workloads")])
+def test_commands_that_run_the_regimes_say_they_need_torch(command, extra):
+    result = without_torch(command, "--help")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"wattledger: error: '{command}' needs the {extra} extra (no torch); install with: "
+                             "pip install torch==2.13.0 'wattledger[workloads]'\n")
 
 
 def gpu_lines_on_disk(path) -> list[str]:

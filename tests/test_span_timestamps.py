@@ -253,14 +253,14 @@ def test_late_spans_are_a_failed_check_of_their_phase_in_the_run_files(tmp_path)
     """The bench records the mock's late-span counts in its phase events; the summary's "late spans"
     check fails for the phase they arrived in, and passes for a phase without any."""
     from wattledger.workloads.bench.analysis import late_spans_check
-    from wattledger.workloads.bench.bench_command import RunRecorder
+    from wattledger.workloads.bench.session import RunRecorder
     from wattledger.workloads.bench.rundata import load_run
 
     clock = FakeClock()
     mock = MockGpuBackend(1, clock_ns=clock.ns, delay_s=1.0)
     agent = Agent(build_config({"backend": "mock", "mock_gpus": 1}, {}), gpu=mock, clock_ns=clock.ns,
                   serve_http=False)
-    recorder = RunRecorder(tmp_path / "run", agent)
+    recorder = RunRecorder(tmp_path / "run", agent, agent.config.interval_seconds)
     acct = agent.accounting
     recorder.event("run_start", settings={})
     for phase, span_age_s in (("training", 0.5), ("chat", 3.0)):

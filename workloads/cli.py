@@ -1,13 +1,13 @@
-"""``wattledger workload {training,chat,agentic}``: run one bundled workload alone and print its summary.
+"""``wattledger workload NAME``: run one regime of the registry alone and print its summary.
 
 The agent's command hands ``workload`` over to this module, so torch is imported only when a workload
-runs: the daemon never loads it.
+runs: the daemon never loads it. The regimes, their one-line help and their modules come from
+``workloads/registry.py``; only the regime named on the command line is imported (its flags are its own).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -16,13 +16,10 @@ import sys
 import threading
 
 from wattledger.agent.config import ConfigError, check_token
+from wattledger.workloads import registry
 from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg
 
 _duration = duration_arg(allow_zero=False)
-
-WORKLOADS = ("training", "chat", "agentic")
-
-
 
 
 def _gpu_list(text: str) -> list[int]:
@@ -35,12 +32,13 @@ def _gpu_list(text: str) -> list[int]:
     return gpus
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the regime flags of ``selected`` only (importing just that regime), or of every
+    regime when ``selected`` is None."""
     parser = UsageParser(prog="wattledger workload", description="Run one bundled workload and print its summary.")
     commands = parser.add_subparsers(dest="workload", metavar="WORKLOAD", parser_class=UsageParser, required=True)
-    for name in WORKLOADS:
-        module = importlib.import_module(f"wattledger.workloads.{name}")
-        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+    for name, regime in registry.REGIMES.items():
+        sub = commands.add_parser(name, help=regime.summary)
         sub.add_argument("--preset", default="tiny", choices=["tiny", "125m", "1b", "8b"], help="model shape")
         sub.add_argument("--duration", type=_duration, default=30.0, help="how long to run, e.g. 30s, 2m")
         sub.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1")
@@ -51,7 +49,8 @@ def make_parser() -> argparse.ArgumentParser:
         sub.add_argument("--agent", metavar="URL", help="report tokens and spans to a running agent, e.g. "
                          "http://127.0.0.1:9478")
         sub.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-        module.add_arguments(sub)
+        if selected is None or name == selected:
+            regime.load().add_arguments(sub)
     return parser
 
 
@@ -73,13 +72,14 @@ def _print_summary(summary: dict, prefix: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = make_parser(selected=argv[0] if argv else None).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from wattledger.agent.client import AgentClientError
     from wattledger.workloads.common import RunOptions, configure_cpu_threads
     from wattledger.workloads.reporter import make_reporter
 
-    module = importlib.import_module(f"wattledger.workloads.{args.workload}")
+    module = registry.regime(args.workload).load()
     try:
         config = module.config_from_args(args)
         options = RunOptions(preset=args.preset, duration_s=args.duration, device=args.device, seed=args.seed,
@@ -98,17 +98,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     reporter = make_reporter(args.workload, options.gpus, agent_url=args.agent, token=token)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    # SIGINT/SIGTERM end the run with a summary; the previous handlers come back afterwards (an embedding
+    # process, a test).
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        reporter.start(pid=os.getpid())
-    except AgentClientError as err:
-        print(f"wattledger workload: cannot report to the agent at {args.agent}: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        summary = module.run(config, options, reporter, stop)
+        try:
+            reporter.start(pid=os.getpid())
+        except AgentClientError as err:
+            print(f"wattledger workload: cannot report to the agent at {args.agent}: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            summary = module.run(config, options, reporter, stop)
+        finally:
+            reporter.stop()
     finally:
-        reporter.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     summary["interrupted"] = stop.is_set()
     if args.agent:
         summary["reported_to"] = args.agent

@@ -5,8 +5,10 @@ workload command (``wattledger workload NAME``), the benchmark (``wattledger ben
 analysis (main token kind, per-unit energy) and the report (order, colour) all read this table, so a new
 regime is one new module and one line here (``tests/test_regime_registry.py`` adds a toy one to prove it).
 
-Nothing here imports torch: a regime's module is imported only when :meth:`Regime.load` is called, when
-the regime is about to run or its flags are about to be parsed.
+Importing this module imports no torch: a regime's module is imported only when :meth:`Regime.load` is
+called, when the regime is about to run or its flags are about to be parsed, and torch itself only by the
+calls that need it (:meth:`Regime.run_as_benchmarked`, :func:`cuda_available`). So the measurement
+(``workloads/bench/``) reaches every regime through this table and never imports one.
 
 The workload protocol (what :meth:`Regime.load` returns)::
 
@@ -14,12 +16,18 @@ The workload protocol (what :meth:`Regime.load` returns)::
     config_from_args(args) -> Config            # those flags as its config (ValueError: one-line usage error)
     run(config, options, reporter, stop) -> dict  # runs until options.duration_s or stop; its summary
     <config_class>()                            # the config with its defaults (what the benchmark runs)
+
+``options`` is ``workloads.common.RunOptions`` (preset, duration_s, device, seed, compile, gpus);
+``reporter`` a ``workloads.reporter.Reporter`` (tokens and spans go there, never to the agent directly);
+``stop`` a ``threading.Event``: return early, with a summary of what ran, once it is set.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import importlib.util
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -65,6 +73,19 @@ class Regime:
             config.log_every = 0
         return config
 
+    def run_as_benchmarked(self, reporter, stop: threading.Event, *, preset: str, duration_s: float, device: str,
+                           seed: int, gpus: Sequence[int]) -> dict:
+        """Run the regime as the benchmark measures it: its default config (quiet), for ``duration_s``
+        seconds or until ``stop``, reporting through ``reporter`` (already started). Returns its summary.
+
+        The run options are the regimes' own type (``workloads.common``, which imports torch), built here
+        so that the measurement never imports a regime module itself."""
+        from wattledger.workloads.common import RunOptions, configure_cpu_threads
+
+        options = RunOptions(preset=preset, duration_s=duration_s, device=device, seed=seed, gpus=list(gpus))
+        configure_cpu_threads(options)
+        return self.load().run(self.default_config(), options, reporter, stop)
+
 
 REGIMES: Mapping[str, Regime] = {regime.name: regime for regime in (
     Regime("training", "wattledger.workloads.training", "TrainingConfig",
@@ -84,6 +105,16 @@ DEFAULT_REGIMES: tuple[str, ...] = tuple(REGIMES)
 
 # A profiled command (``wattledger run``) is one phase named after its workload: its colour in the report.
 COMMAND_COLOR = "#7a4fb0"
+
+
+def cuda_available() -> bool:
+    """True when torch is installed and sees a CUDA device. Imports torch, so only when called: the
+    benchmark asks it to pick its default preset, just before it runs the (torch) regimes anyway."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def regime(name: str) -> Regime:

@@ -2,9 +2,10 @@
 
 A ``Reporter`` is what every workload talks to: start and stop on its GPUs, token counts by kind, spans of
 activity with monotonic timestamps, declared GPU memory. It forwards to a sink: nothing (the workload runs
-alone), the agent's ``Accounting`` in the same process, or a running agent over HTTP (batched, flushed in
-the background, so the hot loop never waits on the network). It also keeps its own totals and, if asked,
-the spans, so a workload's summary and the tests read the same figures the agent saw.
+alone), the agent's accounting API in the same process (``Agent.accounting_api()``), or a running agent
+over HTTP (batched, flushed in the background, so the hot loop never waits on the network). It also keeps
+its own totals and, if asked, the spans, so a workload's summary and the tests read the same figures the
+agent saw.
 
 Span timing is taken from the CPU clock at points where the loop already waits for the device (reading
 sampled tokens back, a loss value, a finished copy), so reporting adds no device synchronisation.
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class Reporter:
 
 
 class AccountingReporter(Reporter):
-    """Reports straight into an in-process ``Accounting`` (the benchmark and tests).
+    """Reports straight into an in-process accounting (``Agent.accounting_api()``: the benchmark and tests).
 
     A step announced with ``span_started`` is an open span in the accounting while it runs; any other step
     reaches the mock as it is reported (``announce_spans``). The merged spans are recorded with
@@ -285,15 +286,15 @@ class HttpReporter(Reporter):
             self._post(lambda g=gpu: self._client.set_memory(self.workload, g, memory_bytes))
 
     def _flush_sink(self) -> None:
-        from wattledger.agent.accounting import MAX_SPANS_PER_CALL
+        from wattledger.agent.client import MAX_SPANS_PER_REQUEST
 
         with self._lock:
             tokens, self._pending_tokens = self._pending_tokens, {}
             spans, self._pending_spans = self._pending_spans, []
         for kind, count in tokens.items():
             self._post(lambda k=kind, c=count: self._client.add_tokens(self.workload, k, c))
-        for first in range(0, len(spans), MAX_SPANS_PER_CALL):
-            batch = spans[first:first + MAX_SPANS_PER_CALL]
+        for first in range(0, len(spans), MAX_SPANS_PER_REQUEST):
+            batch = spans[first:first + MAX_SPANS_PER_REQUEST]
             self._post(lambda b=batch: self._client.add_spans(b))
 
     def _post(self, call) -> None:

@@ -9,23 +9,42 @@ import signal
 import sys
 from pathlib import Path
 
+from wattledger.workloads import registry
 from wattledger.workloads.bench.table import console as _console, print_table
 from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg, port_arg
 
 _duration = duration_arg(allow_zero=True)
 
 
-
-
-
 def _workloads(text: str) -> tuple[str, ...]:
-    from wattledger.workloads.bench.bench_command import REGIMES
-
+    """``--workloads training,chat``: names of regimes in the registry, in the order given."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [n for n in names if n not in REGIMES]
+    unknown = [n for n in names if n not in registry.REGIMES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(REGIMES)} (comma separated), got {text!r}")
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(registry.REGIMES)} (comma separated), "
+                                         f"got {text!r}")
     return names
+
+
+class _SignalsToStop:
+    """SIGINT/SIGTERM request ``stop`` (the phase they cut records which) while the benchmark runs; the
+    previous handlers come back afterwards (the command may run inside a longer-lived process)."""
+
+    def __init__(self, stop) -> None:
+        self._stop = stop
+        self._previous: dict[int, object] = {}
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop.request(signal.Signals(signum).name)
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def bench_main(argv: list[str]) -> int:
@@ -35,7 +54,7 @@ def bench_main(argv: list[str]) -> int:
                      "and cost on this machine, and write a report.")
     parser.add_argument("--quick", action="store_true", help="tiny preset, about 20 s per regime (CPU, CI)")
     parser.add_argument("--workloads", type=_workloads, default=None, help="comma-separated subset of "
-                        "training,chat,agentic (default all)")
+                        f"{','.join(registry.DEFAULT_REGIMES)} (default all)")
     parser.add_argument("--preset", choices=["tiny", "125m", "1b", "8b"], default=None,
                         help="model shape (default 1b on a GPU, tiny otherwise)")
     parser.add_argument("--device", default="auto")
@@ -53,8 +72,9 @@ def bench_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
-    from wattledger.workloads.bench.bench_command import BenchOptions, run_bench
+    from wattledger.workloads.bench.bench_command import BenchOptions, StopRequest, run_bench
     from wattledger.workloads.bench.economics import pricing_from_args
+    from wattledger.workloads.bench.session import SessionError
 
     try:
         pricing = pricing_from_args(args)
@@ -68,23 +88,16 @@ def bench_main(argv: list[str]) -> int:
         print(f"wattledger bench: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     options = BenchOptions(
-        workloads=args.workloads or ("training", "chat", "agentic"), preset=args.preset, device=args.device,
+        workloads=args.workloads or registry.DEFAULT_REGIMES, preset=args.preset, device=args.device,
         duration_s=args.duration, idle_s=args.idle, cooldown_s=args.cooldown, quick=args.quick,
         output_dir=args.output, address=args.address, port=args.port, interval_s=args.interval,
         backend=args.backend, mock_gpus=args.mock_gpus, seed=args.seed)
-    from wattledger.workloads.bench.bench_command import StopRequest
-
     stop = StopRequest()
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        stop.request(signal.Signals(signum).name)  # the phase it cuts records "SIGTERM" / "SIGINT"
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     console = _console()
     try:
-        run_dir, summary = run_bench(options, stop, pricing, console)
-    except (OSError, ValueError) as err:
+        with _SignalsToStop(stop):
+            run_dir, summary = run_bench(options, stop, pricing, console)
+    except (OSError, ValueError, SessionError) as err:
         print(f"wattledger bench: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     print_table(summary, console)
@@ -101,9 +114,9 @@ def report_main(argv: list[str]) -> int:
     add_pricing_arguments(parser)
     args = parser.parse_args(argv)
 
-    from wattledger.workloads.bench.bench_command import build_outputs
     from wattledger.workloads.bench.economics import pricing_from_args
     from wattledger.workloads.bench.rundata import load_run
+    from wattledger.workloads.bench.session import build_outputs
 
     try:
         pricing = pricing_from_args(args)
@@ -113,7 +126,7 @@ def report_main(argv: list[str]) -> int:
         return EXIT_USAGE
     start = run.event("run_start") or {}
     kind = start.get("kind", "bench")
-    regimes = tuple(start.get("settings", {}).get("workloads") or ("training", "chat", "agentic"))
+    regimes = tuple(start.get("settings", {}).get("workloads") or registry.DEFAULT_REGIMES)
     try:
         summary = build_outputs(args.run_dir, pricing, kind=kind, regimes=regimes)
     except OSError as err:  # e.g. a run directory on a read-only mount

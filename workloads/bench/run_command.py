@@ -1,8 +1,9 @@
 """``wattledger run [options] -- CMD ARGS...``: profile any command as one workload.
 
-The same in-process agent and sampler as ``wattledger bench`` watch the GPUs while the command runs, and
-the same kind of run directory is written (``workloads/bench/rundata.py``), with ``summary.json`` of kind "run"
-and one regime, named after the workload (default "command"):
+The same measurement session as ``wattledger bench`` (``session.py``: an in-process agent and its run
+directory, ``workloads/bench/rundata.py``) watches the GPUs while the command runs; ``summary.json`` is of
+kind "run", with one regime, named after the workload (default "command"). It imports no torch: the
+``bench`` extra is enough. The phases:
 
 1. an idle baseline (``--idle``, default 6 s, so that the window between energy-counter ticks is at least
    the 5 s the analysis asks for; 0 skips it, and the dynamic figures with it);
@@ -29,24 +30,25 @@ one that cannot be executed 126, an agent that cannot start 1.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from wattledger.agent.accounting import DEFAULT_NAME_PATTERN
+from wattledger.agent.config import DEFAULT_NAME_PATTERN
 from wattledger.workloads.cli_args import EXIT_FAILED, EXIT_USAGE, UsageParser, duration_arg
+
+if TYPE_CHECKING:  # the session (and the agent behind it) is imported only when a command is profiled
+    from wattledger.workloads.bench.session import MeasurementSession, SessionOptions
 
 _duration = duration_arg(allow_zero=True)
 
@@ -56,8 +58,6 @@ EXIT_NOT_EXECUTABLE = 126
 ENV_AGENT_URL = "WATTLEDGER_AGENT_URL"
 ENV_WORKLOAD = "WATTLEDGER_WORKLOAD"
 TOKEN_POLL_SECONDS = 1.0
-
-
 
 
 def _name(text: str) -> str:
@@ -83,6 +83,12 @@ class RunCommandOptions:
     tokens_engine: str = "auto"
     json_output: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    def session_options(self) -> SessionOptions:
+        from wattledger.workloads.bench.session import SessionOptions
+
+        return SessionOptions(output_dir=self.output_dir, backend=self.backend, mock_gpus=self.mock_gpus,
+                              interval_s=self.interval_s, address=self.address, port=self.port)
 
 
 @dataclass
@@ -149,19 +155,6 @@ def resolve_command(command: list[str], env_path: str | None = None) -> tuple[st
     return found, 0, ""
 
 
-def _versions() -> dict:
-    from importlib import metadata
-
-    from wattledger.agent.version import VERSION
-
-    out = {"wattledger": VERSION, "python": platform.python_version()}
-    try:
-        out["torch"] = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        pass
-    return out
-
-
 def _exit_status(returncode: int) -> int:
     """A Popen return code as a shell reports it: -N (killed by signal N) -> 128+N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -217,7 +210,7 @@ class _Signals:
 
 
 class _ProcessWatch:
-    """The command's process figures from the ledger while it runs (they leave the ledger when it exits)."""
+    """The command's process figures from the agent while it runs (they leave the ledger when it exits)."""
 
     def __init__(self, agent, name: str):
         self._agent, self._name = agent, name
@@ -226,7 +219,7 @@ class _ProcessWatch:
         self.peak_pinned_bytes: int | None = None
 
     def update(self) -> None:
-        figures = self._agent.ledger.snapshot().workload_processes.get(self._name)
+        figures = self._agent.workload_figures(self._name).processes
         if figures is None:
             return
         self.cpu_seconds = figures.cpu_seconds
@@ -241,189 +234,199 @@ class _ProcessWatch:
 
 def _whole_phase_figures(agent, name: str) -> dict:
     """What the agent's ledger attributed to the workload over the whole phase (no window cut)."""
-    snapshot = agent.ledger.snapshot()
-    energy = {gpu: joules for (workload, gpu), joules in snapshot.workload_energy_joules.items() if workload == name}
-    active = {gpu: s for (workload, gpu), s in snapshot.workload_active_seconds.items() if workload == name}
+    figures = agent.workload_figures(name)
+    energy, active = figures.energy_joules_by_gpu, figures.active_seconds_by_gpu
     return {
         "energy_joules": sum(energy.values()) if energy else None,
         "energy_joules_by_gpu": {str(gpu): joules for gpu, joules in sorted(energy.items())},
         "gpu_seconds": sum(active.values()) if active else None,
-        "tokens": {kind: n for (workload, kind), n in snapshot.workload_tokens.items() if workload == name},
+        "tokens": dict(figures.tokens),
     }
+
+
+@dataclass
+class _Child:
+    """The profiled command once it ran: how it ended and when (host monotonic ns)."""
+
+    started_ns: int
+    ended_ns: int
+    exit_code: int
+    returncode: int | None = None  # None: it could not be started
+    processes: _ProcessWatch | None = None
 
 
 def run_command(options: RunCommandOptions, pricing, signals: _Signals, say, warn) -> RunResult:
     """Profile ``options.command``; ``say``/``warn`` print one line to the progress/error stream."""
-    from wattledger.agent.config import build_config
-    from wattledger.agent.daemon import Agent
-    from wattledger.agent.http_api import ServerStartError
-    from wattledger.probes.base import ProbeUnavailable
-    from wattledger.workloads.bench.bench_command import (
-        MOCK_DELAY_SECONDS,
-        RunRecorder,
-        build_outputs,
-        new_run_dir,
-        point_latest,
-    )
-    from wattledger.workloads.bench.token_sources import TokenPoller, TokenScraper
+    from wattledger.agent.daemon import ServerStartError
+    from wattledger.workloads.bench.session import MeasurementSession, SessionError
 
-    command, name = options.command, options.name
     env = {**os.environ, **options.extra_env}
-    executable, code, reason = resolve_command(command, env.get("PATH", os.defpath))
+    executable, code, reason = resolve_command(options.command, env.get("PATH", os.defpath))
     if executable is None:
-        warn(f"{PROG}: cannot start {command[0]!r}: {reason} (exit {code})")
+        warn(f"{PROG}: cannot start {options.command[0]!r}: {reason} (exit {code})")
         return RunResult(None, None, code, "not started")
-
-    agent_config = build_config({
-        "backend": options.backend, "mock_gpus": options.mock_gpus, "mock_delay": MOCK_DELAY_SECONDS,
-        "interval": options.interval_s, "address": options.address, "port": options.port,
-    }, {})
     try:
-        agent = Agent(agent_config)
-    except ProbeUnavailable as err:
+        session = MeasurementSession.open(options.session_options(), require_devices=True)
+    except SessionError as err:
         warn(f"{PROG}: error: {err}")
         return RunResult(None, None, EXIT_FAILED, "not started")
-    if agent.gpu is None or not agent.gpu.devices():
-        agent.stop()
-        warn(f"{PROG}: error: no GPU to measure ({'; '.join(agent.notes) or 'the backend found none'})")
-        return RunResult(None, None, EXIT_FAILED, "not started")
-    gpus = [info.index for info in agent.gpu.devices()]
+    settings = _settings(options, session)
+    session.record_run_start(settings, kind="run")
     try:
-        run_dir = new_run_dir(options.output_dir)
-        recorder = RunRecorder(run_dir, agent)
-    except OSError as err:
-        agent.stop()
-        warn(f"{PROG}: error: cannot create the run directory under {options.output_dir}: {err.strerror or err}")
-        return RunResult(None, None, EXIT_FAILED, "not started")
-
-    simulated = agent.simulated
-    settings = {
-        "workloads": [name], "command": list(command), "command_line": shlex.join(command),
-        "idle_s": options.idle_s, "sampling_interval_seconds": options.interval_s, "backend": options.backend,
-        "mock_gpus": options.mock_gpus if agent.gpu.name == "mock" else None, "gpus": gpus,
-        "tokens_from": options.tokens_from, "tokens_engine": options.tokens_engine if options.tokens_from else None,
-        "versions": _versions(),
-    }
-    recorder.event("run_start", kind="run",
-                   wall_time=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   backend=agent.gpu.name, simulated=simulated, settings=settings,
-                   host={"hostname": socket.gethostname(), "machine": platform.machine(), "cpus": os.cpu_count()})
-    try:
-        agent.start()
+        session.start()
     except ServerStartError as err:
-        recorder.event("run_end", status="partial", error=str(err))
-        agent.stop()
-        recorder.close()
         warn(f"{PROG}: error: {err}")
-        return RunResult(run_dir, None, EXIT_FAILED, "partial")
-    base_url = agent.server.url
-    label = "SIMULATED (mock GPU): " if simulated else ""
-    shown = " ".join(shlex.join(command).split())
-    shown = shown if len(shown) <= 100 else shown[:97] + "..."
-    say(f"{PROG}: {label}profiling `{shown}` as workload {name!r} on {len(gpus)} x "
-        f"{agent.gpu.devices()[0].model_name}; agent at {base_url}; run directory {run_dir}")
-    for note in agent.notes:
-        say(f"{PROG}: {note}")
-
+        return RunResult(session.run_dir, None, EXIT_FAILED, "partial")
+    _say_what_runs(options, session, say)
     exit_code, status = EXIT_FAILED, "complete"
-    poller = None
     try:
         if options.idle_s > 0 and not signals.stop.is_set():
             say(f"{PROG}: idle baseline, {options.idle_s:g} s")
-            recorder.event("phase_start", phase="idle")
+            session.event("phase_start", phase="idle")
             signals.stop.wait(options.idle_s)
-            recorder.event("phase_end", phase="idle", workload_summary={})
+            session.event("phase_end", phase="idle", workload_summary={})
         if signals.stop.is_set():
-            status = "partial"
-            exit_code = 128 + (signals.received or signal.SIGINT)
+            status, exit_code = "partial", 128 + (signals.received or signal.SIGINT)
         else:
-            recorder.event("phase_start", phase=name, command=list(command))
-            if options.tokens_from:
-                scraper = TokenScraper(options.tokens_from, options.tokens_engine)
-                poller = TokenPoller(scraper, agent.accounting, name, TOKEN_POLL_SECONDS,
-                                     on_error=lambda m: warn(f"{PROG}: token source: {m} (retrying every "
-                                                             f"{TOKEN_POLL_SECONDS:g} s)"),
-                                     on_recover=lambda m: warn(f"{PROG}: {m}"))
-                poller.start()
-            env[ENV_AGENT_URL] = base_url
-            env[ENV_WORKLOAD] = name
-            sys.stdout.flush()
-            sys.stderr.flush()
-            started_ns = time.monotonic_ns()
-            child = None
-            try:
-                child = subprocess.Popen(command, env=env)
-            except OSError as err:
-                code = EXIT_NOT_FOUND if isinstance(err, FileNotFoundError) else EXIT_NOT_EXECUTABLE
-                warn(f"{PROG}: cannot start {command[0]!r}: {err.strerror or err} (exit {code})")
-                exit_code, status = code, "partial"
-            ended_ns = started_ns
-            returncode = None
-            if child is not None:
-                signals.child = child
-                # This loop waits on the child and stops the workload at its exact exit time, so the
-                # agent's own exit check (which would also refuse a child that exited at once) is off.
-                agent.accounting.start(name, gpus, pid=child.pid, at_ns=started_ns, ends_with_process=False)
-                if signals.received is not None:  # a signal came before the child could be told: tell it now
-                    try:
-                        child.send_signal(signals.received)
-                    except OSError:
-                        pass
-                processes = _ProcessWatch(agent, name)
-                while True:
-                    try:
-                        returncode = child.wait(timeout=0.25)
-                        break
-                    except subprocess.TimeoutExpired:
-                        processes.update()
-                ended_ns = time.monotonic_ns()
-                signals.child = None
-                exit_code = _exit_status(returncode)
-                if poller is not None:
-                    poller.stop()
-                agent.accounting.stop(name, at_ns=ended_ns)
-            elif poller is not None:
-                poller.stop()
-            if signals.stop.is_set():
+            exit_code, started = _profile_phase(session, options, env, signals, warn)
+            if signals.stop.is_set() or not started:
                 status = "partial"
-            # The span-driven mock simulates a little behind: let its samples (and the ledger) cover the end.
-            time.sleep(MOCK_DELAY_SECONDS + 3 * options.interval_s)
-            summary = {"command": list(command), "exit_code": exit_code, "returncode": returncode,
-                       "wall_seconds": (ended_ns - started_ns) / 1e9, "interrupted": signals.received is not None,
-                       "whole_phase": _whole_phase_figures(agent, name)}
-            if child is not None:
-                summary["processes"] = processes.figures()
-            if returncode is not None and returncode < 0:
-                summary["signal"] = signal.Signals(-returncode).name
-            if poller is not None:
-                summary["token_source"] = poller.summary()
-                if poller.counters.lower_bound:  # joules per token is then an upper bound: say so where it is read
-                    warn(f"{PROG}: token counts from {options.tokens_from} are a lower bound: "
-                         f"{poller.counters.lower_bound_reasons[0]}")
-            # Stamped when the command ended (written now, once the ledger has caught up).
-            recorder.event("phase_end", phase=name, workload_summary=summary, monotonic_ns=ended_ns)
     finally:
-        child = signals.child
-        if child is not None and child.poll() is None:  # only on an unexpected error above: do not leave it running
-            child.terminate()
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        _end_child(signals)
+        session.close(status, exit_code=exit_code)
+    return _publish(session, pricing, settings, options.name, exit_code, status, warn)
+
+
+def _settings(options: RunCommandOptions, session: MeasurementSession) -> dict:
+    """The run's settings, as run_start records them and the summary repeats them."""
+    from wattledger.workloads.bench.session import versions
+
+    command = options.command
+    return {
+        "workloads": [options.name], "command": list(command), "command_line": shlex.join(command),
+        "idle_s": options.idle_s, "sampling_interval_seconds": options.interval_s, "backend": options.backend,
+        "mock_gpus": options.mock_gpus if session.agent.gpu_backend_name == "mock" else None, "gpus": session.gpus,
+        "tokens_from": options.tokens_from, "tokens_engine": options.tokens_engine if options.tokens_from else None,
+        "versions": versions(),
+    }
+
+
+def _say_what_runs(options: RunCommandOptions, session: MeasurementSession, say) -> None:
+    label = "SIMULATED (mock GPU): " if session.simulated else ""
+    shown = " ".join(shlex.join(options.command).split())
+    shown = shown if len(shown) <= 100 else shown[:97] + "..."
+    say(f"{PROG}: {label}profiling `{shown}` as workload {options.name!r} on {len(session.gpus)} x "
+        f"{session.agent.devices()[0].model_name}; agent at {session.base_url}; run directory {session.run_dir}")
+    for note in session.notes:
+        say(f"{PROG}: {note}")
+
+
+def _profile_phase(session: MeasurementSession, options: RunCommandOptions, env: dict, signals: _Signals,
+                   warn) -> tuple[int, bool]:
+    """The command's phase, from phase_start to phase_end: the command runs (its tokens counted, from
+    itself or ``--tokens-from``), the ledger catches up, its summary is recorded. Returns (the exit code,
+    whether the command started at all)."""
+    name = options.name
+    session.event("phase_start", phase=name, command=list(options.command))
+    poller = _start_token_poller(options, session.agent.accounting_api(), warn)
+    try:
+        child = _run_child(session, options, {**env, ENV_AGENT_URL: session.base_url, ENV_WORKLOAD: name},
+                           signals, poller, warn)
+    finally:
         if poller is not None and poller.running:
             poller.stop()
-        recorder.event("run_end", status=status, exit_code=exit_code)
-        agent.stop()
-        recorder.close()
-    point_latest(run_dir)
+    session.drain()
+    summary = {"command": list(options.command), "exit_code": child.exit_code, "returncode": child.returncode,
+               "wall_seconds": (child.ended_ns - child.started_ns) / 1e9,
+               "interrupted": signals.received is not None, "whole_phase": _whole_phase_figures(session.agent, name)}
+    if child.processes is not None:
+        summary["processes"] = child.processes.figures()
+    if child.returncode is not None and child.returncode < 0:
+        summary["signal"] = signal.Signals(-child.returncode).name
+    if poller is not None:
+        summary["token_source"] = poller.summary()
+        if poller.counters.lower_bound:  # joules per token is then an upper bound: say so where it is read
+            warn(f"{PROG}: token counts from {options.tokens_from} are a lower bound: "
+                 f"{poller.counters.lower_bound_reasons[0]}")
+    # Stamped when the command ended (written now, once the ledger has caught up).
+    session.event("phase_end", phase=name, workload_summary=summary, monotonic_ns=child.ended_ns)
+    return child.exit_code, child.returncode is not None
+
+
+def _start_token_poller(options: RunCommandOptions, accounting, warn):
+    """With ``--tokens-from``: a running poller adding the engine's tokens to the workload; else None."""
+    from wattledger.workloads.bench.token_sources import TokenPoller, TokenScraper
+
+    if not options.tokens_from:
+        return None
+    poller = TokenPoller(TokenScraper(options.tokens_from, options.tokens_engine), accounting, options.name,
+                         TOKEN_POLL_SECONDS, on_recover=lambda m: warn(f"{PROG}: {m}"),
+                         on_error=lambda m: warn(f"{PROG}: token source: {m} (retrying every "
+                                                 f"{TOKEN_POLL_SECONDS:g} s)"))
+    poller.start()
+    return poller
+
+
+def _run_child(session: MeasurementSession, options: RunCommandOptions, env: dict, signals: _Signals, poller,
+               warn) -> _Child:
+    """Start the command, account every GPU to the workload while it runs, wait for it; a command that
+    cannot be started is a ``_Child`` with no returncode (127 or 126)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    started_ns = time.monotonic_ns()
     try:
-        summary = build_outputs(run_dir, pricing, settings, kind="run", regimes=(name,))
+        child = subprocess.Popen(options.command, env=env)
+    except OSError as err:
+        code = EXIT_NOT_FOUND if isinstance(err, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+        warn(f"{PROG}: cannot start {options.command[0]!r}: {err.strerror or err} (exit {code})")
+        return _Child(started_ns, started_ns, code)
+    signals.child = child
+    api = session.agent.accounting_api()
+    # This loop waits on the child and stops the workload at its exact exit time, so the agent's own exit
+    # check (which would also refuse a child that exited at once) is off.
+    api.start(options.name, session.gpus, pid=child.pid, at_ns=started_ns, ends_with_process=False)
+    if signals.received is not None:  # a signal came before the child could be told: tell it now
+        try:
+            child.send_signal(signals.received)
+        except OSError:
+            pass
+    processes = _ProcessWatch(session.agent, options.name)
+    while True:
+        try:
+            returncode = child.wait(timeout=0.25)
+            break
+        except subprocess.TimeoutExpired:
+            processes.update()
+    ended_ns = time.monotonic_ns()
+    signals.child = None
+    if poller is not None:
+        poller.stop()  # its last reading counts the tokens up to the end, inside the workload's run
+    api.stop(options.name, at_ns=ended_ns)
+    return _Child(started_ns, ended_ns, _exit_status(returncode), returncode, processes)
+
+
+def _end_child(signals: _Signals) -> None:
+    """Only after an unexpected error: do not leave the command running."""
+    child = signals.child
+    if child is not None and child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _publish(session: MeasurementSession, pricing, settings: dict, name: str, exit_code: int, status: str,
+             warn) -> RunResult:
+    """``runs/latest`` and the outputs; a summary that cannot be built is one line, the status kept."""
+    try:
+        summary = session.publish(pricing, settings, kind="run", regimes=(name,))
     except Exception as err:  # noqa: BLE001 - the measurement is on disk; say so in one line, keep the status
         warn(f"{PROG}: error: could not build the summary ({type(err).__name__}: {err}); the raw files are in "
-             f"{run_dir}: `wattledger report {run_dir}` builds it again")
-        return RunResult(run_dir, None, exit_code or EXIT_FAILED, status)
-    return RunResult(run_dir, summary, exit_code, status)
+             f"{session.run_dir}: `wattledger report {session.run_dir}` builds it again")
+        return RunResult(session.run_dir, None, exit_code or EXIT_FAILED, status)
+    return RunResult(session.run_dir, summary, exit_code, status)
 
 
 def run_main(argv: list[str]) -> int:
@@ -432,6 +435,7 @@ def run_main(argv: list[str]) -> int:
     parser = make_parser()
     args = parser.parse_args(option_args)
     from wattledger.workloads.bench.economics import pricing_from_args
+    from wattledger.workloads.bench.session import json_default
     from wattledger.workloads.bench.token_sources import check_url
 
     try:
@@ -482,7 +486,7 @@ def run_main(argv: list[str]) -> int:
         return result.exit_code
     if args.json:
         record = {"run_dir": str(result.run_dir.resolve()), "exit_code": result.exit_code, "summary": result.summary}
-        print(json.dumps(record, default=_json_default), flush=True)
+        print(json.dumps(record, default=json_default), flush=True)
     else:
         from wattledger.workloads.bench.table import print_table
 
@@ -494,7 +498,3 @@ def run_main(argv: list[str]) -> int:
     return result.exit_code
 
 
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

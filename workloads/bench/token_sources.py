@@ -65,7 +65,8 @@ def check_url(url: str) -> str:
 
 
 class TokenPoller:
-    """Every ``interval_s``, reads the scraper and adds the increases to ``workload`` in ``accounting``.
+    """Every ``interval_s``, reads the scraper and adds the increases to ``workload`` in ``accounting`` (the
+    agent's ``accounting_api()``, or anything with its ``add_tokens(workload, kind, count)``).
 
     ``start()`` takes a first reading: if the endpoint answers, what it has counted so far is the baseline
     (an engine already serving before the command); if not, the run's start time is remembered and series
@@ -76,7 +77,7 @@ class TokenPoller:
 
     def __init__(self, scraper: EngineScraper, accounting, workload: str, interval_s: float = 1.0,
                  on_error: Callable[[str], None] | None = None, on_recover: Callable[[str], None] | None = None):
-        from wattledger.agent.accounting import MAX_TOKENS_PER_CALL
+        from wattledger.agent.daemon import MAX_TOKENS_PER_CALL
 
         self.scraper = scraper
         self._accounting = accounting
