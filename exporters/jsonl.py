@@ -13,10 +13,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
-from wattledger.agent.accounting import Span
 from wattledger.probes import records
 from wattledger.probes.base import GpuInfo, GpuSample, HostSample
+
+
+class JsonRecord(Protocol):
+    """What the recorder writes for a span: the accounting's ``Span`` (exporters read the agent's records
+    through their JSON form, so this module needs nothing from the accounting itself)."""
+
+    def to_json(self) -> dict: ...
 
 
 class JsonlWriter:
@@ -111,7 +118,7 @@ class JsonlRecorder:
         """Records of other types (the benchmark's token counts and the mock's ground truth)."""
         self._writer.write_many(extra)
 
-    def write_span(self, span: Span) -> None:
+    def write_span(self, span: JsonRecord) -> None:
         """An accounting span listener."""
         self._writer.write({"type": "span", **span.to_json()})
 

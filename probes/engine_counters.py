@@ -64,6 +64,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# The token kinds a serving engine's /metrics counts: an engine serves, it does not train, so this is not
+# the ledger's list (agent.accounting.TOKEN_KINDS, which adds "trained"), only the part of it an engine
+# can report. It lives here because a probe imports nothing above it.
 TOKEN_KINDS = ("prompt", "generated")
 MAX_BODY_BYTES = 32 * 2**20  # an exposition larger than this is not a serving engine's /metrics
 DEFAULT_TIMEOUT_S = 2.0

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import psutil
 
 from wattledger.probes.base import FieldStatus, HostSample, ProbeUnavailable, ProcessSample
+from wattledger.probes.errors import one_line
 from wattledger.probes.procfs import (
     ProcfsParseError,
     default_clk_tck,
@@ -52,17 +53,23 @@ def _read_proc_text(path: str) -> str:
     return b"".join(chunks).decode("latin-1")
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
-
-
 class _Watched:
-    """Registered roots, shared between the caller's thread and the sampler thread."""
+    """Registered roots, shared between the caller's thread and the sampler thread, and when the sampler
+    reads their processes again: every ``interval_ns`` nanoseconds, and at once after a watch or unwatch."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval_ns: int) -> None:
         self._lock = threading.Lock()
         self._pids: dict[int, None] = {}  # ordered: processes are reported in registration order
         self.changed = False  # a watch or unwatch happened since the last refresh
+        self._interval_ns = interval_ns
+        self._next_refresh_ns: int | None = None
+
+    def refresh_due(self, now_ns: int) -> bool:
+        """Whether the processes are to be read at ``now_ns``; if so, the next read is one interval on."""
+        if self.changed or self._next_refresh_ns is None or now_ns >= self._next_refresh_ns:
+            self._next_refresh_ns = now_ns + self._interval_ns
+            return True
+        return False
 
     def add(self, pid: int) -> None:
         with self._lock:
@@ -105,7 +112,40 @@ class _FieldLog:
         return [FieldStatus(name, error is None, error) for name, error in self.errors.items()]
 
 
-class ProcfsHostBackend:
+class _WatchesProcesses:
+    """The HostBackend's process registration, the same for both backends: roots go to ``self._watched``."""
+
+    _watched: _Watched
+
+    def watch_process(self, pid: int) -> None:
+        """Report ``pid`` and its descendants from the next sample on (the next sample refreshes them)."""
+        self._watched.add(pid)
+
+    def unwatch_process(self, pid: int) -> None:
+        self._watched.remove(pid)
+
+
+def _host_sample(now_ns: int, cpu_busy_seconds: float | None, cpu_busy_seconds_per_core: tuple[float, ...] | None,
+                 memory_total_bytes: int | None, memory_available_bytes: int | None,
+                 processes: tuple[ProcessSample, ...], **linux_only) -> HostSample:
+    """A HostSample whose derived fields both backends fill alike: the CPU count is the number of per-core
+    figures, memory used is total - available (None when either is unknown, never a guess). ``linux_only``:
+    the fields only procfs and sysfs have (core ids, locked memory, RAPL energy)."""
+    known = memory_total_bytes is not None and memory_available_bytes is not None
+    return HostSample(
+        monotonic_ns=now_ns,
+        cpu_busy_seconds=cpu_busy_seconds,
+        cpu_busy_seconds_per_core=cpu_busy_seconds_per_core,
+        cpu_count=len(cpu_busy_seconds_per_core) if cpu_busy_seconds_per_core is not None else None,
+        memory_total_bytes=memory_total_bytes,
+        memory_used_bytes=memory_total_bytes - memory_available_bytes if known else None,
+        memory_available_bytes=memory_available_bytes,
+        processes=processes,
+        **linux_only,
+    )
+
+
+class ProcfsHostBackend(_WatchesProcesses):
     """HostBackend over Linux procfs and the RAPL powercap tree.
 
     Units: CPU busy in seconds (ticks / ``clk_tck``), memory in bytes, RAPL energy in joules.
@@ -130,30 +170,21 @@ class ProcfsHostBackend:
         self.procfs_root = procfs_root
         self.sysfs_root = sysfs_root
         self._clock_ns = clock_ns
-        self._process_interval_ns = int(process_interval_s * 1e9)
         self._clk_tck = clk_tck if clk_tck is not None else default_clk_tck()
         self._stat_path = os.path.join(procfs_root, "stat")
         self._meminfo_path = os.path.join(procfs_root, "meminfo")
         try:
             parse_proc_stat(_read_proc_text(self._stat_path), self._clk_tck)
         except (OSError, ProcfsParseError) as exc:
-            raise ProbeUnavailable(f"procfs host probe: cannot use {self._stat_path}: {_one_line(exc)}") from None
+            raise ProbeUnavailable(f"procfs host probe: cannot use {self._stat_path}: {one_line(exc)}") from None
         self._rapl = rapl if rapl is not None else RaplReader(sysfs_root)
-        self._watched = _Watched()
+        self._watched = _Watched(int(process_interval_s * 1e9))
         self._start_ticks: dict[int, int] = {}  # root pid -> starttime when first seen: detects pid reuse
         self._processes: tuple[ProcessSample, ...] = ()
-        self._next_refresh_ns: int | None = None
         self._process_error: str | None = None
         self._fields = _FieldLog()
 
     # -- HostBackend ---------------------------------------------------------------------------------
-
-    def watch_process(self, pid: int) -> None:
-        """Report ``pid`` and its descendants from the next sample on (the next sample refreshes them)."""
-        self._watched.add(pid)
-
-    def unwatch_process(self, pid: int) -> None:
-        self._watched.remove(pid)
 
     def sample(self) -> HostSample:
         now_ns = self._clock_ns()
@@ -165,7 +196,7 @@ class ProcfsHostBackend:
             cpu_per_core = tuple(seconds for _, seconds in busy.cores)
             self._fields.ok("cpu_busy_seconds")
         except (OSError, ProcfsParseError) as exc:
-            self._fields.fail("cpu_busy_seconds", f"{self._stat_path}: {_one_line(exc)}")
+            self._fields.fail("cpu_busy_seconds", f"{self._stat_path}: {one_line(exc)}")
 
         total = available = locked = None
         try:
@@ -182,27 +213,14 @@ class ProcfsHostBackend:
                 self._fields.ok("memory_locked_bytes")
         except (OSError, ProcfsParseError) as exc:
             for name in ("memory_total_bytes", "memory_available_bytes", "memory_locked_bytes"):
-                self._fields.fail(name, f"{self._meminfo_path}: {_one_line(exc)}")
+                self._fields.fail(name, f"{self._meminfo_path}: {one_line(exc)}")
 
         energy = self._rapl.read()
 
-        if self._watched.changed or self._next_refresh_ns is None or now_ns >= self._next_refresh_ns:
+        if self._watched.refresh_due(now_ns):
             self._processes = self._refresh_processes()
-            self._next_refresh_ns = now_ns + self._process_interval_ns
-
-        return HostSample(
-            monotonic_ns=now_ns,
-            cpu_busy_seconds=cpu_total,
-            cpu_busy_seconds_per_core=cpu_per_core,
-            cpu_core_ids=core_ids,
-            cpu_count=len(cpu_per_core) if cpu_per_core is not None else None,
-            memory_total_bytes=total,
-            memory_used_bytes=total - available if total is not None and available is not None else None,
-            memory_available_bytes=available,
-            memory_locked_bytes=locked,
-            rapl_energy_joules=energy or None,
-            processes=self._processes,
-        )
+        return _host_sample(now_ns, cpu_total, cpu_per_core, total, available, self._processes,
+                            cpu_core_ids=core_ids, memory_locked_bytes=locked, rapl_energy_joules=energy or None)
 
     def field_status(self) -> list[FieldStatus]:
         """CPU and memory fields (after at least one ``sample()``), then one entry per RAPL zone."""
@@ -238,7 +256,7 @@ class ProcfsHostBackend:
         except (FileNotFoundError, ProcessLookupError):  # exited: ESRCH once the task is being reaped
             return None
         except (OSError, ProcfsParseError) as exc:  # e.g. PermissionError under hidepid: report, no figures
-            self._process_error = f"pid {pid}: {_one_line(exc)}"
+            self._process_error = f"pid {pid}: {one_line(exc)}"
             return ProcessSample(pid, None, None, None, None, root_pid=root), -1
         return (
             ProcessSample(
@@ -288,7 +306,7 @@ class ProcfsHostBackend:
         return tuple(out)
 
 
-class PsutilHostBackend:
+class PsutilHostBackend(_WatchesProcesses):
     """HostBackend over psutil, for hosts without a Linux /proc.
 
     CPU busy seconds are every ``cpu_times`` column except idle, iowait, steal, guest and guest_nice (the last
@@ -305,11 +323,9 @@ class PsutilHostBackend:
         if process_interval_s < 0:
             raise ValueError(f"process_interval_s must be >= 0, got {process_interval_s}")
         self._clock_ns = clock_ns
-        self._process_interval_ns = int(process_interval_s * 1e9)
-        self._watched = _Watched()
+        self._watched = _Watched(int(process_interval_s * 1e9))
         self._handles: dict[int, psutil.Process] = {}  # psutil.Process keeps create_time: pid reuse is detected
         self._processes: tuple[ProcessSample, ...] = ()
-        self._next_refresh_ns: int | None = None
         self._fields = _FieldLog()
 
     @classmethod
@@ -317,12 +333,6 @@ class PsutilHostBackend:
         """Seconds in every column of a psutil ``scputimes`` named tuple except the idle-like ones."""
         fields: tuple[str, ...] = times._fields  # type: ignore[attr-defined]
         return float(sum(value for name, value in zip(fields, times) if name not in cls._NOT_BUSY))
-
-    def watch_process(self, pid: int) -> None:
-        self._watched.add(pid)
-
-    def unwatch_process(self, pid: int) -> None:
-        self._watched.remove(pid)
 
     def sample(self) -> HostSample:
         now_ns = self._clock_ns()
@@ -332,27 +342,17 @@ class PsutilHostBackend:
             cpu_per_core = tuple(self._busy_seconds(t) for t in psutil.cpu_times(percpu=True))
             self._fields.ok("cpu_busy_seconds")
         except (OSError, psutil.Error) as exc:
-            self._fields.fail("cpu_busy_seconds", _one_line(exc))
+            self._fields.fail("cpu_busy_seconds", one_line(exc))
         total = available = None
         try:
             vm = psutil.virtual_memory()
             total, available = int(vm.total), int(vm.available)
             self._fields.ok("memory_total_bytes")
         except (OSError, psutil.Error) as exc:
-            self._fields.fail("memory_total_bytes", _one_line(exc))
-        if self._watched.changed or self._next_refresh_ns is None or now_ns >= self._next_refresh_ns:
+            self._fields.fail("memory_total_bytes", one_line(exc))
+        if self._watched.refresh_due(now_ns):
             self._processes = self._refresh_processes()
-            self._next_refresh_ns = now_ns + self._process_interval_ns
-        return HostSample(
-            monotonic_ns=now_ns,
-            cpu_busy_seconds=cpu_total,
-            cpu_busy_seconds_per_core=cpu_per_core,
-            cpu_count=len(cpu_per_core) if cpu_per_core is not None else None,
-            memory_total_bytes=total,
-            memory_used_bytes=total - available if total is not None and available is not None else None,
-            memory_available_bytes=available,
-            processes=self._processes,
-        )
+        return _host_sample(now_ns, cpu_total, cpu_per_core, total, available, self._processes)
 
     def _handle(self, pid: int) -> psutil.Process:
         handle = self._handles.get(pid)
@@ -374,7 +374,7 @@ class PsutilHostBackend:
                 self._watched.drop_exited(root)
                 continue
             except psutil.AccessDenied as exc:
-                error = _one_line(exc)
+                error = one_line(exc)
                 family = [self._handles[root]] if root in self._handles else []
             for proc in family:
                 if proc.pid in seen:
@@ -386,7 +386,7 @@ class PsutilHostBackend:
                 except psutil.NoSuchProcess:
                     continue
                 except psutil.AccessDenied as exc:
-                    error = _one_line(exc)
+                    error = one_line(exc)
                     seen.add(proc.pid)
                     out.append(ProcessSample(proc.pid, None, None, None, None, root_pid=root))
                     continue

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wattledger.probes.base import FieldStatus
+from wattledger.probes.errors import one_line
 
 __all__ = ["RaplReader", "read_sysfs_file"]
 
@@ -54,10 +55,6 @@ def _parse_uint(raw: bytes, path: str) -> int:
     if not token.isdigit() or len(token) > _MAX_DIGITS:  # bytes.isdigit() is ASCII only
         raise _BadCounter(f"{path}: expected a non-negative integer, got {raw[:40]!r}")
     return int(token)
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
 
 
 @dataclass(slots=True)
@@ -97,8 +94,8 @@ class RaplReader:
             return self._read(os.path.join(directory, "name")).decode("ascii", "replace").strip()
         except OSError as exc:
             self._skipped.append(FieldStatus(f"rapl:{os.path.basename(directory)}", False,
-                                             f"cannot read zone name: {_one_line(exc)}"))
-            log.warning("RAPL zone %s skipped: cannot read its name: %s", directory, _one_line(exc))
+                                             f"cannot read zone name: {one_line(exc)}"))
+            log.warning("RAPL zone %s skipped: cannot read its name: %s", directory, one_line(exc))
             return None
 
     def _discover(self) -> None:
@@ -159,7 +156,7 @@ class RaplReader:
                 if zone.max_range_uj == 0:
                     raise _BadCounter(f"{path} is 0")
             except (OSError, _BadCounter) as exc:
-                self._fail(zone, f"cannot read max_energy_range_uj, so wraparound cannot be undone: {_one_line(exc)}",
+                self._fail(zone, f"cannot read max_energy_range_uj, so wraparound cannot be undone: {one_line(exc)}",
                            permanent=True)
 
     # -- reading -------------------------------------------------------------------------------------
@@ -186,10 +183,10 @@ class RaplReader:
                 raw = _parse_uint(self._read(zone.energy_path), zone.energy_path)
             except PermissionError as exc:
                 self._fail(zone, "energy_uj is root-only since CVE-2020-8694: run the agent as root or grant "
-                                 f"read access ({_one_line(exc)})", permanent=True)
+                                 f"read access ({one_line(exc)})", permanent=True)
                 continue
             except (OSError, _BadCounter) as exc:
-                self._fail(zone, f"cannot read energy_uj: {_one_line(exc)}")
+                self._fail(zone, f"cannot read energy_uj: {one_line(exc)}")
                 continue
             if zone.error is not None:
                 log.info("RAPL zone %s readable again", zone.label)

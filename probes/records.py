@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from wattledger.probes.base import GpuInfo, GpuProcess, GpuSample, HostSample, MigInstance, ProcessSample
+from wattledger.probes.base import GpuInfo, GpuProcess, GpuSample, HostSample, MigInstance
 
 FORMAT_NAME = "wattledger-samples"
 FORMAT_VERSION = 1
@@ -219,19 +219,6 @@ def gpu_sample_from_record(record: dict) -> GpuSample:
         return GpuSample(**values)
     except (TypeError, AttributeError) as err:
         raise RecordError(f"bad gpu record: {err}") from None
-
-
-def host_sample_from_record(record: dict) -> HostSample:
-    values = {k: record[k] for k in _HOST_FIELDS if k in record}
-    try:
-        if "processes" in values:
-            values["processes"] = tuple(ProcessSample(**p) for p in values["processes"])
-        for name in ("cpu_busy_seconds_per_core", "cpu_core_ids"):  # JSON lists back to the sample's tuples
-            if values.get(name) is not None:
-                values[name] = tuple(values[name])
-        return HostSample(**values)
-    except TypeError as err:
-        raise RecordError(f"bad host record: {err}") from None
 
 
 def parse_line(line: str, number: int) -> dict:

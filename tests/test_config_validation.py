@@ -54,6 +54,24 @@ _VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
                        | st.dictionaries(st.sampled_from(["a", "port"]), inner, max_size=2), max_leaves=4)
 
 
+def write_toml(tmp_path: Path, body: str | bytes) -> Path:
+    """``body`` as ``agent.toml`` in ``tmp_path``; bytes are written as they are (the file need not be text)."""
+    path = tmp_path / "agent.toml"
+    if isinstance(body, bytes):
+        path.write_bytes(body)
+    else:
+        path.write_text(body, encoding="utf-8")
+    return path
+
+
+def refused(pattern: str | None, *build_args) -> ConfigError:
+    """The ConfigError that ``build_config(*build_args)`` raises: one line, matching ``pattern`` (a regex)."""
+    with pytest.raises(ConfigError, match=pattern) as err:
+        build_config(*build_args)
+    assert "\n" not in str(err.value)
+    return err.value
+
+
 def assert_usable(config: AgentConfig) -> None:
     """What the rest of the agent relies on once build_config returned."""
     assert isinstance(config.port, int) and not isinstance(config.port, bool) and 0 <= config.port <= 65535
@@ -75,9 +93,8 @@ def assert_usable(config: AgentConfig) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.dictionaries(st.sampled_from(SETTING_KEYS), _VALUES, max_size=3), under_agent=st.booleans())
 def test_any_toml_value_gives_a_usable_config_or_one_line(tmp_path, values, under_agent):
-    path = tmp_path / "agent.toml"
     body = "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
-    path.write_text(("[agent]\n" if under_agent else "") + body, encoding="utf-8")
+    path = write_toml(tmp_path, ("[agent]\n" if under_agent else "") + body)
     try:
         config = build_config({}, {}, str(path))
     except ConfigError as err:
@@ -129,11 +146,8 @@ def test_any_environment_value_gives_a_usable_config_or_one_line(values):
     ("[agent]\nmock_delay = nan\n", "mock_delay: expected a finite duration"),
 ])
 def test_toml_values_of_the_wrong_type_or_not_finite(tmp_path, body, message):
-    path = tmp_path / "agent.toml"
-    path.write_text(body)
-    with pytest.raises(ConfigError, match=re.escape(message)) as err:
-        build_config({}, {}, str(path))
-    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    path = write_toml(tmp_path, body)
+    assert str(path) in str(refused(re.escape(message), {}, {}, str(path)))
 
 
 def test_nan_interval_is_refused_even_on_a_config_built_in_code():
@@ -144,19 +158,12 @@ def test_nan_interval_is_refused_even_on_a_config_built_in_code():
 
 
 def test_toml_that_is_not_utf8_names_the_line(tmp_path):
-    path = tmp_path / "agent.toml"
-    path.write_bytes(b'[agent]\nbackend = "mock"\nlog_level = "\xff"\n')
-    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte \d+, line 3\)") as err:
-        build_config({}, {}, str(path))
-    assert "\n" not in str(err.value)
+    path = write_toml(tmp_path, b'[agent]\nbackend = "mock"\nlog_level = "\xff"\n')
+    refused(r"not UTF-8 text \(byte \d+, line 3\)", {}, {}, str(path))
 
 
 def test_binary_toml_is_one_line(tmp_path):
-    path = tmp_path / "agent.toml"
-    path.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ConfigError) as err:
-        build_config({}, {}, str(path))
-    assert "\n" not in str(err.value)
+    refused(None, {}, {}, str(write_toml(tmp_path, bytes(range(256)) * 4)))
 
 
 @pytest.mark.parametrize("body, key", [
@@ -165,23 +172,16 @@ def test_binary_toml_is_one_line(tmp_path):
     ('[agent]\nbackend = "mock"\n[exporter]\nport = 3\n', "exporter"),
 ])
 def test_top_level_keys_beside_an_agent_table_are_named(tmp_path, body, key):
-    path = tmp_path / "agent.toml"
-    path.write_text(body)
-    with pytest.raises(ConfigError, match=f"key '{key}' sits outside the \\[agent\\] table"):
-        build_config({}, {}, str(path))
+    refused(f"key '{key}' sits outside the \\[agent\\] table", {}, {}, str(write_toml(tmp_path, body)))
 
 
 def test_settings_at_the_top_level_without_an_agent_table_still_work(tmp_path):
-    path = tmp_path / "agent.toml"
-    path.write_text('backend = "mock"\nmock_gpus = 2\n')
+    path = write_toml(tmp_path, 'backend = "mock"\nmock_gpus = 2\n')
     assert build_config({}, {}, str(path)).mock_gpus == 2
 
 
 def test_agent_that_is_not_a_table(tmp_path):
-    path = tmp_path / "agent.toml"
-    path.write_text("agent = 3\n")
-    with pytest.raises(ConfigError, match="agent must be a table"):
-        build_config({}, {}, str(path))
+    refused("agent must be a table", {}, {}, str(write_toml(tmp_path, "agent = 3\n")))
 
 
 @pytest.mark.parametrize("faults, gpus, message", [
@@ -191,9 +191,7 @@ def test_agent_that_is_not_a_table(tmp_path):
     (["energy_reset:at=1:at=2"], 1, "at= given twice"),
 ])
 def test_mock_faults_for_missing_gpus_or_with_repeated_keys(faults, gpus, message):
-    with pytest.raises(ConfigError, match=message) as err:
-        build_config({"mock_faults": faults, "mock_gpus": gpus, "backend": "mock"}, {})
-    assert "\n" not in str(err.value)
+    refused(message, {"mock_faults": faults, "mock_gpus": gpus, "backend": "mock"}, {})
 
 
 def test_a_fault_for_an_existing_gpu_is_accepted():
@@ -210,9 +208,7 @@ def test_a_fault_for_an_existing_gpu_is_accepted():
 ])
 def test_tokens_no_client_could_send_are_refused(token, message):
     for flags, environ in (({"token": token}, {}), ({}, {"WATTLEDGER_TOKEN": token})):
-        with pytest.raises(ConfigError, match=message) as err:
-            build_config(flags, environ)
-        assert "\n" not in str(err.value)
+        refused(message, flags, environ)
 
 
 @pytest.mark.parametrize("raw", ["0123456789abcdef\n", "  0123456789abcdef", "0123456789abcdef\r\n"])
@@ -223,15 +219,11 @@ def test_a_token_read_from_a_secret_keeps_working_without_its_surrounding_whites
 
 
 def test_whitespace_only_token_from_the_config_file(tmp_path):
-    path = tmp_path / "agent.toml"
-    path.write_text('[agent]\ntoken = "                    "\n')
-    with pytest.raises(ConfigError, match="only whitespace"):
-        build_config({}, {}, str(path))
+    refused("only whitespace", {}, {}, str(write_toml(tmp_path, '[agent]\ntoken = "                    "\n')))
 
 
 def test_record_at_a_directory(tmp_path):
-    with pytest.raises(ConfigError, match="is a directory; give a file name"):
-        build_config({"record": str(tmp_path)}, {})
+    refused("is a directory; give a file name", {"record": str(tmp_path)}, {})
 
 
 def test_record_path_is_tried_for_real_and_leaves_nothing_behind(tmp_path):
@@ -246,15 +238,12 @@ def test_record_path_is_tried_for_real_and_leaves_nothing_behind(tmp_path):
 
 @pytest.mark.parametrize("path", ["/proc/forbidden.jsonl", "/sys/forbidden.jsonl", "/proc/self/status/x"])
 def test_record_at_an_unwritable_path(path):
-    with pytest.raises(ConfigError, match="record: ") as err:
-        build_config({"record": path}, {})
-    assert "\n" not in str(err.value)
+    refused("record: ", {"record": path}, {})
 
 
 def test_record_under_a_file(tmp_path):
     (tmp_path / "plain").write_text("")
-    with pytest.raises(ConfigError, match="does not exist"):
-        build_config({"record": str(tmp_path / "plain" / "x.jsonl")}, {})
+    refused("does not exist", {"record": str(tmp_path / "plain" / "x.jsonl")}, {})
 
 
 def test_variables_that_workloads_read_do_not_stop_the_agent():
@@ -264,8 +253,7 @@ def test_variables_that_workloads_read_do_not_stop_the_agent():
 
 
 def test_a_misspelt_agent_variable_still_stops_it():
-    with pytest.raises(ConfigError, match="unknown setting 'WATTLEDGER_PROT'"):
-        build_config({}, {"WATTLEDGER_PROT": "1234"})
+    refused("unknown setting 'WATTLEDGER_PROT'", {}, {"WATTLEDGER_PROT": "1234"})
 
 
 def test_every_wattledger_variable_the_code_reads_is_a_setting_or_known_to_be_someone_elses():
@@ -283,21 +271,15 @@ def test_every_wattledger_variable_the_code_reads_is_a_setting_or_known_to_be_so
 
 def test_record_under_the_home_of_a_user_that_does_not_exist():
     # Found by the environment property test: Path.expanduser raises RuntimeError for "~nosuchuser".
-    with pytest.raises(ConfigError, match="no such user's home directory"):
-        build_config({"record": "~wattledger-no-such-user/samples.jsonl"}, {})
+    refused("no such user's home directory", {"record": "~wattledger-no-such-user/samples.jsonl"}, {})
 
 
 def test_record_with_a_nul_character_is_one_line():
     # Found by the environment property test: Path.resolve raises ValueError("embedded null byte").
-    with pytest.raises(ConfigError, match="NUL character"):
-        build_config({"record": "samples\x00.jsonl"}, {})
+    refused("NUL character", {"record": "samples\x00.jsonl"}, {})
 
 
 @pytest.mark.parametrize("key", ["replay", "record", "procfs", "address", "token", "mock_faults"])
 def test_a_nul_in_any_string_setting_from_toml_is_one_line(tmp_path, key):
-    path = tmp_path / "agent.toml"
     value = '["a\\u0000b"]' if key == "mock_faults" else '"a\\u0000b"'
-    path.write_text(f"[agent]\n{key} = {value}\n")
-    with pytest.raises(ConfigError, match="NUL") as err:
-        build_config({}, {}, str(path))
-    assert "\n" not in str(err.value)
+    refused("NUL", {}, {}, str(write_toml(tmp_path, f"[agent]\n{key} = {value}\n")))

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploy_files import DEPLOY, ROOT, relative, yaml_documents
 
 from wattledger.agent.cli import make_parser
 from wattledger.agent.config import DEFAULT_PORT, build_config
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 UNIT = DEPLOY / "systemd" / "wattledger-agent.service"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
@@ -38,18 +37,10 @@ K8S_VERSIONS = ("1.28.0", "latest")
 MEASURED_RSS_MIB = 32  # README "Overhead (measured)": agent RSS with 8 mock GPUs after scrapes
 
 
-def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
-
-
-def _docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
-
-
 def _k8s_objects() -> dict[str, dict]:
     objects = {}
     for path in K8S_MANIFESTS:
-        for doc in _docs(path):
+        for doc in yaml_documents(path):
             objects[doc["kind"]] = doc
     return objects
 
@@ -68,16 +59,16 @@ def _check_agent_settings(env: dict[str, str], args: list[str]) -> None:
 def test_deploy_folder_has_the_expected_files():
     for path in (K8S / "daemonset.yaml", K8S / "service.yaml", K8S / "servicemonitor.yaml",
                  K8S / "kustomization.yaml", UNIT, DOCKERFILE, COMPOSE, DEPLOY / "README.md"):
-        assert path.is_file(), f"missing {_rel(path)}"
+        assert path.is_file(), f"missing {relative(path)}"
 
 
-@pytest.mark.parametrize("path", YAML_FILES, ids=_rel)
+@pytest.mark.parametrize("path", YAML_FILES, ids=relative)
 def test_every_yaml_file_parses(path):
-    docs = _docs(path)
-    assert docs, f"{_rel(path)} holds no YAML document"
+    docs = yaml_documents(path)
+    assert docs, f"{relative(path)} holds no YAML document"
 
 
-@pytest.mark.parametrize("path", JSON_FILES, ids=_rel)
+@pytest.mark.parametrize("path", JSON_FILES, ids=relative)
 def test_every_json_file_parses(path):
     json.loads(path.read_text(encoding="utf-8"))
 
@@ -146,12 +137,12 @@ def _validate_builtin(doc: dict, version: str) -> None:
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("path", K8S_MANIFESTS, ids=_rel)
+@pytest.mark.parametrize("path", K8S_MANIFESTS, ids=relative)
 def test_k8s_manifests_pass_schema_validation(path, version):
     pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (test extra)")
     import jsonschema
 
-    for doc in _docs(path):
+    for doc in yaml_documents(path):
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):  # a CRD: the schema above
             jsonschema.validate(doc, SERVICEMONITOR_SCHEMA)
         else:
@@ -171,7 +162,7 @@ def test_strict_validation_catches_a_misspelt_field():
 
 
 def test_kustomization_lists_every_manifest():
-    kustomization = _docs(K8S / "kustomization.yaml")[0]
+    kustomization = yaml_documents(K8S / "kustomization.yaml")[0]
     assert kustomization["namespace"]
     assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S_MANIFESTS)
     labels = kustomization["labels"][0]
@@ -192,7 +183,7 @@ def test_kustomize_build_renders_valid_objects():
     rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
     kinds = sorted(d["kind"] for d in rendered)
     assert kinds == ["DaemonSet", "Namespace", "Service", "ServiceMonitor"]
-    namespace = _docs(K8S / "kustomization.yaml")[0]["namespace"]
+    namespace = yaml_documents(K8S / "kustomization.yaml")[0]["namespace"]
     for doc in rendered:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == namespace
@@ -466,7 +457,7 @@ def _expand_defaults(value: str) -> str:
 
 
 def test_compose_names_the_three_services_and_mounts_that_exist():
-    compose = _docs(COMPOSE)[0]
+    compose = yaml_documents(COMPOSE)[0]
     services = compose["services"]
     assert set(services) == {"agent", "prometheus", "grafana"}
     here = COMPOSE.parent
@@ -489,7 +480,7 @@ def test_compose_names_the_three_services_and_mounts_that_exist():
 
 
 def test_compose_agent_gets_nvml_only_and_valid_settings():
-    agent = _docs(COMPOSE)[0]["services"]["agent"]
+    agent = yaml_documents(COMPOSE)[0]["services"]["agent"]
     (device,) = agent["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["utility"]
     assert agent["read_only"] is True and agent["cap_drop"] == ["ALL"]

@@ -16,14 +16,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from deploy_files import GRAFANA, ROOT, rule_names, walk_panels, yaml_documents
 
-ROOT = Path(__file__).resolve().parents[1]
-GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 PROVISIONING = sorted((GRAFANA / "provisioning").glob("**/*.yml")) + sorted((GRAFANA / "provisioning").glob("**/*.yaml"))
 GOLDEN = ROOT / "tests" / "golden" / "metrics_mock.prom"
-RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 
 DS_REFS = {"${datasource}", "$datasource"}
 
@@ -58,24 +55,7 @@ def _golden_metric_names() -> set[str]:
     return names
 
 
-def _recorded_names() -> set[str]:
-    names: set[str] = set()
-    for path in sorted(RULES_DIR.glob("*.yml")) + sorted(RULES_DIR.glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text()) or {}
-        for group in doc.get("groups") or []:
-            for rule in group.get("rules") or []:
-                if "record" in rule:
-                    names.add(rule["record"])
-    return names
-
-
-KNOWN_METRICS = _golden_metric_names() | _recorded_names()
-
-
-def _walk_panels(panels):
-    for panel in panels or []:
-        yield panel
-        yield from _walk_panels(panel.get("panels"))
+KNOWN_METRICS = _golden_metric_names() | set(rule_names("record"))
 
 
 def _load(path: Path) -> dict:
@@ -101,7 +81,7 @@ def _variable_query(var: dict) -> str:
 
 def _exprs(dash: dict):
     """(where, expr) for every panel target and every query variable."""
-    for panel in _walk_panels(dash.get("panels")):
+    for panel in walk_panels(dash.get("panels")):
         for target in panel.get("targets") or []:
             if target.get("expr") is not None:
                 yield f"panel {panel.get('id')} {panel.get('title')!r} target {target.get('refId')}", target["expr"]
@@ -182,7 +162,7 @@ def test_dashboard_parses_and_is_portable(path):
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_unique_panel_ids(path):
-    ids = [panel.get("id") for panel in _walk_panels(_load(path).get("panels"))]
+    ids = [panel.get("id") for panel in walk_panels(_load(path).get("panels"))]
     assert all(isinstance(i, int) for i in ids), ids
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     assert not duplicates, f"duplicate panel ids {duplicates}"
@@ -196,7 +176,7 @@ def test_datasource_variable_used_everywhere(path):
     assert ds_vars[0].get("type") == "datasource" and ds_vars[0].get("query") == "prometheus"
 
     problems = []
-    for panel in _walk_panels(dash.get("panels")):
+    for panel in walk_panels(dash.get("panels")):
         if panel.get("type") == "row":
             if panel.get("datasource") is not None and _ds_uid(panel["datasource"]) not in DS_REFS:
                 problems.append(f"row {panel.get('id')}: {panel['datasource']!r}")
@@ -220,7 +200,7 @@ def test_datasource_variable_used_everywhere(path):
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_every_panel_has_a_query(path):
     empty = []
-    for panel in _walk_panels(_load(path).get("panels")):
+    for panel in walk_panels(_load(path).get("panels")):
         if panel.get("type") == "row":
             continue
         targets = panel.get("targets") or []
@@ -282,14 +262,14 @@ def test_known_metrics_cover_contract():
 
 @pytest.mark.parametrize("path", PROVISIONING, ids=lambda p: str(p.relative_to(GRAFANA)))
 def test_provisioning_yaml_parses(path):
-    doc = yaml.safe_load(path.read_text())
+    (doc,) = yaml_documents(path)
     assert isinstance(doc, dict) and doc.get("apiVersion") == 1
 
 
 def test_provisioning_contents():
-    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "wattledger.yml").read_text())
+    (datasources,) = yaml_documents(GRAFANA / "provisioning" / "datasources" / "wattledger.yml")
     (prom,) = [d for d in datasources["datasources"] if d["type"] == "prometheus"]
     assert prom["uid"] == "prometheus" and prom["url"] == "http://prometheus:9090"
-    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "wattledger.yml").read_text())
+    (providers,) = yaml_documents(GRAFANA / "provisioning" / "dashboards" / "wattledger.yml")
     (provider,) = providers["providers"]
     assert provider["type"] == "file" and provider["options"]["path"] == "/var/lib/grafana/dashboards"

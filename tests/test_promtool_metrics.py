@@ -8,26 +8,18 @@ pure-Python version of the suffix rules runs where promtool cannot be had."""
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
-from prometheus_server import require_tools
+from deploy_files import ROOT, run_promtool
 from test_golden_exposition import GOLDEN, render_mock_exposition
 
 RESERVED_SUFFIXES = ("_count", "_sum", "_bucket")
 
 
-def _promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
-    promtool = require_tools("promtool")["promtool"]
-    return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60,
-                          check=False)
-
-
 @pytest.mark.parametrize("source", ["golden file", "exporter now"])
 def test_promtool_check_metrics_passes_on_the_whole_exposition(source):
     text = GOLDEN.read_text() if source == "golden file" else render_mock_exposition()
-    result = _promtool_check_metrics(text)
+    result = run_promtool("check", "metrics", input_text=text)
     problems = (result.stdout + result.stderr).strip()
     assert result.returncode == 0 and problems == "", problems
 
@@ -51,7 +43,6 @@ def test_suffix_rules_without_promtool():
 
 
 def test_dashboards_and_rules_do_not_use_the_old_name():
-    repo = Path(__file__).resolve().parent.parent
-    for path in [*repo.glob("deploy/**/*.json"), *repo.glob("deploy/**/*.yml"), repo / "README.md",
-                 *repo.glob("docs/**/*.md")]:
+    for path in [*ROOT.glob("deploy/**/*.json"), *ROOT.glob("deploy/**/*.yml"), ROOT / "README.md",
+                 *ROOT.glob("docs/**/*.md")]:
         assert "wattledger_host_cpu_count" not in path.read_text(encoding="utf-8"), path
