@@ -194,6 +194,28 @@ def time_shares(stretches: Sequence[tuple[str, int, int]]) -> tuple[dict[str, fl
     return weights, covered
 
 
+# One GPU's run stretches as ``Accounting.run_stretches`` hands them out: closed ``(workload, start_ns,
+# end_ns)`` stretches, then running ``(workload, since_ns)`` ones, in the order ``running_on`` reports them.
+GpuRunStretches = tuple[tuple[tuple[str, int, int], ...], tuple[tuple[str, int], ...]]
+NO_RUN_STRETCHES: GpuRunStretches = ((), ())
+
+
+def clip_run_stretches(stretches: GpuRunStretches, start_ns: int, end_ns: int) -> list[tuple[str, int, int]]:
+    """One GPU's stretches (``GpuRunStretches``) clipped to [start_ns, end_ns): ``(workload, lo, hi)`` for
+    every overlap, closed stretches first, as ``Accounting.running_on`` returns them."""
+    closed, running = stretches
+    out = []
+    for name, begin, finish in closed:
+        lo, hi = max(begin, start_ns), min(finish, end_ns)
+        if lo < hi:
+            out.append((name, lo, hi))
+    for name, begin in running:
+        lo = begin if begin > start_ns else start_ns
+        if lo < end_ns:
+            out.append((name, lo, end_ns))
+    return out
+
+
 @dataclass(slots=True)
 class _Workload:
     name: str
@@ -248,6 +270,10 @@ class Accounting:
         # ledger has not yet accounted for. running_on reads one GPU's entries, not every workload's.
         self._running_by_gpu: dict[int, dict[str, int]] = {gpu: {} for gpu in self._gpus}
         self._closed_by_gpu: dict[int, list[tuple[str, int, int]]] = {gpu: [] for gpu in self._gpus}
+        # Bumped, last thing under the lock, by every change to the two dicts above: a reader that holds
+        # a copy taken at this generation (``run_stretches``) may go on using it, without the lock, for as
+        # long as the number is unchanged (the ledger reads it once per tick instead of locking per GPU).
+        self.run_stretches_generation = 0
         self._spans: deque[Span] = deque()
         self._span_bytes = 0
         self._span_history_bytes = span_history_bytes
@@ -364,6 +390,7 @@ class Accounting:
                 workload.running_since_ns = at
                 for gpu in gpu_tuple:
                     self._running_by_gpu[gpu][name] = at
+                self.run_stretches_generation += 1
                 old_pid, workload.pid = workload.pid, pid
                 workload.pid_start_ticks = start_ticks
                 workload.pid_seen_alive_ns = now if pid is not None and start_ticks is not None else None
@@ -378,6 +405,7 @@ class Accounting:
         for gpu in workload.gpus:
             self._running_by_gpu[gpu].pop(workload.name, None)
             self._closed_by_gpu[gpu].append((workload.name, workload.running_since_ns, at))
+        self.run_stretches_generation += 1
         workload.running_since_ns = None
         old_pid, workload.pid = workload.pid, None
         workload.pid_start_ticks = workload.pid_seen_alive_ns = None
@@ -419,6 +447,7 @@ class Accounting:
         for gpu, closed in self._closed_by_gpu.items():
             if any(entry[0] == name for entry in closed):
                 self._closed_by_gpu[gpu] = [entry for entry in closed if entry[0] != name]
+                self.run_stretches_generation += 1
 
     def _expire_locked(self, now_ns: int) -> list[str]:
         expired = [
@@ -668,6 +697,7 @@ class Accounting:
             for gpu in self._gpus:
                 self._running_by_gpu.setdefault(gpu, {})
                 self._closed_by_gpu.setdefault(gpu, [])
+            self.run_stretches_generation += 1
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -715,20 +745,24 @@ class Accounting:
         split a sample interval's energy among the workloads that held the GPU. The cost is that of this
         GPU's workloads and not-yet-forgotten stretches, never of every workload's history.
         """
-        out = []
         with self._lock:
-            for name, begin, finish in self._closed_by_gpu.get(gpu, ()):
-                lo, hi = max(begin, start_ns), min(finish, end_ns)
-                if lo < hi:
-                    out.append((name, lo, hi))
-            for name, begin in self._running_by_gpu.get(gpu, {}).items():
-                lo = max(begin, start_ns)
-                if lo < end_ns:
-                    out.append((name, lo, end_ns))
-        return out
+            stretches = (self._closed_by_gpu.get(gpu, ()), tuple(self._running_by_gpu.get(gpu, {}).items()))
+            return clip_run_stretches(stretches, start_ns, end_ns)
+
+    def run_stretches(self) -> tuple[int, dict[int, GpuRunStretches]]:
+        """``(generation, {gpu: its stretches})``: a copy of every GPU's run stretches, and the
+        ``run_stretches_generation`` it was taken at. While that number stays the same the copy is
+        current, and ``clip_run_stretches(copy[gpu], start, end) == running_on(gpu, start, end)``."""
+        with self._lock:
+            stretches = {gpu: (tuple(self._closed_by_gpu.get(gpu, ())), tuple(running.items()))
+                         for gpu, running in self._running_by_gpu.items()}
+            return self.run_stretches_generation, stretches
 
     def forget_intervals_before(self, ns: int) -> None:
         """Drop closed run stretches that ended before ``ns`` (the ledger has accounted for them)."""
         with self._lock:
             for gpu, closed in self._closed_by_gpu.items():
-                self._closed_by_gpu[gpu] = [entry for entry in closed if entry[2] >= ns]
+                kept = [entry for entry in closed if entry[2] >= ns]
+                if len(kept) != len(closed):
+                    self._closed_by_gpu[gpu] = kept
+                    self.run_stretches_generation += 1

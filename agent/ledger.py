@@ -43,7 +43,13 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from wattledger.agent.accounting import Accounting, time_shares
+from wattledger.agent.accounting import (
+    NO_RUN_STRETCHES,
+    Accounting,
+    GpuRunStretches,
+    clip_run_stretches,
+    time_shares,
+)
 from wattledger.probes.base import ENGINES, GpuInfo, GpuSample, HostSample, ProbeStats
 
 NS_PER_S = 1_000_000_000
@@ -66,6 +72,8 @@ _ENGINE_FIELDS = {
     "dram": "dram_activity_ratio",
 }
 assert tuple(_ENGINE_FIELDS) == ENGINES
+# The per-sample path relies on both ends: 0.0 has a bucket of its own, and no ratio is past the last.
+assert UTILIZATION_BUCKETS[0] == 0.0 and UTILIZATION_BUCKETS[-1] == 1.0
 
 # Counter series (the keys of GpuLedger.seen) and the GpuSample fields each is read from.
 _COUNTER_SOURCES: dict[str, tuple[str, ...]] = {
@@ -119,6 +127,23 @@ def _gauge_values(s: GpuSample) -> tuple:
             s.memory_clock_hertz, s.temperature_gpu_celsius, s.temperature_memory_celsius)
 
 
+def _fields_present(s: GpuSample) -> tuple:
+    """Whether the sample has each of the ``_WATCHED_FIELDS`` (not None), in that order."""
+    return (s.energy_joules is not None,
+            s.pcie_transmit_bytes is not None, s.pcie_receive_bytes is not None,
+            s.nvlink_transmit_bytes is not None, s.nvlink_receive_bytes is not None,
+            s.ecc_corrected_errors is not None, s.ecc_uncorrected_errors is not None,
+            s.power_watts is not None, s.power_average_watts is not None, s.power_limit_watts is not None,
+            s.memory_used_bytes is not None, s.memory_total_bytes is not None,
+            s.memory_reserved_bytes is not None, s.sm_occupancy_ratio is not None,
+            s.sm_clock_hertz is not None, s.memory_clock_hertz is not None,
+            s.temperature_gpu_celsius is not None, s.temperature_memory_celsius is not None,
+            s.utilization_gpu_ratio is not None, s.utilization_memory_controller_ratio is not None,
+            s.sm_activity_ratio is not None, s.tensor_activity_ratio is not None,
+            s.dram_activity_ratio is not None,
+            s.throttle_reasons is not None)
+
+
 def _field_counter_values(s: GpuSample) -> tuple:
     """The sample's readings of the ``_FIELD_COUNTERS`` (their second items), in that order."""
     return (s.pcie_transmit_bytes, s.pcie_receive_bytes, s.nvlink_transmit_bytes, s.nvlink_receive_bytes,
@@ -130,6 +155,12 @@ def _field_counters(g: "GpuLedger") -> tuple:
     return (g.pcie_transmit, g.pcie_receive, g.nvlink_transmit, g.nvlink_receive, g.ecc_corrected,
             g.ecc_uncorrected)
 
+
+# Every field whose read time ``read_at_ns`` keeps under its own name (``throttle_seconds.<reason>`` aside),
+# in ``_fields_present`` order.
+_WATCHED_FIELDS: tuple[str, ...] = (
+    ("energy_joules",) + tuple(name for _, name, _ in _FIELD_COUNTERS) + _GAUGE_FIELDS + _ENGINE_ATTRIBUTES
+    + ("throttle_reasons",))
 
 _INF = math.inf
 _LARGEST_FLOAT_INT = int(sys.float_info.max)
@@ -341,6 +372,96 @@ class GpuLedger:
         )
 
 
+class _CounterSlot:
+    """One counter of a live GPU (one of its ``_FIELD_COUNTERS``, or a driver's throttle-time counter) with
+    its series key, its field in ``read_at_ns``, and the raw reading it last took."""
+
+    __slots__ = ("key", "name", "counter", "raw")
+
+    def __init__(self, key: str, name: str, counter: HardwareCounter):
+        self.key, self.name, self.counter = key, name, counter
+        # The last reading the counter accepted, as the sample held it. The same object again (ECC counts
+        # and idle NVLink bytes repeat, small ints are shared) is the same value: nothing to count.
+        self.raw: object = None
+
+
+class _LiveGpuLedger(GpuLedger):
+    """The ledger's own, growing record of one GPU: a GpuLedger, plus what the per-sample path keeps at
+    hand so that it does not look the same things up, or write the same things down, every sample. Never
+    part of a snapshot (``copy`` makes a plain GpuLedger).
+
+    Read times are held: while consecutive samples have the same watched fields (``_fields_present``)
+    and every one of them is accepted, which they mostly are, only the newest such sample's time is kept
+    (``held_read_ns``) and stands for all of those fields (``held_names``). It goes into ``read_at_ns``
+    when that is read (``readable_fields``) or when a sample breaks the run (``release_held``).
+    """
+
+    __slots__ = ("field_counter_slots", "engine_slots", "throttle_slots", "held_present", "held_names",
+                 "held_read_ns", "sole_holder")
+
+    def __init__(self, info: GpuInfo):
+        super().__init__(info)
+        self.field_counter_slots: tuple[_CounterSlot, ...] = tuple(  # in ``_FIELD_COUNTERS`` order
+            _CounterSlot(key, name, counter)
+            for (key, name), counter in zip(_FIELD_COUNTER_KEYS, _field_counters(self)))
+        # reason -> the driver's counter of its time (in ``hardware_throttle``), key = the reason
+        self.throttle_slots: dict[str, _CounterSlot] = {}
+        # ((engine, GpuSample field, its Histogram or None before its first ratio), ...) in ENGINES order.
+        self.engine_slots: tuple[tuple[str, str, Histogram | None], ...] = tuple(
+            (engine, attribute, None) for engine, attribute in zip(ENGINES, _ENGINE_ATTRIBUTES))
+        self.held_present: tuple[bool, ...] | None = None  # _fields_present of the held run's samples
+        self.held_names: tuple[str, ...] = ()  # the watched fields they have
+        self.held_read_ns: int | None = None  # the time of its newest sample, if not yet in read_at_ns
+        # (since_ns, (workload, gpu index)) while exactly one workload runs here and no stopped one has
+        # stretches here still to charge (see set_run_stretches); else None.
+        self.sole_holder: tuple[int, tuple[str, int]] | None = None
+
+    def set_run_stretches(self, stretches: GpuRunStretches) -> None:
+        """This GPU's run stretches changed (``Accounting.run_stretches``)."""
+        closed, running = stretches
+        if not closed and len(running) == 1:
+            ((name, since_ns),) = running
+            self.sole_holder = (since_ns, (name, self.info.index))
+        else:
+            self.sole_holder = None
+
+    def add_engine(self, engine: str) -> Histogram:
+        """The engine's first ratio: its histogram and busy seconds start here."""
+        histogram = self.histograms[engine] = Histogram()
+        self.busy_seconds[engine] = 0.0
+        self.engine_slots = tuple((e, a, self.histograms.get(e)) for e, a, _ in self.engine_slots)
+        return histogram
+
+    def add_throttle_counter(self, reason: str) -> _CounterSlot:
+        """The first time the driver counts ``reason``'s throttle time."""
+        counter = self.hardware_throttle[reason] = HardwareCounter()
+        slot = self.throttle_slots[reason] = _CounterSlot(reason, "throttle_seconds." + reason, counter)
+        return slot
+
+    def hold(self, present: tuple[bool, ...], read_ns: int) -> None:
+        """Start a run at a sample whose watched fields (``present``) were all accepted at ``read_ns``.
+        (Their series keys are then all in ``seen``: later samples of the run need not add them.)"""
+        self.release_held()
+        if present != self.held_present:
+            self.held_present = present
+            self.held_names = tuple(name for name, there in zip(_WATCHED_FIELDS, present) if there)
+        self.held_read_ns = read_ns
+
+    def release_held(self) -> None:
+        """Put the held read time into ``read_at_ns``. Until a sample holds a time again, ``read_at_ns``
+        alone is right (and may be given newer times meanwhile, which a late release would overwrite)."""
+        read_ns = self.held_read_ns
+        if read_ns is not None:
+            read_at = self.read_at_ns
+            for name in self.held_names:
+                read_at[name] = read_ns
+            self.held_read_ns = None
+
+    def readable_fields(self) -> set[str]:
+        self.release_held()
+        return GpuLedger.readable_fields(self)
+
+
 @dataclass(slots=True)
 class HostLedger:
     last: HostSample | None = None
@@ -377,14 +498,6 @@ def _held_throughout(stretches: list[tuple[str, int, int]], start_ns: int, end_n
         if reach >= end_ns:
             holders.append(name)
     return holders
-
-
-def _time_shares(stretches: list[tuple[str, int, int]]) -> tuple[dict[str, float], int]:
-    """``({workload: ns weight}, covered ns)``: each stretch of time split equally among its holders.
-
-    A workload's share of the interval's energy is its weight over the interval's length; time that no
-    workload held (``covered`` < the length) is the unattributed part."""
-    return time_shares(stretches)  # one O(n log n) sweep: a tick stays cheap with many workloads
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +543,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._backend: str | None = None
         self._simulated = False
-        self._gpus: dict[int, GpuLedger] = {}
+        self._gpus: dict[int, _LiveGpuLedger] = {}
         self._host = HostLedger()
         self._workload_energy: dict[tuple[str, int], float] = {}
         self._workload_active: dict[tuple[str, int], float] = {}
@@ -443,6 +556,9 @@ class Ledger:
         self._xid_counts: dict[tuple[int, int], int] = {}
         self._backend_error_counts: dict[tuple[int | None, str, str], int] = {}
         self._records = 0
+        # The accounting's run stretches per GPU, and the generation they were copied at (see record_gpus).
+        self._stretches: dict[int, GpuRunStretches] = {}
+        self._stretches_generation: int | None = None
 
     # -- writes (sampler thread) ----------------------------------------------------------------
 
@@ -450,25 +566,40 @@ class Ledger:
         with self._lock:
             self._backend = backend
             self._simulated = simulated
-            self._gpus = {info.index: GpuLedger(info) for info in infos}
+            self._gpus = {info.index: _LiveGpuLedger(info) for info in infos}
+            self._stretches_generation = None  # the new records learn their stretches at the next tick
 
     def record_gpus(self, samples: Sequence[GpuSample]) -> None:
         with self._lock:
+            accounting = self._accounting
+            if accounting is not None and accounting.run_stretches_generation != self._stretches_generation:
+                # The workloads' run stretches, read again only after they change (a start, a stop, a
+                # forget): not under the accounting's lock once per GPU and sample.
+                self._stretches_generation, self._stretches = accounting.run_stretches()
+                for index, state in self._gpus.items():
+                    state.set_run_stretches(self._stretches.get(index, NO_RUN_STRETCHES))
+            gpus = self._gpus
             for sample in samples:
-                state = self._gpus.get(sample.index)
+                state = gpus.get(sample.index)
                 if state is not None:
                     self._record_gpu(state, sample)
             self._last_record_ns = self._clock_ns()
             self._records += 1
-            if self._accounting is not None and self._records % 100 == 0:
+            if accounting is not None and self._records % 100 == 0:
                 # Run stretches are needed back to the oldest interval still to be charged: a GPU that is
                 # lost (or whose energy is unreadable) keeps its interval open across the gap.
-                cursors = [t for g in self._gpus.values() for t in (g.energy_since_ns, g.active_since_ns)
+                cursors = [t for g in gpus.values() for t in (g.energy_since_ns, g.active_since_ns)
                            if t is not None]
                 if cursors:
-                    self._accounting.forget_intervals_before(min(cursors))
+                    accounting.forget_intervals_before(min(cursors))
 
-    def _record_gpu(self, state: GpuLedger, sample: GpuSample) -> None:
+    def _record_gpu(self, state: _LiveGpuLedger, sample: GpuSample) -> None:
+        """One sample into its GPU's series.
+
+        What every sample does is written out in this one function, common cases first (a call costs as
+        much as several of its lines; 8 GPUs at 100 Hz make this the agent's hottest code): each inlined
+        case computes what its general helper does, with the same operations in the same order, and
+        tests/test_tick_fast_paths.py checks them against those helpers."""
         if not sample.up:
             # Busy-time integration restarts when the device returns: no ratio is known for the gap. The
             # energy counter and workload time keep their cursors: the gap is charged when it returns.
@@ -476,11 +607,12 @@ class Ledger:
             state.previous_ns = None
             return
         now_ns = sample.monotonic_ns
-        if state.last is not None and now_ns <= state.last.monotonic_ns:
+        last = state.last
+        if last is not None and now_ns <= last.monotonic_ns:
             return  # a sample no newer than the last one carries nothing new
         previous_ns = state.previous_ns
         read_at = state.read_at_ns
-        if previous_ns is None and state.last is not None:
+        if previous_ns is None and last is not None:
             # Back from a loss: the grace before a field counts as lost starts again now, so a field that
             # needs two samples (GPM) does not flap out of the exposition. Fields lost before stay lost.
             for name in state.readable_fields():
@@ -489,95 +621,193 @@ class Ledger:
         state.up = True
         state.last = sample
         state.previous_ns = now_ns
-
+        # The same watched fields as the held run's samples: their read times (and counter keys in
+        # ``seen``) need no writing, unless one of them is refused (see _LiveGpuLedger).
+        present = _fields_present(sample)
+        held = present == state.held_present
+        if not held:
+            state.release_held()
+        refused: list[str] = []  # watched fields present but not accepted
         seen = state.seen
-        energy_increase = state.energy.update(sample.energy_joules) if sample.energy_joules is not None else None
-        if energy_increase is not None:
-            read_at["energy_joules"] = now_ns
-            seen.add("energy")
-        for (key, name), counter, raw in zip(_FIELD_COUNTER_KEYS, _field_counters(state),
-                                             _field_counter_values(sample)):
-            if raw is not None and counter.update(raw) is not None:
-                read_at[name] = now_ns
-                seen.add(key)
-        for name, value in zip(_GAUGE_FIELDS, _gauge_values(sample)):
+
+        # Counters. HardwareCounter.update, inlined for a reading that is a float (energy) or an int or
+        # float (the others) >= 0 in float range; any other reading goes through it.
+        energy_increase = None
+        raw = sample.energy_joules
+        if raw is not None:
+            energy = state.energy
+            previous = energy._previous
+            if type(raw) is float and 0.0 <= raw < _INF and previous is not None and raw >= previous:
+                energy_increase = raw - previous
+                energy._previous = raw
+                energy.total += energy_increase
+            else:
+                energy_increase = energy.update(raw)
+            if energy_increase is None:
+                refused.append("energy_joules")
+            elif not held:
+                read_at["energy_joules"] = now_ns
+                seen.add("energy")
+        for slot, raw in zip(state.field_counter_slots, _field_counter_values(sample)):
+            if raw is None:
+                continue
+            last_raw = slot.raw
+            if raw is last_raw or (type(raw) is int and type(last_raw) is int and raw == last_raw):
+                # The reading it took last time (ECC counts, idle PCIe or NVLink bytes): no increase, and
+                # float() of it is the previous value already. Nothing moves.
+                if not held:
+                    read_at[slot.name] = now_ns
+                continue
+            counter = slot.counter
+            kind = type(raw)
+            if kind is int and 0 <= raw <= _LARGEST_FLOAT_INT:
+                value = float(raw)
+            elif kind is float and 0.0 <= raw < _INF:
+                value = raw
+            else:
+                if counter.update(raw) is None:
+                    refused.append(slot.name)
+                    continue
+                value = None  # (counted)
             if value is not None:
-                read_at[name] = now_ns
+                previous = counter._previous
+                if previous is None:
+                    counter._previous = value
+                elif value >= previous:
+                    counter.total += value - previous
+                    counter._previous = value
+                else:
+                    increase, counter._previous = counter._on_decrease(previous, value)
+                    counter.total += increase
+            slot.raw = raw
+            if not held:
+                read_at[slot.name] = now_ns
+                seen.add(slot.key)
+        if not held:
+            # Gauges are watched only for lost_fields: what counts is that the sample has them.
+            for name, value in zip(_GAUGE_FIELDS, _gauge_values(sample)):
+                if value is not None:
+                    read_at[name] = now_ns
 
-        self._record_engines(state, sample, dt)
-        self._record_throttle(state, sample, dt)
-        self._account(state, previous_ns, now_ns, energy_increase)
-
-    @staticmethod
-    def _record_engines(state: GpuLedger, sample: GpuSample, dt: float | None) -> None:
-        now_ns = sample.monotonic_ns
-        read_at, histograms, busy_seconds = state.read_at_ns, state.histograms, state.busy_seconds
-        for engine, attribute, raw in zip(ENGINES, _ENGINE_ATTRIBUTES, _engine_values(sample)):
-            if raw is None:  # not read this time (what _ratio says of None)
+        # Engines: a histogram of ratios and busy seconds each. (_ratio's answer for the common case, a
+        # float in [0, 1], without the call; Histogram.observe inlined: the ratio is at most 1.0, the last
+        # bound, so its index is a bucket.)
+        busy_seconds = state.busy_seconds
+        for (engine, attribute, histogram), raw in zip(state.engine_slots, _engine_values(sample)):
+            if raw is None:
                 continue
-            # _ratio's answer for the common case, a float in [0, 1], without the call.
-            ratio = raw if type(raw) is float and 0.0 <= raw <= 1.0 else _ratio(raw)
-            if ratio is None:
-                continue
-            read_at[attribute] = now_ns
-            histogram = histograms.get(engine)
+            if type(raw) is float and 0.0 <= raw <= 1.0:
+                ratio = raw
+            else:
+                ratio = _ratio(raw)
+                if ratio is None:
+                    refused.append(attribute)
+                    continue
             if histogram is None:
-                histogram = histograms[engine] = Histogram()
-                busy_seconds[engine] = 0.0
-            # Histogram.observe, inlined: five per sample.
-            index = bisect_left(UTILIZATION_BUCKETS, ratio)
-            counts = histogram.bucket_counts
-            if index < len(counts):
-                counts[index] += 1
+                histogram = state.add_engine(engine)
+            if not held:
+                read_at[attribute] = now_ns
+            bucket = bisect_left(UTILIZATION_BUCKETS, ratio)
+            histogram.bucket_counts[bucket] += 1
             histogram.count += 1
-            histogram.total += ratio
-            if dt is not None:
-                # The ratio describes the interval that just ended: integrate it over that interval.
-                busy_seconds[engine] += ratio * dt
+            # Bucket 0 holds the ratio 0.0 only (or -0.0), which adds nothing to the sum or the busy
+            # seconds: neither is ever -0.0 (both start at 0.0 and add only ratios >= 0 and dt > 0).
+            if bucket:
+                histogram.total += ratio
+                if dt is not None:
+                    # The ratio describes the interval that just ended: integrate it over that interval.
+                    busy_seconds[engine] += ratio * dt
 
-    @staticmethod
-    def _record_throttle(state: GpuLedger, sample: GpuSample, dt: float | None) -> None:
-        """Throttle seconds per reason: the driver's own counter where it has one, else integrated from
-        the active reasons. Both add increases to one total, so switching source never lowers it."""
-        now_ns = sample.monotonic_ns
-        read_at, totals = state.read_at_ns, state.throttle_seconds
-        hardware: dict[str, float] = {}
+        # Throttle seconds per reason: the driver's own counter where it has one, else integrated from the
+        # active reasons. Both add increases to one total, so switching source never lowers it.
+        totals = state.throttle_seconds
+        driver_counted: list[str] | tuple = ()  # reasons whose driver counter took this sample's reading
         if sample.throttle_seconds:
-            driver_counters = state.hardware_throttle
+            driver_counted = []
+            slots = state.throttle_slots
             for reason, seconds in sample.throttle_seconds.items():
-                counter = driver_counters.get(reason)
-                if counter is None:  # (not setdefault: that would build a counter per sample)
-                    counter = driver_counters[reason] = HardwareCounter()
-                increase = counter.update(seconds)
+                slot = slots.get(reason)
+                if slot is None:
+                    slot = state.add_throttle_counter(reason)
+                if seconds is slot.raw:  # the reading it took last time: an increase of 0.0, which the
+                    driver_counted.append(reason)  # total (never -0.0) would not show
+                    read_at[slot.name] = now_ns
+                    continue
+                increase = slot.counter.update(seconds)
                 if increase is not None:
-                    hardware[reason] = increase
-                    read_at["throttle_seconds." + reason] = now_ns
+                    slot.raw = seconds
+                    driver_counted.append(reason)
+                    read_at[slot.name] = now_ns
                     totals[reason] = totals.get(reason, 0.0) + increase
         if sample.throttle_reasons is not None:
-            read_at["throttle_reasons"] = now_ns
+            if not held:
+                read_at["throttle_reasons"] = now_ns
             for reason in sample.throttle_reasons:
-                totals.setdefault(reason, 0.0)
-                if reason not in hardware and dt is not None:
+                if reason not in totals:
+                    totals[reason] = 0.0
+                if dt is not None and reason not in driver_counted:
                     totals[reason] += dt
+
+        # Workload time and energy: _account, inlined for its common case, with its arithmetic: one
+        # workload holds the GPU (none stopped there lately), and this sample's energy covers the interval
+        # since the previous sample, where the active time starts too.
+        since_ns = state.active_since_ns
+        holder = state.sole_holder
+        if (holder is None or energy_increase is None or since_ns is None or since_ns != previous_ns
+                or state.energy_since_ns != since_ns):
+            self._account(state, previous_ns, now_ns, energy_increase)
+        else:
+            state.active_since_ns = state.energy_since_ns = now_ns
+            begin_ns, key = holder
+            lo_ns = begin_ns if begin_ns > since_ns else since_ns
+            if lo_ns >= now_ns:  # it started after this interval: nobody held the GPU
+                state.unattributed_energy_joules += energy_increase
+            else:
+                workload_active = self._workload_active
+                workload_active[key] = workload_active.get(key, 0.0) + (now_ns - lo_ns) / NS_PER_S
+                if energy_increase == 0.0:
+                    state.unattributed_energy_joules += energy_increase
+                else:
+                    span_ns, held_ns = now_ns - since_ns, now_ns - lo_ns
+                    workload_energy = self._workload_energy
+                    workload_energy[key] = (
+                        workload_energy.get(key, 0.0) + energy_increase * float(held_ns) / span_ns)
+                    # (span_ns >= held_ns: _charge's max(0, ...) gives the same int.)
+                    state.unattributed_energy_joules += energy_increase * (span_ns - held_ns) / span_ns
+
+        if not refused:
+            if held:
+                state.held_read_ns = now_ns
+            else:
+                state.hold(present, now_ns)
+        elif held:  # the run stops short of this sample for the refused fields only
+            state.release_held()
+            for name in state.held_names:
+                if name not in refused:
+                    read_at[name] = now_ns
 
     def _account(self, state: GpuLedger, previous_ns: int | None, now_ns: int, energy_increase: float | None) -> None:
         """Charges workload active time up to ``now_ns``, and the energy increase over the interval since
         the previous energy reading; energy no workload gets is the GPU's unattributed energy."""
         gpu = state.info.index
         active_since, state.active_since_ns = state.active_since_ns, now_ns
+        # The stretches this GPU's workloads ran, as of this tick (``record_gpus`` keeps the copy current).
+        gpu_stretches = self._stretches.get(gpu, NO_RUN_STRETCHES)
         stretches: list[tuple[str, int, int]] = []
-        if self._accounting is not None and active_since is not None:
-            stretches = self._accounting.running_on(gpu, active_since, now_ns)
-            for name, lo, hi in stretches:
-                key = (name, gpu)
-                self._workload_active[key] = self._workload_active.get(key, 0.0) + (hi - lo) / NS_PER_S
+        if active_since is not None:
+            stretches = clip_run_stretches(gpu_stretches, active_since, now_ns)
+            if stretches:
+                workload_active = self._workload_active
+                for name, lo, hi in stretches:
+                    key = (name, gpu)
+                    workload_active[key] = workload_active.get(key, 0.0) + (hi - lo) / NS_PER_S
         if energy_increase is None:
             return  # no energy reading this sample: the next one covers this interval too
         energy_since, state.energy_since_ns = state.energy_since_ns, now_ns
         if energy_since is None:
             return  # the first reading is the counter's baseline
-        if self._accounting is not None and energy_since != active_since:
-            stretches = self._accounting.running_on(gpu, energy_since, now_ns)
+        if energy_since != active_since:
+            stretches = clip_run_stretches(gpu_stretches, energy_since, now_ns)
         # Consecutive up samples, each with energy: power was known at the sample rate, so time shares
         # are fair. Otherwise the interval spans a gap whose power profile nobody knows.
         observed = previous_ns is not None and energy_since == previous_ns
@@ -596,10 +826,11 @@ class Ledger:
                 self._workload_energy[key] = self._workload_energy.get(key, 0.0) + energy_joules / len(holders)
             return 0.0 if holders else energy_joules
         span_ns = end_ns - start_ns
-        weights, covered_ns = _time_shares(stretches)
+        weights, covered_ns = time_shares(stretches)  # one O(n log n) sweep: cheap with many workloads
+        workload_energy = self._workload_energy
         for name, weight_ns in weights.items():
             key = (name, gpu)
-            self._workload_energy[key] = self._workload_energy.get(key, 0.0) + energy_joules * weight_ns / span_ns
+            workload_energy[key] = workload_energy.get(key, 0.0) + energy_joules * weight_ns / span_ns
         return energy_joules * max(0, span_ns - covered_ns) / span_ns
 
     def record_host(self, sample: HostSample) -> None:
@@ -652,8 +883,12 @@ class Ledger:
         host.cpu_busy_read = (
             sample.cpu_busy_seconds is not None and host.cpu_busy.update(sample.cpu_busy_seconds) is not None)
         cores_read = set()
+        core_busy = host.cpu_core_busy
         for core, seconds in zip(_core_ids(sample), sample.cpu_busy_seconds_per_core or ()):
-            if host.cpu_core_busy.setdefault(core, KernelCounter()).update(seconds) is not None:
+            counter = core_busy.get(core)
+            if counter is None:  # (not setdefault: that would build a counter per core and read)
+                counter = core_busy[core] = KernelCounter()
+            if counter.update(seconds) is not None:
                 cores_read.add(core)
         host.cores_read = frozenset(cores_read)  # an offline core's series is absent until it returns
         zones_read = set()
@@ -664,7 +899,9 @@ class Ledger:
 
     def record_probe(self, name: str, success: bool, duration_seconds: float, error: str | None = None) -> None:
         with self._lock:
-            stats = self._probes.setdefault(name, ProbeStats())
+            stats = self._probes.get(name)
+            if stats is None:  # (not setdefault: that would build one every tick)
+                stats = self._probes[name] = ProbeStats()
             stats.success = success
             stats.duration_seconds = duration_seconds
             if not success:

@@ -142,6 +142,12 @@ class Sampler:
         # the ledger and the device listeners then learn the new list before its samples are recorded.
         self._device_listeners: list[Callable[[list], None]] = []
         self._devices_generation = getattr(gpu, "devices_generation", None)
+        # The GPU backend's optional extras, looked up once per backend object rather than every tick (a
+        # getattr that misses raises and clears an AttributeError inside): see _gpu_extras.
+        self._extras_of: object = None
+        self._has_generation = False
+        self._xid_counts: Callable[[], dict] | None = None
+        self._error_counts: Callable[[], dict] | None = None
         gpu_infos = gpu.devices() if gpu is not None else []
         ledger.set_devices(gpu.name if gpu else None, bool(gpu and gpu.simulated), gpu_infos)
 
@@ -149,8 +155,16 @@ class Sampler:
         """Call ``listener(gpu_infos)`` when the GPU backend's device list changes after start."""
         self._device_listeners.append(listener)
 
+    def _gpu_extras(self) -> None:
+        """Resolve the GPU backend's optional extras (``tick`` calls this again if ``self.gpu`` is replaced)."""
+        gpu = self._extras_of = self.gpu
+        self._has_generation = hasattr(gpu, "devices_generation")
+        self._xid_counts = getattr(gpu, "xid_counts", None)
+        self._error_counts = getattr(gpu, "error_counts", None)
+
     def _record_gpus(self, samples: list[GpuSample]) -> None:
-        generation = getattr(self.gpu, "devices_generation", None)
+        # (The attribute itself is read every tick: its value moves when the backend finds its devices.)
+        generation = self.gpu.devices_generation if self._has_generation else None
         if generation != self._devices_generation:
             self._devices_generation = generation
             infos = self.gpu.devices()
@@ -179,13 +193,13 @@ class Sampler:
         gpu_samples: list[GpuSample] = []
         host_sample: HostSample | None = None
         if self.gpu is not None:
+            if self.gpu is not self._extras_of:
+                self._gpu_extras()
             gpu_samples = self._timed("gpu", self.gpu.sample, self._record_gpus) or []
-            xid_counts = getattr(self.gpu, "xid_counts", None)
-            if xid_counts is not None:
-                self.ledger.record_xids(xid_counts())
-            error_counts = getattr(self.gpu, "error_counts", None)
-            if error_counts is not None:
-                self.ledger.record_backend_errors(error_counts())
+            if self._xid_counts is not None:
+                self.ledger.record_xids(self._xid_counts())
+            if self._error_counts is not None:
+                self.ledger.record_backend_errors(self._error_counts())
         now = self._clock()
         if self.host is not None and (self._next_host_read is None or now >= self._next_host_read):
             # Half an interval of slack keeps jitter from skipping a read.
@@ -193,7 +207,8 @@ class Sampler:
             host_sample = self._timed("host", self.host.sample, self.ledger.record_host)
         for _, sink in self._sinks:
             sink(gpu_samples, host_sample)
-        self._run_housekeeping()
+        if self._housekeeping is not None:
+            self._run_housekeeping()
         self.ticks += 1
         self._last_tick_end = self._clock()
 

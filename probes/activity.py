@@ -103,6 +103,9 @@ class ScriptedTimeline:
         self._entries: list[tuple[int, int, Activity, frozenset[int] | None]] = []
         self._longest_ns = 0
         self._allocations: dict[int, int] = {}
+        # (start_ns, end_ns, segments) of the last query whose activities all cover every GPU: the mock
+        # asks for each GPU with the same window, and such a script answers them all alike.
+        self._shared_window: tuple[int, int, list[ActivitySegment]] | None = None
 
     def add(self, start_s: float, end_s: float, activity: Activity, gpus: Sequence[int] | None = None) -> "ScriptedTimeline":
         start = self.origin_ns + round(start_s * NS_PER_S)
@@ -113,6 +116,7 @@ class ScriptedTimeline:
         self._starts.insert(where, start)
         self._entries.insert(where, (start, end, activity, None if gpus is None else frozenset(gpus)))
         self._longest_ns = max(self._longest_ns, end - start)
+        self._shared_window = None
         return self
 
     def bursts(
@@ -139,12 +143,16 @@ class ScriptedTimeline:
         return self
 
     def segments(self, gpu: int, start_ns: int, end_ns: int) -> list[ActivitySegment]:
+        shared = self._shared_window
+        if shared is not None and shared[0] == start_ns and shared[1] == end_ns:
+            return list(shared[2])
         lo = bisect.bisect_left(self._starts, start_ns - self._longest_ns)
         hi = bisect.bisect_left(self._starts, end_ns)
-        candidates = (
-            (s, e, a) for s, e, a, gpus in self._entries[lo:hi] if gpus is None or gpu in gpus
-        )
-        return flatten(candidates, start_ns, end_ns)
+        entries = self._entries[lo:hi]
+        out = flatten(((s, e, a) for s, e, a, gpus in entries if gpus is None or gpu in gpus), start_ns, end_ns)
+        if all(gpus is None for _, _, _, gpus in entries):
+            self._shared_window = (start_ns, end_ns, list(out))
+        return out
 
     def allocated_bytes(self, gpu: int) -> int:
         return self._allocations.get(gpu, 0)

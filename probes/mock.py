@@ -173,6 +173,8 @@ class _Piece:
     power_watts: float  # drawn: the demand, clipped at the enforced limit
     energy_before_joules: float  # true energy at start_ns
     demand_watts: float  # what the activity asks for (above power_watts while capped)
+    # What a sample reads of this stretch besides its power (see _SimulatedGpu.stretch_figures), once known.
+    figures: tuple | None = None
 
 
 class _SimulatedGpu:
@@ -198,6 +200,12 @@ class _SimulatedGpu:
         # Before the first advance there is no piece: the board idles.
         self.idle_demand_watts = power_demand_watts(spec, IDLE)
         self.idle_power_watts = min(self.idle_demand_watts, enforced_limit_watts)
+        # What _run computes from its activity alone, for the activity it was last given: (activity,
+        # demand W, drawn W, steady temperature C). Activities are immutable and a stretch is integrated
+        # in many steps (one per sample), so the model is evaluated once per stretch, not per step.
+        self._model: tuple[Activity, float, float, float] | None = None
+        # (dt s, exp(-dt / tau)) for the last step length: steps are mostly one sample interval long.
+        self._decay: tuple[float, float] = (math.nan, math.nan)
 
     def power_watts(self, activity: Activity) -> float:
         return min(power_demand_watts(self.spec, activity), self.enforced_limit_watts)
@@ -221,10 +229,12 @@ class _SimulatedGpu:
         if end_ns <= start_ns:
             return
         dt = (end_ns - start_ns) / NS_PER_S
-        demand = power_demand_watts(self.spec, activity)
-        power = min(demand, self.enforced_limit_watts)
+        model = self._model
+        if model is None or model[0] is not activity:
+            model = self._model = self._power_model(activity)
+        _, demand, power, steady = model
         last = self.history[-1] if self.history else None
-        if last is not None and last.end_ns == start_ns and last.activity == activity:
+        if last is not None and last.end_ns == start_ns and (last.activity is activity or last.activity == activity):
             last.end_ns = end_ns  # same state continues: extend instead of adding a piece
         else:
             self.history.append(_Piece(start_ns, end_ns, activity, power, self.true_energy_joules, demand))
@@ -237,9 +247,17 @@ class _SimulatedGpu:
         self.integrated[1] += activity.tensor * dt
         self.integrated[2] += activity.dram * dt
         # First-order lag toward the steady temperature for this power: exact for constant power.
-        steady = self.spec.ambient_celsius + self.spec.celsius_per_watt * power
-        decay = math.exp(-dt / self.spec.thermal_time_constant_seconds)
+        decay_dt, decay = self._decay
+        if dt != decay_dt:
+            decay = math.exp(-dt / self.spec.thermal_time_constant_seconds)
+            self._decay = (dt, decay)
         self.temperature_celsius = steady + (self.temperature_celsius - steady) * decay
+
+    def _power_model(self, activity: Activity) -> tuple[Activity, float, float, float]:
+        """``(activity, demand W, drawn W, steady temperature C)``: what _run needs of an activity."""
+        demand = power_demand_watts(self.spec, activity)
+        power = min(demand, self.enforced_limit_watts)
+        return activity, demand, power, self.spec.ambient_celsius + self.spec.celsius_per_watt * power
 
     def energy_at(self, ns: int) -> float:
         """True energy (J) at time ``ns`` within the kept history."""
@@ -265,6 +283,32 @@ class _SimulatedGpu:
 
     def current_activity(self) -> Activity:
         return self.history[-1].activity if self.history else IDLE
+
+    def stretch_figures(self) -> tuple[Activity, float, float, int | float, frozenset[str], float]:
+        """``(activity, demand W, drawn W, SM clock Hz, throttle reasons, HBM temperature offset C)`` now:
+        the figures a sample reads that stay the same for as long as the newest piece lasts, worked out
+        once per piece (a piece spans many samples)."""
+        last = self.history[-1] if self.history else None
+        if last is not None and last.figures is not None:
+            return last.figures
+        figures = self._figures(*self.current_state())
+        if last is not None:
+            last.figures = figures
+        return figures
+
+    def _figures(self, activity: Activity, demand: float, power: float) -> tuple:
+        spec, limit = self.spec, self.enforced_limit_watts
+        capped = demand > limit
+        idle = activity.gpu == 0.0
+        if idle:
+            sm_clock = spec.sm_clock_idle_hertz
+        elif capped:
+            headroom = (limit - spec.idle_power_watts) / (demand - spec.idle_power_watts)
+            sm_clock = spec.sm_clock_idle_hertz + (spec.sm_clock_max_hertz - spec.sm_clock_idle_hertz) * headroom
+        else:
+            sm_clock = spec.sm_clock_max_hertz
+        hbm_offset = spec.hbm_offset_celsius * (activity.dram if activity.dram else 0.25)
+        return activity, demand, power, sm_clock, _THROTTLE_REASONS[idle, capped], hbm_offset
 
     def current_state(self) -> tuple[Activity, float, float]:
         """``(activity, demand W, drawn W)`` now: the newest piece's, kept when it was integrated, so a
@@ -403,22 +447,13 @@ class MockGpuBackend:
         now = gpu.now_ns
         counter_mj = self._energy_counter_mj(gpu, now)
         window_start = max(now - BOXCAR_NS, self._start_ns)
-        # The newest piece's power figures, as _run computed them (no second evaluation of the model).
-        activity, demand, power = gpu.current_state()
+        # The newest piece's power figures, as _run computed them (no second evaluation of the model),
+        # and what follows from them.
+        activity, demand, power, sm_clock, throttle_reasons, hbm_offset = gpu.stretch_figures()
         average_power = (
             (gpu.true_energy_joules - gpu.energy_at(window_start)) * NS_PER_S / (now - window_start)
             if now > window_start else gpu.idle_power_watts
         )
-        limit = gpu.enforced_limit_watts
-        capped = demand > limit
-        idle = activity.gpu == 0.0
-        if idle:
-            sm_clock = spec.sm_clock_idle_hertz
-        elif capped:
-            headroom = (limit - spec.idle_power_watts) / (demand - spec.idle_power_watts)
-            sm_clock = spec.sm_clock_idle_hertz + (spec.sm_clock_max_hertz - spec.sm_clock_idle_hertz) * headroom
-        else:
-            sm_clock = spec.sm_clock_max_hertz
         since_sample = gpu.has_sampled and now > gpu.last_sample_ns
         window = now - gpu.last_sample_ns if since_sample else FIRST_UTILIZATION_WINDOW_NS
         util_start = max(now - min(window, MAX_UTILIZATION_WINDOW_NS), self._start_ns)
@@ -456,16 +491,14 @@ class MockGpuBackend:
             power_watts=power,
             power_average_watts=average_power,
             energy_joules=counter_mj / 1000.0,
-            power_limit_watts=limit,
+            power_limit_watts=gpu.enforced_limit_watts,
             sm_clock_hertz=sm_clock,
             memory_clock_hertz=spec.memory_clock_hertz,
             temperature_gpu_celsius=temperature,
-            temperature_memory_celsius=round(
-                temperature + spec.hbm_offset_celsius * (activity.dram if activity.dram else 0.25), 1
-            ),
+            temperature_memory_celsius=round(temperature + hbm_offset, 1),
             pcie_transmit_bytes=int(gpu.pcie_transmit_bytes),
             pcie_receive_bytes=int(gpu.pcie_receive_bytes),
-            throttle_reasons=_THROTTLE_REASONS[idle, capped],
+            throttle_reasons=throttle_reasons,
             throttle_seconds={"sw_power_cap": gpu.power_capped_seconds},
             ecc_corrected_errors=0,
             ecc_uncorrected_errors=0,

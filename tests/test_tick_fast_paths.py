@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from operator import attrgetter
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from fakes import NS_PER_S, FakeClock
 from wattledger.agent import ledger as ledger_module
+from wattledger.agent.accounting import Accounting, AccountingError, clip_run_stretches
 from wattledger.agent.ledger import (
     ENGINES,
     HardwareCounter,
@@ -37,7 +39,7 @@ from wattledger.agent.ledger import (
     _ratio,
     _reading,
 )
-from wattledger.probes.activity import ScriptedTimeline
+from wattledger.probes.activity import ScriptedTimeline, flatten
 from wattledger.probes.base import DATACLASS_INITS, Activity, GpuInfo, GpuSample, direct_slot_init
 from wattledger.probes.mock import MockGpuBackend, power_demand_watts
 
@@ -277,3 +279,172 @@ def test_mock_power_figures_equal_the_model_evaluated_afresh(pieces, limit_watts
                 spec.sm_clock_idle_hertz + (spec.sm_clock_max_hertz - spec.sm_clock_idle_hertz) * headroom)
         else:
             assert sample.sm_clock_hertz == spec.sm_clock_max_hertz
+
+
+# -- the ledger's per-sample shortcuts, against the same ledger with each one switched off ------------
+
+# Values a watched field takes in the scenarios below: mostly ordinary readings, a few kept as shared
+# objects (so that a reading repeats as the very same object, as small ints and unchanged attributes do),
+# and the garbage a driver may return.
+SHARED_FLOAT, SHARED_INT = 12.5, 10**12
+reading_value = st.one_of(
+    st.sampled_from([None, 0, 3, SHARED_INT, SHARED_FLOAT, 0.0, -0.0, 1.0, 0.5]),
+    st.floats(min_value=0, max_value=1e6), st.integers(0, 10**15),
+    st.sampled_from([math.nan, -1.0, math.inf, True, "7"]),
+)
+WATCHED = ledger_module._WATCHED_FIELDS
+
+
+@st.composite
+def gpu_scenario(draw):
+    """A run of samples for 2 GPUs (a base reading of every watched field, changed a few fields at a time,
+    so the same set of fields recurs as on a real device) with workload starts and stops in between."""
+    base = {name: draw(reading_value) for name in WATCHED if name != "throttle_reasons"}
+    steps = []
+    for _ in range(draw(st.integers(1, 30))):
+        changes = draw(st.dictionaries(st.sampled_from(WATCHED[:-1]), reading_value, max_size=3))
+        base = {**base, **changes}
+        steps.append({
+            "dt_ns": draw(st.sampled_from([100_000_000, 100_000_000, 10_000_000, 0, 250_000_000, 1_500_000_000])),
+            "gpu": draw(st.sampled_from([0, 1, None])),  # None: both
+            "up": draw(st.sampled_from([True, True, True, False])),
+            "fields": dict(base),
+            "throttle_seconds": draw(st.sampled_from(["none", "empty", "shared", "fresh", "garbage"])),
+            "throttle_reasons": draw(st.sampled_from(
+                [None, frozenset(), frozenset({"gpu_idle"}), frozenset({"gpu_idle", "sw_power_cap"})])),
+            "event": draw(st.sampled_from([None, None, None, ("start", "a", (0,)), ("start", "b", (0, 1)),
+                                          ("stop", "a"), ("stop", "b")])),
+        })
+    return steps
+
+
+def replay(steps) -> list:
+    """Every snapshot figure after each step of ``steps`` (see gpu_scenario), exactly."""
+    from test_tick_trace_golden import canonical
+
+    clock = FakeClock()
+    accounting = Accounting([0, 1], clock_ns=clock.ns)
+    ledger = Ledger(accounting, clock_ns=clock.ns)
+    infos = [GpuInfo(i, f"GPU-{i}", "m", "d", None, None) for i in (0, 1)]
+    ledger.set_devices("fake", True, infos)
+    throttle_shared = 4.25
+    figures = []
+    for step in steps:
+        event = step["event"]
+        try:
+            if event is not None and event[0] == "start":
+                accounting.start(event[1], list(event[2]))
+            elif event is not None:
+                accounting.stop(event[1])
+        except AccountingError:
+            pass  # already running, or not running
+        clock.now_ns += step["dt_ns"]
+        throttle = {"none": None, "empty": {}, "shared": {"sw_power_cap": throttle_shared},
+                    "fresh": {"sw_power_cap": clock.now_ns / 1e12},
+                    "garbage": {"sw_power_cap": math.nan}}[step["throttle_seconds"]]
+        samples = [GpuSample(index=i, uuid=f"GPU-{i}", monotonic_ns=clock.now_ns, up=step["up"],
+                             throttle_seconds=throttle, throttle_reasons=step["throttle_reasons"],
+                             **step["fields"])
+                   for i in (0, 1) if step["gpu"] in (None, i)]
+        ledger.record_gpus(samples)
+        snapshot = ledger.snapshot()
+        figures.append(canonical({"gpus": snapshot.gpus, "energy": snapshot.workload_energy_joules,
+                                  "active": snapshot.workload_active_seconds}))
+    return figures
+
+
+class _NeverTheSame:
+    """A ``_CounterSlot.raw`` that no reading is: every reading goes through the counter."""
+
+    def __get__(self, slot, owner=None):
+        return object()
+
+    def __set__(self, slot, value):
+        pass
+
+
+@settings(max_examples=120, deadline=None)
+@given(gpu_scenario())
+def test_the_ledger_shortcuts_give_what_the_general_path_gives(steps):
+    """Held read times, the sole-holder accounting and the repeated-reading skip change no figure: the
+    ledger without them (read times written per field, every interval through _account, every reading
+    through its counter) gives the same snapshots, to the bit."""
+    fast = replay(steps)
+    with mock.patch.object(ledger_module._LiveGpuLedger, "hold", lambda self, present, read_ns: None), \
+            mock.patch.object(ledger_module._LiveGpuLedger, "set_run_stretches",
+                              lambda self, stretches: setattr(self, "sole_holder", None)), \
+            mock.patch.object(ledger_module._CounterSlot, "raw", _NeverTheSame()):
+        general = replay(steps)
+    assert fast == general
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["energy_joules", "pcie_transmit_bytes", "ecc_corrected_errors"]),
+                          raw_reading), min_size=1, max_size=30))
+def test_the_ledger_counts_readings_as_the_straightforward_counter_rule(readings):
+    """The ledger's inlined counter update (energy, and the field counters) equals HardwareCounter's rule
+    written plainly on _reading, totals and previous readings to the bit."""
+    ledger = Ledger(None, clock_ns=lambda: 0)
+    ledger.set_devices("fake", True, [GpuInfo(0, "GPU-c", "m", "d", None, None)])
+    plain = {name: StraightforwardCounter(HardwareCounter) for name, _ in readings}
+    now_ns = 0
+    for name, raw in readings:
+        now_ns += 1000
+        ledger.record_gpus([GpuSample(0, "GPU-c", now_ns, **{name: raw})])
+        plain[name].update(raw)
+    state = ledger._gpus[0]
+    counters = {"energy_joules": state.energy, "pcie_transmit_bytes": state.pcie_transmit,
+                "ecc_corrected_errors": state.ecc_corrected}
+    for name, expected in plain.items():
+        got = counters[name]
+        assert repr(got.total) == repr(expected.total) and repr(got._previous) == repr(expected.previous)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["start", "stop", "forget", "trim"]), st.sampled_from(["a", "b", "c"]),
+                          st.sampled_from([(0,), (1,), (0, 1)]), st.integers(0, 5 * NS_PER_S)), max_size=25),
+       st.lists(st.tuples(st.integers(0, 10 * NS_PER_S), st.integers(0, 10 * NS_PER_S)), min_size=1, max_size=5))
+def test_the_accountings_stretch_copy_clips_as_running_on_and_its_generation_moves(operations, windows):
+    """``clip_run_stretches`` of ``run_stretches()`` equals ``running_on`` for any window after any
+    operations, and the generation moves whenever the stretches do (so a copy kept while it stays put
+    is current)."""
+    clock = FakeClock(0)
+    accounting = Accounting([0, 1], clock_ns=clock.ns)
+    for op, name, gpus, advance_ns in operations:
+        clock.now_ns += advance_ns
+        before = accounting.run_stretches()
+        try:
+            if op == "start":
+                accounting.start(name, list(gpus))
+            elif op == "stop":
+                accounting.stop(name)
+            elif op == "forget":
+                accounting.forget(name)
+            else:
+                accounting.forget_intervals_before(clock.now_ns - NS_PER_S)
+        except AccountingError:
+            pass
+        after = accounting.run_stretches()
+        assert (after[0] == before[0]) == (after[1] == before[1])
+        for start_ns, end_ns in windows:
+            for gpu in (0, 1):
+                clipped = clip_run_stretches(after[1][gpu], start_ns, end_ns)
+                assert clipped == accounting.running_on(gpu, start_ns, end_ns)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 10), activity,
+                          st.sampled_from([None, (0,), (1,), (0, 1)])), min_size=1, max_size=8),
+       st.lists(st.tuples(st.integers(0, 30), st.integers(1, 10)), min_size=1, max_size=6))
+def test_a_scripted_timeline_answers_every_gpu_as_its_own_query_would(entries, windows):
+    """A window asked again for another GPU (reused when every activity in it covers every GPU) gives
+    what flattening that GPU's activities gives."""
+    timeline = ScriptedTimeline(0)
+    for start_s, length_s, act, gpus in entries:
+        timeline.add(start_s, start_s + length_s, act, gpus)
+    for start_s, length_s in windows:
+        start_ns, end_ns = start_s * NS_PER_S, (start_s + length_s) * NS_PER_S
+        for gpu in (0, 1, 0):
+            expected = flatten(((s, e, a) for s, e, a, gpus in timeline._entries if gpus is None or gpu in gpus),
+                               start_ns, end_ns)
+            assert timeline.segments(gpu, start_ns, end_ns) == expected
