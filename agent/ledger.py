@@ -17,7 +17,7 @@ reading below the previous one (see :class:`HardwareCounter`, :class:`KernelCoun
 A field that stops being readable (unsupported after a driver change, or failing) takes its counters
 and histograms out of the exposition once it has been unreadable for ``FIELD_LOST_AFTER_NS``:
 absent, never frozen, so ``rate()`` never shows 0 W or 0% busy for a GPU that works. The snapshot
-lists such fields (``GpuLedger.lost_fields``). When the field returns, its series resume from the
+lists such fields (``GpuFigures.lost_fields``). When the field returns, its series resume from the
 total they had: nothing is reset, and an energy counter adds what the hardware counted meanwhile.
 
 Workload energy and active time are attributed here too: each GPU energy reading's increase covers
@@ -29,7 +29,9 @@ GPU's unattributed energy, so that for every GPU, at every scrape,
 ``sum(workload energy) + unattributed energy == GPU energy``.
 
 The sampler thread writes; scrapes call ``snapshot()``, which copies under the lock and returns plain
-data, so a scrape never waits on hardware and never sees half an update.
+data, so a scrape never waits on hardware and never sees half an update. Its ``gpu_figures``
+(:class:`GpuFigures`) are each GPU's exported values, present or None: exporters read those, never the
+ledger's own records.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ import sys
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 
 from wattledger.agent.accounting import (
     NO_RUN_STRETCHES,
@@ -50,7 +52,7 @@ from wattledger.agent.accounting import (
     clip_run_stretches,
     time_shares,
 )
-from wattledger.probes.base import ENGINES, GpuInfo, GpuSample, HostSample, ProbeStats
+from wattledger.probes.base import ENGINES, GpuInfo, GpuSample, HostSample, MigInstance, ProbeStats, direct_slot_init
 
 NS_PER_S = 1_000_000_000
 
@@ -85,8 +87,8 @@ _COUNTER_SOURCES: dict[str, tuple[str, ...]] = {
     "ecc": ("ecc_corrected_errors", "ecc_uncorrected_errors"),
 }
 
-# Gauge fields watched only so that wattledger_gpu_field_lost can name them (the exporter already
-# leaves a gauge out when its field is None).
+# Gauge fields: watched so that wattledger_gpu_field_lost can name them, and exported as GpuFigures'
+# gauges (same names, this order).
 _GAUGE_FIELDS: tuple[str, ...] = (
     "power_watts", "power_average_watts", "power_limit_watts", "memory_used_bytes", "memory_total_bytes",
     "memory_reserved_bytes", "sm_occupancy_ratio", "sm_clock_hertz", "memory_clock_hertz",
@@ -303,7 +305,8 @@ class Histogram:
 
 @dataclass(slots=True)
 class GpuLedger:
-    """Everything the ledger keeps for one GPU (or, in a snapshot, what is exported of it)."""
+    """Everything the ledger keeps for one GPU (or, in a snapshot, a copy of it: ``copy``). What is
+    exported of it is its :class:`GpuFigures`."""
 
     info: GpuInfo
     last: GpuSample | None = None  # newest sample with up=True
@@ -341,7 +344,8 @@ class GpuLedger:
         return {name for name, read_ns in self.read_at_ns.items() if read_ns >= cutoff_ns}
 
     def copy(self) -> "GpuLedger":
-        """A snapshot: only the series whose sources are still read, and the fields that are lost."""
+        """A snapshot's copy: only the series whose sources are still read (in ``seen``, busy seconds,
+        histograms, throttle seconds), and the fields that are lost."""
         readable = self.readable_fields()
         engines = [e for e in self.histograms if _ENGINE_FIELDS[e] in readable]
         # A reason's seconds come from the driver's counter where it has one, else from integrating the
@@ -510,13 +514,96 @@ class WorkloadProcessFigures:
     pinned_bytes: int
 
 
+@direct_slot_init
+@dataclass(frozen=True, slots=True)
+class GpuFigures:
+    """What a snapshot exports of one GPU, every value as it is exported: a figure that is None (or a
+    mapping entry that is missing) is a series that is absent, never zero.
+
+    Counters are totals since the agent started (they never go down between snapshots) and are present
+    while their fields are still read: a field unreadable for over ``FIELD_LOST_AFTER_NS`` takes them out
+    (and into ``lost_fields``); they stay present while the GPU is lost. Gauges are the newest sample's
+    values, present while the GPU is up and the driver gives them. Exporters read only these figures: how
+    the ledger decides what is present (its ``seen`` series, read times, the newest sample) is its own.
+    """
+
+    info: GpuInfo
+    up: bool  # the GPU answered at the newest sample
+    # -- counters
+    energy_joules: float | None  # joules, from the hardware counter, kept monotonic across driver resets
+    unattributed_energy_joules: float | None  # joules charged to no workload; present exactly with energy
+    pcie_transmit_bytes: float | None
+    pcie_receive_bytes: float | None
+    nvlink_transmit_bytes: float | None  # all links
+    nvlink_receive_bytes: float | None
+    ecc_corrected_errors: float | None  # volatile ECC errors since the agent started
+    ecc_uncorrected_errors: float | None
+    busy_seconds: Mapping[str, float]  # engine -> busy seconds, engines still read, first read first
+    utilization_histograms: Mapping[str, Histogram]  # engine -> per-sample ratios, same engines and order
+    throttle_seconds: Mapping[str, float]  # clock-event reason -> seconds the clocks were held back
+    lost_fields: tuple[str, ...]  # fields once read and now unreadable (sorted)
+    # -- gauges of the newest sample (None while the GPU is lost)
+    power_watts: float | None
+    power_average_watts: float | None
+    power_limit_watts: float | None
+    memory_used_bytes: float | None
+    memory_total_bytes: float | None
+    memory_reserved_bytes: float | None
+    sm_occupancy_ratio: float | None
+    sm_clock_hertz: float | None
+    memory_clock_hertz: float | None
+    temperature_gpu_celsius: float | None
+    temperature_memory_celsius: float | None
+    throttle_reasons_active: tuple[str, ...]  # clock-event reasons active now, sorted
+    mig_instances: tuple[MigInstance, ...]
+
+
+def _export_figures(gpu: GpuLedger) -> GpuFigures:
+    """The exported figures of a snapshot's ``GpuLedger`` (``GpuLedger.copy()``, whose ``seen`` holds the
+    counter series still read; a live record's does not). Its mappings are the copy's own, not copied
+    again: a snapshot is read, never written."""
+    seen = gpu.seen
+    has_energy = "energy" in seen
+    has_ecc = "ecc" in seen
+    s = gpu.last if gpu.up else None
+    return GpuFigures(
+        gpu.info,
+        gpu.up,
+        gpu.energy.total if has_energy else None,
+        gpu.unattributed_energy_joules if has_energy else None,
+        gpu.pcie_transmit.total if "pcie_transmit" in seen else None,
+        gpu.pcie_receive.total if "pcie_receive" in seen else None,
+        gpu.nvlink_transmit.total if "nvlink_transmit" in seen else None,
+        gpu.nvlink_receive.total if "nvlink_receive" in seen else None,
+        gpu.ecc_corrected.total if has_ecc else None,
+        gpu.ecc_uncorrected.total if has_ecc else None,
+        gpu.busy_seconds,
+        gpu.histograms,
+        gpu.throttle_seconds,
+        gpu.lost_fields,
+        *(_gauge_values(s) if s is not None else _NO_GAUGES),
+        tuple(sorted(s.throttle_reasons or ())) if s is not None else (),
+        tuple(s.mig_instances or ()) if s is not None else (),
+    )
+
+
+_NO_GAUGES = (None,) * len(_GAUGE_FIELDS)
+# _export_figures passes _gauge_values by position: the gauge fields must be _GAUGE_FIELDS, in that order.
+_FIGURE_FIELDS = tuple(f.name for f in fields(GpuFigures))
+assert _FIGURE_FIELDS[_FIGURE_FIELDS.index(_GAUGE_FIELDS[0]):][:len(_GAUGE_FIELDS)] == _GAUGE_FIELDS
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerSnapshot:
     """A consistent copy of the ledger for one scrape or report."""
 
     backend: str | None
     simulated: bool
+    # The ledger's own record of each GPU, by index (counters with their raw readings, cursors, the
+    # series seen): what tests and in-process readers inspect.
     gpus: list[GpuLedger]
+    # The same GPUs as exported (present values only): what the exporters read.
+    gpu_figures: tuple[GpuFigures, ...]
     host: HostSample | None
     host_cpu_busy_seconds: float | None
     host_cpu_core_busy_seconds: dict[int, float]
@@ -956,7 +1043,7 @@ class Ledger:
             age = None
             if self._last_record_ns is not None:
                 age = max(0.0, (self._clock_ns() - self._last_record_ns) / NS_PER_S)
-            return LedgerSnapshot(
+            copied = dict(
                 backend=self._backend,
                 simulated=self._simulated,
                 gpus=gpus,
@@ -976,3 +1063,6 @@ class Ledger:
                 xid_counts=dict(self._xid_counts),
                 backend_error_counts=dict(self._backend_error_counts),
             )
+        # The exported figures come from this snapshot's own copies, so outside the lock (the sampler
+        # waits for none of it) and at scrape time (the per-sample path never pays for them).
+        return LedgerSnapshot(gpu_figures=tuple(map(_export_figures, gpus)), **copied)

@@ -3,7 +3,9 @@
 It never touches hardware, so a scrape costs the same whatever the GPUs are doing, and any number of
 scrapes may run at once (each works on its own snapshot). The metric names here are the contract the
 dashboards and recording rules use; ``tests/golden/`` holds the exposition they must keep producing.
-A series that cannot be read is absent, never zero.
+A series that cannot be read is absent, never zero: each GPU's values come from the snapshot's
+``gpu_figures`` (``agent.ledger.GpuFigures``), where the ledger has already made an absent series None,
+so nothing here decides what is present.
 
 The families are ``exporters/render.py``'s row families: prometheus_client's encoders read them as any
 family (the golden file is written that way), and /metrics writes their rows straight to bytes.
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from itertools import accumulate
+from operator import attrgetter
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from wattledger.agent.ledger import UTILIZATION_BUCKETS, Histogram, Ledger, LedgerSnapshot
+from wattledger.agent.ledger import UTILIZATION_BUCKETS, GpuFigures, Histogram, Ledger, LedgerSnapshot
 from wattledger.exporters.render import CounterFamily, GaugeFamily, HistogramFamily
 
 P = "wattledger_"
@@ -31,8 +34,13 @@ def _cumulative(histogram: Histogram) -> list[tuple[str, int]]:
     return [*zip(_LE, accumulate(histogram.bucket_counts)), ("+Inf", histogram.count)]
 
 
+def _ids(gpu: GpuFigures) -> list[str]:
+    """The ``gpu`` and ``uuid`` label values of a GPU."""
+    return [str(gpu.info.index), gpu.info.uuid]
+
+
 def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
-    """Last-value gauges read straight from each GPU's newest sample."""
+    """Last-value gauges: each GPU's figures from its newest sample (None, absent, while it is lost)."""
     simple = (
         ("gpu_power_watts", "power_watts", "Instantaneous board power draw (nvidia-smi power.draw.instant)."),
         ("gpu_power_average_watts", "power_average_watts",
@@ -47,10 +55,11 @@ def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     )
     for metric, attribute, doc in simple:
         family = GaugeFamily(P + metric, doc, labels=_GPU)
-        for gpu in snapshot.gpus:
-            value = getattr(gpu.last, attribute) if gpu.up and gpu.last else None
+        figure = attrgetter(attribute)
+        for gpu in snapshot.gpu_figures:
+            value = figure(gpu)
             if value is not None:
-                family.add_metric([str(gpu.info.index), gpu.info.uuid], value)
+                family.add_metric(_ids(gpu), value)
         yield family
 
     temperature = GaugeFamily(P + "gpu_temperature_celsius",
@@ -60,17 +69,15 @@ def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     throttle_active = GaugeFamily(P + "gpu_throttle_active",
                                   "1 for each clock-event reason active at the newest sample.",
                                   labels=_GPU + ["reason"])
-    for gpu in snapshot.gpus:
-        if not (gpu.up and gpu.last):
-            continue
-        s, ids = gpu.last, [str(gpu.info.index), gpu.info.uuid]
-        for sensor, value in (("gpu", s.temperature_gpu_celsius), ("memory", s.temperature_memory_celsius)):
+    for gpu in snapshot.gpu_figures:
+        ids = _ids(gpu)
+        for sensor, value in (("gpu", gpu.temperature_gpu_celsius), ("memory", gpu.temperature_memory_celsius)):
             if value is not None:
                 temperature.add_metric(ids + [sensor], value)
-        for name, value in (("sm", s.sm_clock_hertz), ("memory", s.memory_clock_hertz)):
+        for name, value in (("sm", gpu.sm_clock_hertz), ("memory", gpu.memory_clock_hertz)):
             if value is not None:
                 clock.add_metric(ids + [name], value)
-        for reason in sorted(s.throttle_reasons or ()):
+        for reason in gpu.throttle_reasons_active:
             throttle_active.add_metric(ids + [reason], 1.0)
     yield temperature
     yield clock
@@ -98,41 +105,37 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
                         labels=_GPU + ["type"])
     histogram = HistogramFamily(P + "gpu_utilization_ratio", "Per-sample utilization by engine: the "
                                 "bursts a scrape-time gauge misses.", labels=_GPU + ["engine"])
-    for gpu in snapshot.gpus:
-        ids = [str(gpu.info.index), gpu.info.uuid]
-        if "energy" in gpu.seen:
-            energy.add_metric(ids, gpu.energy.total)
-            unattributed.add_metric(ids, gpu.unattributed_energy_joules)
+    for gpu in snapshot.gpu_figures:
+        ids = _ids(gpu)
+        for family, value in ((energy, gpu.energy_joules), (unattributed, gpu.unattributed_energy_joules)):
+            if value is not None:
+                family.add_metric(ids, value)
         for engine, seconds in gpu.busy_seconds.items():
             busy.add_metric(ids + [engine], seconds)
         for reason, seconds in sorted(gpu.throttle_seconds.items()):
             throttle.add_metric(ids + [reason], seconds)
-        for family, counter, key in (
-            (pcie_tx, gpu.pcie_transmit, "pcie_transmit"),
-            (pcie_rx, gpu.pcie_receive, "pcie_receive"),
-            (nvlink_tx, gpu.nvlink_transmit, "nvlink_transmit"),
-            (nvlink_rx, gpu.nvlink_receive, "nvlink_receive"),
-        ):
-            if key in gpu.seen:
-                family.add_metric(ids, counter.total)
-        if "ecc" in gpu.seen:
-            ecc.add_metric(ids + ["corrected"], gpu.ecc_corrected.total)
-            ecc.add_metric(ids + ["uncorrected"], gpu.ecc_uncorrected.total)
-        for engine, hist in gpu.histograms.items():
+        for family, value in ((pcie_tx, gpu.pcie_transmit_bytes), (pcie_rx, gpu.pcie_receive_bytes),
+                              (nvlink_tx, gpu.nvlink_transmit_bytes), (nvlink_rx, gpu.nvlink_receive_bytes)):
+            if value is not None:
+                family.add_metric(ids, value)
+        for kind, value in (("corrected", gpu.ecc_corrected_errors), ("uncorrected", gpu.ecc_uncorrected_errors)):
+            if value is not None:
+                ecc.add_metric(ids + [kind], value)
+        for engine, hist in gpu.utilization_histograms.items():
             histogram.add_metric(ids + [engine], _cumulative(hist), hist.total)
     yield from (energy, unattributed, busy, throttle, pcie_tx, pcie_rx, nvlink_tx, nvlink_rx, ecc, histogram)
 
     lost = GaugeFamily(P + "gpu_field_lost", "1 for each field that was read and no longer is (unsupported "
                        "or failing for over a second): its counters are absent, not frozen.",
                        labels=_GPU + ["field"])
-    for gpu in snapshot.gpus:
+    for gpu in snapshot.gpu_figures:
         for name in gpu.lost_fields:
-            lost.add_metric([str(gpu.info.index), gpu.info.uuid, name], 1.0)
+            lost.add_metric(_ids(gpu) + [name], 1.0)
     yield lost
 
     xid = CounterFamily(P + "gpu_xid_errors", "XID errors reported by the driver, by code.",
                         labels=_GPU + ["xid"])
-    uuids = {g.info.index: g.info.uuid for g in snapshot.gpus}
+    uuids = {g.info.index: g.info.uuid for g in snapshot.gpu_figures}
     for (index, code), count in sorted(snapshot.xid_counts.items()):
         xid.add_metric([str(index), uuids.get(index, ""), str(code)], count)
     yield xid
@@ -153,10 +156,9 @@ def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
                             labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
     mig_sm = GaugeFamily(P + "mig_sm_activity_ratio", "SM activity in one MIG instance (GPM).",
                          labels=_GPU + ["gpu_instance", "compute_instance", "mig_uuid"])
-    for gpu in snapshot.gpus:
-        for mig in (gpu.last.mig_instances or ()) if gpu.up and gpu.last else ():
-            labels = [str(gpu.info.index), gpu.info.uuid, str(mig.gpu_instance_id), str(mig.compute_instance_id),
-                      mig.uuid]
+    for gpu in snapshot.gpu_figures:
+        for mig in gpu.mig_instances:
+            labels = _ids(gpu) + [str(mig.gpu_instance_id), str(mig.compute_instance_id), mig.uuid]
             for family, value in ((mig_used, mig.memory_used_bytes), (mig_total, mig.memory_total_bytes),
                                   (mig_sm, mig.sm_activity_ratio)):
                 if value is not None:
@@ -256,17 +258,16 @@ def _self(snapshot: LedgerSnapshot, version: str) -> Iterator[Metric]:
 class LedgerCollector(Collector):
     """Builds the wattledger families from a ledger at scrape time."""
 
-    def __init__(self, ledger: Ledger, version: str, snapshot_hook: Callable[[LedgerSnapshot], None] | None = None):
+    def __init__(self, ledger: Ledger, version: str):
         self._ledger = ledger
         self._version = version
-        self._snapshot_hook = snapshot_hook
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._ledger.snapshot()
         info = GaugeFamily(P + "gpu_info", "Static facts about each GPU (value 1).",
                            labels=_GPU + ["model_name", "driver_version", "simulated"])
         up = GaugeFamily(P + "gpu_up", "1 while the GPU answers, 0 while it is lost.", labels=_GPU)
-        for gpu in snapshot.gpus:
+        for gpu in snapshot.gpu_figures:
             i = gpu.info
             info.add_metric([str(i.index), i.uuid, i.model_name, i.driver_version, "true" if i.simulated else "false"],
                             1.0)

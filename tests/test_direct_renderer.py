@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from prometheus_client.utils import floatToGoString
 
 from test_golden_exposition import GOLDEN, build_mock_registry
-from wattledger.agent.ledger import UTILIZATION_BUCKETS, GpuLedger, Histogram, HardwareCounter, LedgerSnapshot
+from wattledger.agent.ledger import UTILIZATION_BUCKETS, GpuFigures, Histogram, LedgerSnapshot
 from wattledger.agent.ledger import WorkloadProcessFigures
 from wattledger.exporters.prometheus import LedgerCollector, SinkStatusCollector, _cumulative
 from wattledger.exporters.render import (
@@ -38,7 +38,7 @@ from wattledger.exporters.render import (
     render_openmetrics,
     render_text,
 )
-from wattledger.probes.base import GpuInfo, GpuSample, HostSample, MigInstance, ProbeStats
+from wattledger.probes.base import GpuInfo, HostSample, MigInstance, ProbeStats
 
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
                      "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -65,45 +65,37 @@ def histograms(draw) -> Histogram:
                      draw(st.floats(min_value=0, max_value=1e12, allow_nan=False)))
 
 
-def counter(total: float) -> HardwareCounter:
-    made = HardwareCounter()
-    made.total = total
-    return made
-
-
 @st.composite
-def gpu_ledgers(draw, index: int) -> GpuLedger:
+def gpu_figures(draw, index: int) -> GpuFigures:
+    """One GPU's exported figures: each counter and gauge independently present or None."""
     info = GpuInfo(index, draw(odd_text), draw(odd_text), draw(odd_text), None, None, simulated=draw(st.booleans()))
     migs = draw(st.lists(st.tuples(st.integers(0, 14), st.integers(0, 7), odd_text, maybe_gauge, maybe_gauge,
                                    maybe_gauge), max_size=2, unique_by=lambda m: (m[0], m[1], m[2])))
-    last = GpuSample(
-        index, info.uuid, 0,
+    engines = draw(st.lists(st.sampled_from(ENGINES), unique=True, max_size=3))
+    maybe_counter = st.none() | counter_value
+    return GpuFigures(
+        info=info, up=draw(st.booleans()),
+        energy_joules=draw(maybe_counter), unattributed_energy_joules=draw(maybe_counter),
+        pcie_transmit_bytes=draw(maybe_counter), pcie_receive_bytes=draw(maybe_counter),
+        nvlink_transmit_bytes=draw(maybe_counter), nvlink_receive_bytes=draw(maybe_counter),
+        ecc_corrected_errors=draw(maybe_counter), ecc_uncorrected_errors=draw(maybe_counter),
+        busy_seconds={e: draw(counter_value) for e in engines},
+        utilization_histograms={e: draw(histograms()) for e in engines},
+        throttle_seconds=draw(st.dictionaries(odd_text, counter_value, max_size=2)),
+        lost_fields=tuple(draw(st.lists(odd_text, unique=True, max_size=2))),
         power_watts=draw(maybe_gauge), power_average_watts=draw(maybe_gauge), power_limit_watts=draw(maybe_gauge),
         memory_used_bytes=draw(maybe_gauge), memory_total_bytes=draw(maybe_gauge),
         memory_reserved_bytes=draw(maybe_gauge), sm_occupancy_ratio=draw(maybe_gauge),
-        temperature_gpu_celsius=draw(maybe_gauge), temperature_memory_celsius=draw(maybe_gauge),
         sm_clock_hertz=draw(maybe_gauge), memory_clock_hertz=draw(maybe_gauge),
-        throttle_reasons=frozenset(draw(st.lists(odd_text, max_size=3))),
+        temperature_gpu_celsius=draw(maybe_gauge), temperature_memory_celsius=draw(maybe_gauge),
+        throttle_reasons_active=tuple(sorted(set(draw(st.lists(odd_text, max_size=3))))),
         mig_instances=tuple(MigInstance(*m) for m in migs),
-    ) if draw(st.booleans()) else None
-    engines = draw(st.lists(st.sampled_from(ENGINES), unique=True, max_size=3))
-    return GpuLedger(
-        info=info, last=last, up=draw(st.booleans()),
-        energy=counter(draw(counter_value)), pcie_transmit=counter(draw(counter_value)),
-        ecc_corrected=counter(draw(counter_value)), ecc_uncorrected=counter(draw(counter_value)),
-        busy_seconds={e: draw(counter_value) for e in engines},
-        throttle_seconds=draw(st.dictionaries(odd_text, counter_value, max_size=2)),
-        histograms={e: draw(histograms()) for e in engines},
-        seen=set(draw(st.lists(st.sampled_from(["energy", "pcie_transmit", "pcie_receive", "nvlink_transmit",
-                                                 "nvlink_receive", "ecc"]), max_size=6))),
-        lost_fields=tuple(draw(st.lists(odd_text, unique=True, max_size=2))),
-        unattributed_energy_joules=draw(counter_value),
     )
 
 
 @st.composite
 def snapshots(draw) -> LedgerSnapshot:
-    gpus = [draw(gpu_ledgers(i)) for i in range(draw(st.integers(0, 3)))]
+    gpus = tuple(draw(gpu_figures(i)) for i in range(draw(st.integers(0, 3))))
     indexes = st.integers(0, 3)
     workload = odd_text
     host = HostSample(0, cpu_count=draw(st.none() | st.integers(1, 512)), memory_total_bytes=draw(maybe_gauge),
@@ -112,7 +104,8 @@ def snapshots(draw) -> LedgerSnapshot:
     return LedgerSnapshot(
         backend=draw(st.none() | odd_text),
         simulated=True,
-        gpus=gpus,
+        gpus=[],  # the ledger's own records: the exporter reads gpu_figures only
+        gpu_figures=gpus,
         host=host,
         host_cpu_busy_seconds=draw(st.none() | counter_value),
         host_cpu_core_busy_seconds=draw(st.dictionaries(st.integers(0, 255), counter_value, max_size=3)),

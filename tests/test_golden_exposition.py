@@ -9,6 +9,7 @@ tests/test_golden_exposition.py`` and review the diff.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -19,13 +20,14 @@ from host_tree import FIXTURE_PROC, FIXTURE_SYS
 from wattledger.agent.accounting import Accounting
 from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler
-from wattledger.exporters.prometheus import make_registry
+from wattledger.exporters.prometheus import LedgerCollector, make_registry
 from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity
 from wattledger.probes.host import ProcfsHostBackend
 from wattledger.probes.mock import MockGpuBackend
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics_mock.prom"
+VERSION = "0.0.0-golden"
 
 
 def render_mock_exposition() -> str:
@@ -34,6 +36,11 @@ def render_mock_exposition() -> str:
 
 def build_mock_registry() -> CollectorRegistry:
     """The agent's registry over 2 mock GPUs after 10 s of a scripted load (a fresh one each call)."""
+    return make_registry(build_mock_ledger(), VERSION)
+
+
+def build_mock_ledger() -> Ledger:
+    """The ledger behind ``build_mock_registry`` (a fresh one each call)."""
     clock = FakeClock()
     timeline = (
         ScriptedTimeline(clock.ns())
@@ -53,7 +60,7 @@ def build_mock_registry() -> CollectorRegistry:
     accounting.add_tokens("training", "trained", 65536)
     accounting.add_tokens("chat", "prompt", 1020)
     accounting.add_tokens("chat", "generated", 129)
-    return make_registry(ledger, "0.0.0-golden")
+    return ledger
 
 
 def test_exposition_matches_the_golden_file():
@@ -61,6 +68,31 @@ def test_exposition_matches_the_golden_file():
     if os.environ.get("WATTLEDGER_UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text(), "the exposition changed: see the module docstring"
+
+
+class _NoRecords:
+    """Stands for a snapshot's ledger records (``LedgerSnapshot.gpus``): any use of it fails."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the exporter read the ledger's own GPU records ({name})")
+
+    def __iter__(self):
+        raise AssertionError("the exporter read the ledger's own GPU records")
+
+
+class _FixedLedger:
+    def __init__(self, snapshot):
+        self._snapshot = snapshot
+
+    def snapshot(self):
+        return self._snapshot
+
+
+def test_the_exporter_reads_each_gpus_exported_figures_not_the_ledgers_records():
+    blind = dataclasses.replace(build_mock_ledger().snapshot(), gpus=_NoRecords())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LedgerCollector(_FixedLedger(blind), VERSION))
+    assert generate_latest(registry).decode() == GOLDEN.read_text()
 
 
 def test_contract_metric_names_are_all_present():

@@ -12,7 +12,8 @@ from wattledger.agent.ledger import HardwareCounter, KernelCounter, Ledger, Mono
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.prometheus import make_registry
 from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity, GpuInfo, GpuSample, ProbeUnavailable
+from wattledger.probes.activity import Activity
+from wattledger.probes.base import GpuInfo, GpuSample, ProbeUnavailable
 from wattledger.probes.host import ProcfsHostBackend
 from wattledger.probes.mock import FAULTABLE_FIELDS, Fault, MockGpuBackend
 
@@ -416,6 +417,26 @@ def test_a_lost_field_takes_its_counters_out_of_the_exposition_and_names_itself(
     assert lost_fields(registry) == []
     # The hardware counter kept counting while it could not be read: the total has all of it.
     assert after[0] - before[0] == pytest.approx(backend.true_energy_joules(0) - truth_before, rel=0.01)
+
+
+def test_the_exported_figures_are_none_exactly_where_a_series_is_absent():
+    clock, _, _, _, ledger, sampler = build(
+        lambda origin: ScriptedTimeline(origin).add(0, 30, BURST),
+        faults=[Fault("field_unsupported", at_s=2, field="pcie_transmit_bytes"),
+                Fault("field_unsupported", at_s=2, field="sm_activity_ratio"),
+                Fault("gpu_lost", at_s=5, until_s=8)])
+    run_ticks(sampler, clock, 4.0)
+    (gpu,) = ledger.snapshot().gpu_figures
+    assert gpu.up and gpu.pcie_transmit_bytes is None and gpu.pcie_receive_bytes is not None  # a lost field
+    assert "sm" not in gpu.busy_seconds and "sm" not in gpu.utilization_histograms and "gpu" in gpu.busy_seconds
+    assert {"pcie_transmit_bytes", "sm_activity_ratio"} <= set(gpu.lost_fields)
+    assert gpu.energy_joules is not None and gpu.unattributed_energy_joules is not None
+    assert gpu.power_watts is not None and gpu.temperature_gpu_celsius is not None
+    run_ticks(sampler, clock, 2.0)  # the GPU is lost: its gauges go, its counters stay
+    (gpu,) = ledger.snapshot().gpu_figures
+    assert not gpu.up and gpu.energy_joules is not None and "gpu" in gpu.busy_seconds
+    assert (gpu.power_watts, gpu.sm_clock_hertz, gpu.temperature_gpu_celsius) == (None, None, None)
+    assert gpu.throttle_reasons_active == () and gpu.mig_instances == ()
 
 
 def lost_fields(registry) -> list[str]:
