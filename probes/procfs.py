@@ -11,6 +11,7 @@ Clock ticks (``USER_HZ``, almost always 100) are converted with a ``clk_tck`` ar
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 __all__ = [
@@ -20,10 +21,13 @@ __all__ = [
     "PidStatus",
     "default_clk_tck",
     "parse_meminfo",
+    "parse_meminfo_lines",
     "parse_pid_stat",
     "parse_pid_status",
+    "parse_pid_status_lines",
     "parse_proc_stat",
     "parse_proc_stat_cpus",
+    "parse_proc_stat_cpus_lines",
 ]
 
 # The kernel prints these counters as u64 / unsigned long: at most 20 decimal digits. Refusing longer
@@ -104,7 +108,56 @@ def parse_proc_stat_cpus(text: str, clk_tck: int | None = None) -> CpuBusy:
     time the hypervisor gave another guest, not work done here. ``guest`` and ``guest_nice`` are left out
     because the kernel already counts them inside ``user`` and ``nice``. Old kernels print fewer columns;
     at least user, nice, system and idle are required. Offline cores have no line and are absent.
+
+    The kernel's own layout (the aggregate line first, every line as wide) is read by
+    :func:`_cpu_busy_uniform` in a few whole-table operations; anything else, and every error, by the line by
+    line :func:`parse_proc_stat_cpus_lines`. Both give the same figures (a property test holds them to it).
     """
+    tck = _check_clk_tck(clk_tck)
+    busy = _cpu_busy_uniform(text, tck)
+    return busy if busy is not None else parse_proc_stat_cpus_lines(text, tck)
+
+
+# The kernel's cpu lines at the top of /proc/stat: a label, then at least 4 columns of at most 19 digits
+# (so each fits in 64 bits; a 20-digit one takes the general path), separated by spaces.
+_CPU_BLOCK = re.compile(r"(?:cpu[0-9]{0,19}(?: +[0-9]{1,19}){4,}\n)+")
+
+
+def _cpu_busy_uniform(text: str, tck: int) -> CpuBusy | None:
+    """:func:`parse_proc_stat_cpus` for the kernel's layout, ``None`` for anything else: the cpu lines first
+    (the aggregate ``cpu``, then ``cpuN`` in ascending N), all as wide, and no other cpu line further down.
+
+    One regex checks every number of the block; the labels are taken out of the split block by a stride,
+    and that the stride finds exactly the labels proves every line is as wide, so a column is one more
+    stride. Each step is one C-level pass over the table, not Python work per number or per line:
+    /proc/stat has a line per core, and the host probe reads it at up to 10 Hz."""
+    block = _CPU_BLOCK.match(text)
+    if block is None or text.find("\ncpu", block.end() - 1) >= 0:
+        return None
+    lines = block.group().count("\n")
+    tokens = block.group().split()
+    width = len(tokens) // lines  # label + columns, if every line is as wide (checked below)
+    if width * lines != len(tokens):
+        return None
+    labels = " ".join(tokens[::width])
+    core_numbers = list(map(int, labels.replace("cpu", "").split()))
+    # Each line's label holds one "cpu": as many as lines means the stride met labels only. The aggregate
+    # first, then one number per line after it, ascending: the kernel's order (anything else goes the
+    # general way, which sorts, and names a duplicate).
+    if (tokens[0] != "cpu" or labels.count("cpu") != lines or len(core_numbers) != lines - 1
+            or sorted(set(core_numbers)) != core_numbers):
+        return None
+    del tokens[::width]
+    columns = width - 1
+    # Integer sums of the busy columns (old kernels print fewer), then one division per line: the very
+    # figures the line-by-line path computes.
+    busy_ticks = map(sum, zip(*[map(int, tokens[column::columns]) for column in _BUSY_COLUMNS if column < columns]))
+    seconds = [ticks / tck for ticks in busy_ticks]
+    return CpuBusy(seconds[0], tuple(zip(core_numbers, seconds[1:])))
+
+
+def parse_proc_stat_cpus_lines(text: str, clk_tck: int | None = None) -> CpuBusy:
+    """:func:`parse_proc_stat_cpus` line by line: the general path, whose errors name the first bad line."""
     tck = _check_clk_tck(clk_tck)
     total: float | None = None
     cores: list[tuple[int, float]] = []
@@ -149,12 +202,62 @@ def _kb_line(key: str, rest: str, source: str) -> int:
     return _uint(parts[0], f"{source} {key}") * 1024
 
 
+def _line_rest(text: str, key: str) -> str | None:
+    """What follows ``key:`` on the one line that starts with it, ``None`` when no line does.
+
+    Raises :class:`_Unusual` when two lines start with it: the caller's general path then says so."""
+    head = key + ":"
+    if text.startswith(head):
+        start = len(head)
+    else:
+        found = text.find("\n" + head)
+        if found < 0:
+            return None
+        start = found + 1 + len(head)
+    end = text.find("\n", start)
+    if end < 0:
+        end = len(text)
+    if text.find("\n" + head, end) >= 0:
+        raise _Unusual(key)
+    return text[start:end]
+
+
+class _Unusual(Exception):
+    """A fast path met text it leaves to the general path (which gives the error, in line order)."""
+
+
+def _kb_fields(text: str, keys: dict[str, str], source: str) -> dict[str, int]:
+    """``{field: bytes}`` for the ``keys`` (file key -> field name) present in ``text``: a few ``find``
+    calls instead of a partition of every line. :class:`_Unusual` (a duplicate) or a ProcfsParseError
+    (a bad value) sends the caller to its general path, which reports the first problem in line order."""
+    out: dict[str, int] = {}
+    for key, field in keys.items():
+        rest = _line_rest(text, key)
+        if rest is not None:
+            out[field] = _kb_line(key, rest, source)
+    return out
+
+
+_MEMINFO_FIELDS = {key: key for key in MEMINFO_KEYS}
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     """``MemTotal``, ``MemAvailable`` and ``Mlocked`` from /proc/meminfo, converted from kB to bytes.
 
     Keys missing from the text are missing from the result (``MemAvailable`` appeared in Linux 3.14);
     ``MemTotal`` is required. Other lines are not inspected.
     """
+    try:
+        out = _kb_fields(text, _MEMINFO_FIELDS, "/proc/meminfo")
+    except (_Unusual, ProcfsParseError):
+        return parse_meminfo_lines(text)
+    if "MemTotal" not in out:
+        raise ProcfsParseError("/proc/meminfo: no MemTotal line")
+    return out
+
+
+def parse_meminfo_lines(text: str) -> dict[str, int]:
+    """:func:`parse_meminfo` line by line: the general path, whose errors name the first bad line."""
     out: dict[str, int] = {}
     for line in text.split("\n"):
         key, sep, rest = line.partition(":")
@@ -172,6 +275,15 @@ def parse_pid_status(text: str) -> PidStatus:
 
     Kernel threads have no ``Vm*`` lines, so all three are ``None`` for them.
     """
+    try:
+        found = _kb_fields(text, _STATUS_KEYS, "/proc/PID/status")
+    except (_Unusual, ProcfsParseError):
+        return parse_pid_status_lines(text)
+    return PidStatus(found.get("rss_bytes"), found.get("locked_bytes"), found.get("pinned_bytes"))
+
+
+def parse_pid_status_lines(text: str) -> PidStatus:
+    """:func:`parse_pid_status` line by line: the general path, whose errors name the first bad line."""
     found: dict[str, int] = {}
     for line in text.split("\n"):
         key, sep, rest = line.partition(":")

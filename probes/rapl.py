@@ -202,6 +202,14 @@ class RaplReader:
             out[zone.label] = zone.total_uj / 1e6
         return out
 
+    def problem(self) -> str | None:
+        """Why RAPL energy is not all read now, in one line (no powercap tree, no package zone, the first
+        exported zone whose last read failed); None while every exported zone reads."""
+        if self._missing_reason is not None:
+            return self._missing_reason
+        failing = next((zone for zone in self._zones if zone.error is not None), None)
+        return f"{failing.label}: {failing.error}" if failing is not None else None
+
     @property
     def zones(self) -> tuple[str, ...]:
         """Labels of the exported zones found at discovery ("package-0", "dram-0", ...), readable or not."""

@@ -602,3 +602,282 @@ def test_psutil_backend_sample_and_vanishing_process():
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+# -- kept-open files (issue 10: the host read without open/read/close each time) ---------------------
+
+
+def _open_files_under(root: Path) -> list[str]:
+    """Paths under ``root`` that this process holds open, from /proc/self/fd."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, closed by now
+            continue
+        if target.startswith(str(root)):
+            out.append(target)
+    return sorted(out)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Puts new content under ``path`` as a new file (a new inode), as an editor or ``mv`` would."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(text)
+    os.replace(fresh, path)
+
+
+@linux_only
+def test_replaced_files_in_a_fake_tree_are_read_afresh(tmp_path):
+    # A descriptor kept open reads the file it was opened on: outside a procfs mount, a file replaced
+    # under its name must be opened again, or the probe would serve the old figures for ever.
+    proc = _workload_tree(tmp_path)
+    sys_root = _package_only(tmp_path, 900, max_uj=10**6)
+    clock = FakeClock()
+    backend = ProcfsHostBackend(str(proc), str(sys_root), clock_ns=clock, clk_tck=100)
+    backend.watch_process(100)
+    for _ in range(2):  # the second read of each file is the first through a kept descriptor
+        first = backend.sample()
+        clock.advance(1.0)
+    assert first.cpu_busy_seconds == pytest.approx(4 * 1.55)
+    assert first.rapl_energy_joules == {"package-0": pytest.approx(900e-6)}
+    _replace_file(proc / "stat", proc_stat_text([(300, 0, 0, 1000, 0, 0, 0, 0, 0, 0)] * 4))
+    _replace_file(proc / "meminfo", meminfo_text(16_000_000, 2_000_000, 8))
+    _replace_file(proc / "100" / "stat", stat_line(100, "python3", 1, 700, 20))
+    _replace_file(sys_root / "class" / "powercap" / "intel-rapl:0" / "energy_uj", "1500\n")
+    second = backend.sample()
+    assert second.cpu_busy_seconds == pytest.approx(12.0)
+    assert second.memory_available_bytes == 2_000_000 * KIB and second.memory_locked_bytes == 8 * KIB
+    assert {p.pid: p.cpu_seconds for p in second.processes}[100] == pytest.approx(7.2)
+    assert second.rapl_energy_joules == {"package-0": pytest.approx(1500e-6)}
+
+
+@linux_only
+def test_watched_processes_files_are_closed_when_they_exit(tmp_path):
+    proc = _workload_tree(tmp_path)
+    clock = FakeClock()
+    backend = ProcfsHostBackend(str(proc), str(tmp_path / "sys"), clock_ns=clock, clk_tck=100)
+    backend.watch_process(100)
+    backend.sample()
+    assert [Path(p).relative_to(proc).as_posix() for p in _open_files_under(proc)] == [
+        "100/stat", "100/status", "101/stat", "101/status", "meminfo", "stat"]
+    remove_process(proc, 101)
+    clock.advance(1.0)
+    backend.sample()
+    assert not any("/101/" in p for p in _open_files_under(proc))
+    backend.close()
+    assert _open_files_under(proc) == []
+
+
+@linux_only
+def test_kept_descriptor_on_real_proc_reads_fresh_and_fails_once_the_process_is_gone():
+    import signal
+    import subprocess
+
+    from wattledger.probes.host import KeptFile, mounted_filesystem_type
+
+    assert mounted_filesystem_type("/proc") == "proc"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        kept = KeptFile(f"/proc/{child.pid}/stat", check_replaced=False)
+        before = parse_pid_stat(kept.read_text(), 100)
+        assert before.pid == child.pid
+        os.kill(child.pid, signal.SIGSTOP)
+        os.waitpid(child.pid, os.WUNTRACED)  # stopped: its state field now reads T
+        assert ") T " in kept.read_text()
+        child.kill()
+        child.wait()
+        with pytest.raises((FileNotFoundError, ProcessLookupError)):  # as a fresh open would fail
+            kept.read_text()
+        kept.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_a_fake_tree_is_no_mount(tmp_path):
+    from wattledger.probes.host import mounted_filesystem_type
+
+    assert mounted_filesystem_type(str(tmp_path)) is None
+    assert mounted_filesystem_type(str(tmp_path), mountinfo_path=str(tmp_path / "none")) is None
+
+
+def test_mount_table_with_escaped_path(tmp_path):
+    from wattledger.probes.host import mounted_filesystem_type
+
+    target = tmp_path / "my proc"
+    target.mkdir()
+    table = tmp_path / "mountinfo"
+    escaped = str(target).replace(" ", "\\040")
+    table.write_text(f"22 27 0:21 / {escaped} rw,relatime - proc proc rw\n"
+                     f"23 27 0:22 / /sys rw,relatime shared:7 - sysfs sysfs rw\n")
+    assert mounted_filesystem_type(str(target), mountinfo_path=str(table)) == "proc"
+    assert mounted_filesystem_type("/sys", mountinfo_path=str(table)) == "sysfs"
+
+
+# -- parsers: the fast paths give what the line-by-line paths give -------------------------------------
+
+
+def _outcome(parse, text):
+    try:
+        return ("ok", parse(text))
+    except ProcfsParseError as exc:
+        return ("error", str(exc))
+
+
+_cpu_line_alphabet = st.sampled_from(list("cpu0123456789  \n\tx_"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(alphabet=_cpu_line_alphabet, max_size=200),
+                 st.lists(_cpu_row, min_size=1, max_size=8).map(proc_stat_text)))
+def test_proc_stat_fast_path_matches_the_line_by_line_path(text):
+    from wattledger.probes.procfs import parse_proc_stat_cpus_lines
+
+    assert _outcome(lambda t: parse_proc_stat_cpus(t, 100), text) == _outcome(
+        lambda t: parse_proc_stat_cpus_lines(t, 100), text)
+
+
+@pytest.mark.parametrize("text", [
+    "cpu  1 2 3 4 5\ncpu1 1 2 3 4 5\ncpu0 1 2 3 4 5\n",  # cores out of order: sorted by number
+    "cpu0 1 2 3 4 5\ncpu  2 2 3 4 5\n",  # aggregate line last
+    "cpu  1 2 3 4 5 6\ncpu0 1 2 3 4 5\n",  # ragged widths
+    "cpu  1 2 3 4 5\ncpu0 1 2 3 4 5\ncpu0 1 2 3 4 5\n",  # duplicate core
+    "cpu  1 2 3 4 " + "1" * 20 + "\n",  # a 20-digit number: the general path's bounds
+    "cpu  1 2 3 4 " + "9" * 20 + "\n",  # 20 digits beyond 64 bits
+    "cpu\t1 2 3 4 5\ncpu0 1 2 3 4 5\n",
+    "cpu  1 2 3 4 5\ncpu 1 2 3 4 5\n",  # a second aggregate line
+])
+def test_proc_stat_unusual_layouts_take_the_general_path(text):
+    from wattledger.probes.procfs import parse_proc_stat_cpus_lines
+
+    assert _outcome(lambda t: parse_proc_stat_cpus(t, 100), text) == _outcome(
+        lambda t: parse_proc_stat_cpus_lines(t, 100), text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=_proc_alphabet, max_size=300))
+def test_meminfo_and_status_fast_paths_match_the_line_by_line_paths(text):
+    from wattledger.probes.procfs import parse_meminfo_lines, parse_pid_status_lines
+
+    assert _outcome(parse_meminfo, text) == _outcome(parse_meminfo_lines, text)
+    assert _outcome(parse_pid_status, text) == _outcome(parse_pid_status_lines, text)
+
+
+@pytest.mark.parametrize("text", [
+    "MemTotal: 1 kB\nMlocked: 2 kB\nMlocked: 3 kB\n",
+    "Mlocked: x kB\nMemTotal: 1 MB\n",
+    "VmRSS:\t1 kB\nVmLck:\tbad\nVmRSS:\t2 kB\n",
+    "MemTotal: 1 kB",  # no final newline
+])
+def test_meminfo_and_status_errors_name_the_first_bad_line(text):
+    from wattledger.probes.procfs import parse_meminfo_lines, parse_pid_status_lines
+
+    assert _outcome(parse_meminfo, text) == _outcome(parse_meminfo_lines, text)
+    assert _outcome(parse_pid_status, text) == _outcome(parse_pid_status_lines, text)
+
+
+# -- sub-probes (probe_status) -------------------------------------------------------------------------
+
+
+def _outcomes(backend) -> dict:
+    return {o.name: o for o in backend.probe_status()}
+
+
+def test_host_sub_probes_on_the_fixture_all_succeed():
+    backend = fixture_backend()
+    assert backend.probe_status() == []  # before the first read
+    backend.watch_process(4242)
+    backend.sample()
+    got = _outcomes(backend)
+    assert list(got) == ["host.stat", "host.meminfo", "host.processes", "host.rapl"]
+    assert all(o.success and o.error is None for o in got.values())
+
+
+def test_a_host_without_rapl_shows_a_failed_rapl_probe_with_the_reason(tmp_path):
+    proc = build_proc(tmp_path)
+    backend = ProcfsHostBackend(str(proc), str(tmp_path / "sys"), clk_tck=100)
+    backend.sample()
+    rapl = _outcomes(backend)["host.rapl"]
+    assert not rapl.success and "powercap" in rapl.error and "\n" not in rapl.error
+    assert _outcomes(backend)["host.stat"].success
+
+
+def test_an_unreadable_rapl_zone_fails_the_rapl_probe_until_it_heals(tmp_path):
+    proc = build_proc(tmp_path)
+    sys_root = _package_only(tmp_path, 900)
+    backend = ProcfsHostBackend(str(proc), str(sys_root), clk_tck=100)
+    backend.sample()
+    assert _outcomes(backend)["host.rapl"].success
+    set_zone_file(sys_root, "intel-rapl:0", "energy_uj", UNREADABLE)
+    backend.sample()
+    rapl = _outcomes(backend)["host.rapl"]
+    assert not rapl.success and rapl.error.startswith("package-0: cannot read energy_uj")
+    set_zone_file(sys_root, "intel-rapl:0", "energy_uj", 950)
+    backend.sample()
+    assert _outcomes(backend)["host.rapl"].success
+
+
+def test_broken_meminfo_and_unreadable_process_fail_their_probes(tmp_path):
+    proc = _workload_tree(tmp_path)
+    (proc / "meminfo").write_text("MemTotal: lots kB\n")
+    (proc / "101" / "stat").unlink()
+    (proc / "101" / "stat").mkdir()  # unreadable (as under hidepid), not gone
+    backend = ProcfsHostBackend(str(proc), str(tmp_path / "sys"), clk_tck=100)
+    backend.watch_process(100)
+    backend.sample()
+    got = _outcomes(backend)
+    assert not got["host.meminfo"].success and "meminfo" in got["host.meminfo"].error
+    assert not got["host.processes"].success and got["host.processes"].error.startswith("pid 101:")
+    assert got["host.stat"].success
+
+
+def test_old_kernel_meminfo_is_a_working_probe_with_fields_missing(tmp_path):
+    proc = build_proc(tmp_path, meminfo=meminfo_text(16_000_000, None, None))
+    backend = ProcfsHostBackend(str(proc), str(tmp_path / "sys"), clk_tck=100)
+    backend.sample()
+    assert _outcomes(backend)["host.meminfo"].success
+    assert not {s.name: s for s in backend.field_status()}["memory_available_bytes"].supported
+
+
+def test_sub_probe_durations_are_on_the_backends_clock(tmp_path):
+    class StepClock:  # each reading 1 ms after the last
+        def __init__(self):
+            self.now_ns = 0
+
+        def __call__(self):
+            self.now_ns += 1_000_000
+            return self.now_ns
+
+    backend = ProcfsHostBackend(str(build_proc(tmp_path)), str(tmp_path / "sys"), clock_ns=StepClock(), clk_tck=100)
+    backend.sample()
+    got = _outcomes(backend)
+    assert [got[name].duration_seconds for name in ("host.stat", "host.meminfo", "host.rapl")] == [
+        pytest.approx(0.001)] * 3
+    assert got["host.processes"].duration_seconds == pytest.approx(0.001)  # the (empty) refresh
+
+
+def test_psutil_backend_reports_the_same_sub_probes():
+    backend = PsutilHostBackend()
+    backend.sample()
+    got = _outcomes(backend)
+    assert list(got) == ["host.stat", "host.meminfo", "host.processes", "host.rapl"]
+    assert got["host.stat"].success and got["host.meminfo"].success and got["host.processes"].success
+    assert not got["host.rapl"].success and "psutil" in got["host.rapl"].error
+
+
+def test_kept_file_reads_a_file_larger_than_its_buffer_whole_and_sees_it_shrink(tmp_path):
+    from wattledger.probes.host import KeptFile
+
+    path = tmp_path / "stat"
+    big = "".join(f"cpu{i} " + " ".join(["123456789"] * 10) + "\n" for i in range(200))  # ~20 kB
+    path.write_text(big)
+    kept = KeptFile(str(path), check_replaced=True, size_bytes=64)
+    assert kept.read_text() == big
+    path.write_text("cpu  1 2 3 4\n")  # rewritten in place, shorter: the kept descriptor reads the new text
+    assert kept.read_text() == "cpu  1 2 3 4\n"
+    path.unlink()
+    with pytest.raises(FileNotFoundError):
+        kept.read_text()
+    kept.close()
