@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity
 from wattledger.probes.procfs import ProcfsParseError, parse_pid_stat
 
 TOKEN_KINDS: tuple[str, ...] = ("prompt", "generated", "trained")

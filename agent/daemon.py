@@ -296,6 +296,12 @@ class Agent:
         late = source.late()
         return MockLateness(spans=late.spans, seconds=late.seconds, lag_seconds=gpu.lag_seconds)
 
+    def record_probe(self, name: str, success: bool, duration_seconds: float, error: str | None = None) -> None:
+        """One read of a probe that runs outside the sampler, as its self-metrics
+        (``wattledger_probe_success{probe=name}``, ``wattledger_probe_duration_seconds``): ``wattledger run``'s
+        serving-engine token poller reports each of its reads as probe ``engine``. Any thread."""
+        self.ledger.record_probe(name, success, duration_seconds, error)
+
     def rapl_status(self) -> list[FieldStatus]:
         """The host probe's RAPL entries (readable, or why not), so a summary can say why it has no CPU
         energy; one unsupported entry when there is no host probe at all."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from wattledger.agent.ledger import Ledger
-from wattledger.probes.base import GpuBackend, GpuSample, HostBackend, HostSample
+from wattledger.probes.base import FatalProbeError, GpuBackend, GpuSample, HostBackend, HostSample, ProbeOutcome
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,16 @@ class Sampler:
         # A backend whose devices appear later (NVML retried with backoff) bumps ``devices_generation``:
         # the ledger and the device listeners then learn the new list before its samples are recorded.
         self._device_listeners: list[Callable[[list], None]] = []
-        self._devices_generation = getattr(gpu, "devices_generation", None)
-        # The GPU backend's optional extras, looked up once per backend object rather than every tick (a
-        # getattr that misses raises and clears an AttributeError inside): see _gpu_extras.
-        self._extras_of: object = None
-        self._has_generation = False
-        self._xid_counts: Callable[[], dict] | None = None
-        self._error_counts: Callable[[], dict] | None = None
+        self._devices_generation = gpu.devices_generation if gpu is not None else None
+        # The GPU backend's bound methods, resolved once per backend object rather than every tick (see
+        # _bind_gpu), and the counts last handed to the ledger (it is told only when they change).
+        self._bound_gpu: object = None
+        self._xid_counts: Callable[[], dict] = dict
+        self._error_counts: Callable[[], dict] = dict
+        self._gpu_probe_status: Callable[[], list[ProbeOutcome]] = list
+        self._last_xid_counts: dict = {}
+        self._last_error_counts: dict = {}
+        self._host_probe_status: Callable[[], list[ProbeOutcome]] = host.probe_status if host is not None else list
         gpu_infos = gpu.devices() if gpu is not None else []
         ledger.set_devices(gpu.name if gpu else None, bool(gpu and gpu.simulated), gpu_infos)
 
@@ -155,16 +158,16 @@ class Sampler:
         """Call ``listener(gpu_infos)`` when the GPU backend's device list changes after start."""
         self._device_listeners.append(listener)
 
-    def _gpu_extras(self) -> None:
-        """Resolve the GPU backend's optional extras (``tick`` calls this again if ``self.gpu`` is replaced)."""
-        gpu = self._extras_of = self.gpu
-        self._has_generation = hasattr(gpu, "devices_generation")
-        self._xid_counts = getattr(gpu, "xid_counts", None)
-        self._error_counts = getattr(gpu, "error_counts", None)
+    def _bind_gpu(self) -> None:
+        """Resolve the GPU backend's per-tick methods (``tick`` calls this again if ``self.gpu`` is replaced)."""
+        gpu = self._bound_gpu = self.gpu
+        self._xid_counts = gpu.xid_counts
+        self._error_counts = gpu.error_counts
+        self._gpu_probe_status = gpu.probe_status
 
     def _record_gpus(self, samples: list[GpuSample]) -> None:
         # (The attribute itself is read every tick: its value moves when the backend finds its devices.)
-        generation = self.gpu.devices_generation if self._has_generation else None
+        generation = self.gpu.devices_generation
         if generation != self._devices_generation:
             self._devices_generation = generation
             infos = self.gpu.devices()
@@ -193,24 +196,33 @@ class Sampler:
         gpu_samples: list[GpuSample] = []
         host_sample: HostSample | None = None
         if self.gpu is not None:
-            if self.gpu is not self._extras_of:
-                self._gpu_extras()
-            gpu_samples = self._timed("gpu", self.gpu.sample, self._record_gpus) or []
-            if self._xid_counts is not None:
-                self.ledger.record_xids(self._xid_counts())
-            if self._error_counts is not None:
-                self.ledger.record_backend_errors(self._error_counts())
+            if self.gpu is not self._bound_gpu:
+                self._bind_gpu()
+            gpu_samples = self._timed("gpu", self.gpu.sample, self._record_gpus, self._gpu_probe_status) or []
+            self._record_gpu_counts()
         now = self._clock()
         if self.host is not None and (self._next_host_read is None or now >= self._next_host_read):
             # Half an interval of slack keeps jitter from skipping a read.
             self._next_host_read = now + self.host_interval_seconds - self.interval_seconds / 2
-            host_sample = self._timed("host", self.host.sample, self.ledger.record_host)
+            host_sample = self._timed("host", self.host.sample, self.ledger.record_host, self._host_probe_status)
         for _, sink in self._sinks:
             sink(gpu_samples, host_sample)
         if self._housekeeping is not None:
             self._run_housekeeping()
         self.ticks += 1
         self._last_tick_end = self._clock()
+
+    def _record_gpu_counts(self) -> None:
+        """The backend's cumulative XID and read-error counts, to the ledger when they changed (they
+        seldom do: an unchanged dict is not copied under the ledger's lock every tick)."""
+        xids = self._xid_counts()
+        if xids != self._last_xid_counts:
+            self._last_xid_counts = xids
+            self.ledger.record_xids(xids)
+        errors = self._error_counts()
+        if errors != self._last_error_counts:
+            self._last_error_counts = errors
+            self.ledger.record_backend_errors(errors)
 
     def _run_housekeeping(self) -> None:
         if self._housekeeping is None:
@@ -229,13 +241,15 @@ class Sampler:
         else:
             self._housekeeping_error = None
 
-    def _timed(self, probe: str, read, record):
+    def _timed(self, probe: str, read, record, sub_probes: Callable[[], list[ProbeOutcome]]):
+        """``record(read())``, with the read's outcome as probe ``probe`` and, after a read that worked,
+        each of the backend's sub-probes' (``sub_probes()``) under its own name."""
         started = self._clock()
         try:
             result = read()
+        except FatalProbeError:
+            raise
         except Exception as err:  # noqa: BLE001 - every probe failure must show up, not kill the loop
-            if getattr(err, "fatal", False):
-                raise
             message = f"{type(err).__name__}: {err}"
             self.ledger.record_probe(probe, False, self._clock() - started, message)
             if self._probe_errors.get(probe) != message:  # once per distinct failure, not every tick
@@ -245,8 +259,22 @@ class Sampler:
         if self._probe_errors.pop(probe, None) is not None:
             log.info("%s probe works again", probe)
         self.ledger.record_probe(probe, True, self._clock() - started)
+        for outcome in sub_probes():
+            self._record_sub_probe(outcome)
         record(result)
         return result
+
+    def _record_sub_probe(self, outcome: ProbeOutcome) -> None:
+        """One part of a read (``host.rapl``, ``gpu.gpm``...) to the self-metrics; a failure is logged once
+        per distinct reason, at INFO: a part that cannot work on this machine (no RAPL) is no alarm."""
+        name = outcome.name
+        self.ledger.record_probe(name, outcome.success, outcome.duration_seconds, outcome.error)
+        if outcome.success:
+            if self._probe_errors.pop(name, None) is not None:
+                log.info("%s probe works again", name)
+        elif self._probe_errors.get(name) != outcome.error:
+            log.info("%s probe failed: %s (logged once; wattledger_probe_success shows it)", name, outcome.error)
+            self._probe_errors[name] = outcome.error or ""
 
     def run(self) -> None:
         """The loop; returns when ``stop()`` is called or a fatal probe error occurs."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from wattledger.agent.accounting import Accounting, AccountingError, Span
 from wattledger.probes.activity import flatten
-from wattledger.probes.base import IDLE, Activity, ActivitySegment
+from wattledger.probes.activity import IDLE, Activity, ActivitySegment
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""Activity sources for the mock GPU: what each simulated device is doing, and when.
+"""The mock GPU's input: what each simulated device is doing, and when.
+
+``Activity`` (a device's load over a stretch of time), ``ActivitySegment`` and the ``ActivitySource``
+protocol the mock reads them through; ``ScriptedTimeline`` is a source scripted in advance (tests,
+benchmarks), the agent's span-driven source is ``agent/span_activity.py``.
 
 Overlapping activities on one device combine field by field with ``max``: a GPU is busy when any
 kernel runs, and its SM/tensor/DRAM load is that of the heaviest thing running.
@@ -9,10 +13,55 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
-from wattledger.probes.base import Activity, ActivitySegment
+from wattledger.probes.base import direct_slot_init
 
 NS_PER_S = 1_000_000_000
+
+
+@direct_slot_init
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What a GPU is doing over a stretch of time: the input to the mock GPU's physics.
+
+    Each ratio is a time fraction from 0 to 1. ``gpu`` is the fraction of time any kernel runs (what
+    NVML's utilization.gpu reports), ``sm`` the fraction of SMs busy, ``tensor`` the tensor pipes,
+    ``dram`` the HBM bandwidth used.
+    """
+
+    gpu: float = 0.0
+    sm: float = 0.0
+    tensor: float = 0.0
+    dram: float = 0.0
+    pcie_transmit_bytes_per_second: float = 0.0
+    pcie_receive_bytes_per_second: float = 0.0
+
+
+IDLE = Activity()
+
+
+@direct_slot_init
+@dataclass(frozen=True, slots=True)
+class ActivitySegment:
+    """``activity`` holds on [start_ns, end_ns)."""
+
+    start_ns: int
+    end_ns: int
+    activity: Activity
+
+
+class ActivitySource(Protocol):
+    """Tells the mock GPU what each device was doing."""
+
+    def segments(self, gpu: int, start_ns: int, end_ns: int) -> list[ActivitySegment]:
+        """Non-overlapping segments covering [start_ns, end_ns) in order; gaps are idle."""
+        ...
+
+    def allocated_bytes(self, gpu: int) -> int:
+        """GPU memory the workloads have declared on this device, in bytes."""
+        ...
 
 
 def combine(activities: Sequence[Activity]) -> Activity:

@@ -97,6 +97,12 @@ class ProbeUnavailable(Exception):
     """
 
 
+class FatalProbeError(RuntimeError):
+    """A probe cannot go on in this process, and only a new process can fix it (NVML's library and kernel
+    driver differ after a driver update). Raised from a backend's ``sample()``; the sampler does not count
+    it as a failed read but stops, and the agent exits so that its supervisor restarts it."""
+
+
 @direct_slot_init
 @dataclass(frozen=True, slots=True)
 class GpuInfo:
@@ -232,12 +238,30 @@ class FieldStatus:
     reason: str | None = None
 
 
+@direct_slot_init
+@dataclass(frozen=True, slots=True)
+class ProbeOutcome:
+    """How one of a backend's sub-probes did on its last read, as node_exporter reports each collector
+    (``node_scrape_collector_success``): exported as ``wattledger_probe_success{probe=name}`` and
+    ``wattledger_probe_duration_seconds``. A sub-probe that cannot work on this machine (no RAPL, no GPM)
+    is a failure with the reason, not an absent series."""
+
+    name: str  # "host.stat", "host.rapl", "gpu.gpm", ...
+    success: bool
+    duration_seconds: float  # on the backend's own clock
+    error: str | None = None  # one line: why it failed; None on success
+
+
 @runtime_checkable
 class GpuBackend(Protocol):
-    """Reads GPUs. Every call happens on the sampler thread."""
+    """Reads GPUs. Every call happens on the sampler thread, except ``xid_counts`` and ``error_counts``
+    (any thread). Backends without XID events, counted errors or sub-probes return empty results."""
 
     name: str  # "nvml", "mock" or "replay"
     simulated: bool
+    # Moves on when ``devices()`` changes after open (NVML opened late, by a retrying backend); the
+    # sampler then hands the new list to the ledger. Backends whose devices are fixed keep it at 0.
+    devices_generation: int
 
     def devices(self) -> list[GpuInfo]:
         """The GPUs this backend reads, in index order."""
@@ -251,8 +275,37 @@ class GpuBackend(Protocol):
         """Which fields work on a device, after at least one ``sample()``."""
         ...
 
+    def xid_counts(self) -> dict[tuple[int, int], int]:
+        """XID critical errors since start: ``(gpu index, xid) -> count``; cumulative."""
+        ...
+
+    def error_counts(self) -> dict[tuple[int | None, str, str], int]:
+        """Unexpected read errors since start: ``(gpu index or None, probe, error name) -> count``."""
+        ...
+
+    def probe_status(self) -> list[ProbeOutcome]:
+        """Each sub-probe's outcome on the last ``sample()`` (``gpu.fields``, ``gpu.gpm``, ``gpu.xid``)."""
+        ...
+
     def close(self) -> None:
         ...
+
+
+class FixedGpuBackend:
+    """The optional ``GpuBackend`` parts for a backend that has none of them: devices fixed at open, no XID
+    events, no counted read errors, no sub-probes. The mock and replay backends (and test stubs) inherit
+    it; NVML implements each."""
+
+    devices_generation = 0
+
+    def xid_counts(self) -> dict[tuple[int, int], int]:
+        return {}
+
+    def error_counts(self) -> dict[tuple[int | None, str, str], int]:
+        return {}
+
+    def probe_status(self) -> list[ProbeOutcome]:
+        return []
 
 
 @runtime_checkable
@@ -274,50 +327,12 @@ class HostBackend(Protocol):
     def field_status(self) -> list[FieldStatus]:
         ...
 
+    def probe_status(self) -> list[ProbeOutcome]:
+        """Each sub-probe's outcome on the last ``sample()`` (``host.stat``, ``host.meminfo``,
+        ``host.processes``, ``host.rapl``)."""
+        ...
+
     def close(self) -> None:
-        ...
-
-
-@direct_slot_init
-@dataclass(frozen=True, slots=True)
-class Activity:
-    """What a GPU is doing over a stretch of time: the input to the mock GPU's physics.
-
-    Each ratio is a time fraction from 0 to 1. ``gpu`` is the fraction of time any kernel runs (what
-    NVML's utilization.gpu reports), ``sm`` the fraction of SMs busy, ``tensor`` the tensor pipes,
-    ``dram`` the HBM bandwidth used.
-    """
-
-    gpu: float = 0.0
-    sm: float = 0.0
-    tensor: float = 0.0
-    dram: float = 0.0
-    pcie_transmit_bytes_per_second: float = 0.0
-    pcie_receive_bytes_per_second: float = 0.0
-
-
-IDLE = Activity()
-
-
-@direct_slot_init
-@dataclass(frozen=True, slots=True)
-class ActivitySegment:
-    """``activity`` holds on [start_ns, end_ns)."""
-
-    start_ns: int
-    end_ns: int
-    activity: Activity
-
-
-class ActivitySource(Protocol):
-    """Tells the mock GPU what each device was doing."""
-
-    def segments(self, gpu: int, start_ns: int, end_ns: int) -> list[ActivitySegment]:
-        """Non-overlapping segments covering [start_ns, end_ns) in order; gaps are idle."""
-        ...
-
-    def allocated_bytes(self, gpu: int) -> int:
-        """GPU memory the workloads have declared on this device, in bytes."""
         ...
 
 

@@ -35,16 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from uuid import NAMESPACE_URL, uuid5
 
-from wattledger.probes.base import (
-    IDLE,
-    Activity,
-    ActivitySegment,
-    ActivitySource,
-    FieldStatus,
-    GpuInfo,
-    GpuSample,
-    ProbeUnavailable,
-)
+from wattledger.probes.activity import IDLE, Activity, ActivitySegment, ActivitySource
+from wattledger.probes.base import FieldStatus, FixedGpuBackend, GpuInfo, GpuSample, ProbeUnavailable
 from wattledger.probes.mock_presets import (
     POWER_WEIGHT_DRAM,
     POWER_WEIGHT_SM,
@@ -319,7 +311,7 @@ class _SimulatedGpu:
         return IDLE, self.idle_demand_watts, self.idle_power_watts
 
 
-class MockGpuBackend:
+class MockGpuBackend(FixedGpuBackend):
     """Simulated GPUs behind the GpuBackend protocol. Deterministic for a given clock and source."""
 
     name = "mock"

@@ -41,9 +41,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .base import THROTTLE_REASONS, FieldStatus, GpuInfo, GpuProcess, GpuSample, MigInstance, ProbeUnavailable
+from .base import (
+    THROTTLE_REASONS,
+    FatalProbeError,
+    FieldStatus,
+    GpuInfo,
+    GpuProcess,
+    GpuSample,
+    MigInstance,
+    ProbeOutcome,
+    ProbeUnavailable,
+)
 from .nvml_gpm import DEVICE_METRICS, MIG_METRICS, GpmMetric, GpmPair
-from .nvml_xid import XidWatcher
+from .nvml_xid import ERROR_PAUSE_S, XidWatcher
 
 BACKOFF_INITIAL_S = 1.0  # first retry of a lost device or of nvmlInit
 BACKOFF_MAX_S = 30.0  # the delay doubles up to this
@@ -65,15 +75,21 @@ class NvmlUnavailable(ProbeUnavailable):
         self.library_found = library_found
 
 
-class NvmlFatalError(RuntimeError):
+class NvmlFatalError(FatalProbeError):
     """NVML cannot go on in this process: the user-space library and the kernel driver differ in version.
 
     Raised from ``sample()`` on NVML_ERROR_LIB_RM_VERSION_MISMATCH, which happens when the driver is updated
     under a running agent. Nothing but a new process (after the new kernel module is loaded) fixes it, so
-    the agent exits and its supervisor restarts it. ``fatal`` tells the sampler not to swallow it.
+    the agent exits and its supervisor restarts it: a ``FatalProbeError``, which the sampler does not swallow.
     """
 
-    fatal = True
+
+# The sub-probes ``probe_status`` reports. Failures of these probes (GPM as a whole, the MIG instances'
+# GPM, one GPM metric) count against "gpu.gpm"; every other failure against "gpu.fields".
+SUB_PROBES = ("gpu.fields", "gpu.gpm", "gpu.xid")
+_GPM_PROBES = frozenset({"gpm", "mig_gpm", *(m.field for m in DEVICE_METRICS)})
+# An XID event-wait failure keeps "gpu.xid" failing this long after it (the thread pauses between tries).
+XID_FAILURE_HOLD_S = 2 * ERROR_PAUSE_S
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,6 +410,7 @@ class NvmlBackend:
 
     name = "nvml"
     simulated = False
+    devices_generation = 0  # the GPUs are found once, at open (a lost one stays in the list, down)
 
     def __init__(
         self,
@@ -429,6 +446,12 @@ class NvmlBackend:
         self._library_backoff_s = BACKOFF_INITIAL_S
         self._closed = False
         self._xid: XidWatcher | None = None
+        # The sub-probes' outcomes of the last sample() (probe_status), and what the tick gathers for them.
+        self._outcomes: list[ProbeOutcome] = []
+        self._tick_problems: dict[str, str] = {}  # sub-probe -> the first problem of this tick
+        self._gpm_ns = 0  # nanoseconds spent reading GPM this tick
+        self._xid_errors_seen = 0
+        self._xid_failed_at_ns: int | None = None
         self._resolve_constants()
 
         try:
@@ -481,6 +504,9 @@ class NvmlBackend:
         """One reading of every GPU, in index order. A lost GPU gives ``up=False`` and no values."""
         if self._closed:
             raise RuntimeError("NvmlBackend.sample() after close()")
+        started_ns = self._clock()
+        self._tick_problems = {}
+        self._gpm_ns = 0
         if self._library_down is not None:
             self._try_reinit()
         samples = []
@@ -491,6 +517,7 @@ class NvmlBackend:
             sample = self._sample_device_guarded(dev)
             if sample is not None:
                 samples.append(sample)
+        self._outcomes = self._sub_probe_outcomes(started_ns)
         return samples
 
     def field_status(self, index: int) -> list[FieldStatus]:
@@ -529,6 +556,19 @@ class NvmlBackend:
     def xid_counts(self) -> dict[tuple[int, int], int]:
         """XID critical errors seen since start: (gpu index, xid) -> count. Safe from any thread."""
         return self._xid.counts() if self._xid is not None else {}
+
+    def probe_status(self) -> list[ProbeOutcome]:
+        """How the last ``sample()`` went for each sub-probe (``SUB_PROBES``):
+
+        - ``gpu.fields``: every GPU up and read without an unexpected error (the first problem otherwise);
+          its duration is the whole read but GPM's.
+        - ``gpu.gpm``: GPM read on every GPU that is up; a GPU without GPM (before Hopper, or disabled) is a
+          failure with the reason, as a host without RAPL is.
+        - ``gpu.xid``: the XID event thread registered on every GPU that is up and waiting without errors
+          (failing for ``XID_FAILURE_HOLD_S`` after a failed wait); the thread waits on its own, so the
+          duration is that of checking on it.
+        """
+        return self._outcomes
 
     def error_counts(self) -> dict[tuple[int | None, str, str], int]:
         """Unexpected NVML errors: (gpu index, probe, error name) -> count. Index None: the XID thread.
@@ -592,6 +632,8 @@ class NvmlBackend:
         A failure that repeats every tick would otherwise log ten lines a second: the count (in
         ``error_counts``) says how often it happened since.
         """
+        self._tick_problems.setdefault("gpu.gpm" if probe in _GPM_PROBES else "gpu.fields",
+                                       f"GPU {dev.index}: reading {probe} failed: {reason}")
         dev.transient[probe] = reason
         key = (dev.index, probe, reason)
         with self._errors_lock:
@@ -945,7 +987,9 @@ class NvmlBackend:
             values[probe] = _available(
                 self._call(dev, probe, "nvmlDeviceGetTotalEccErrors", h, error_type, nvml.NVML_VOLATILE_ECC)
             )
+        gpm_started_ns = self._clock()
         self._read_gpm(dev, values)
+        self._gpm_ns += self._clock() - gpm_started_ns
         values["processes"] = self._read_processes(dev, now)
         values["mig_instances"] = self._read_mig(dev, now)
         return GpuSample(index=dev.index, uuid=dev.uuid, monotonic_ns=now, **values)
@@ -1230,6 +1274,45 @@ class NvmlBackend:
             dev.transient["mig_gpm"] = "first GPM sample; rates start on the next read"
             return None
         return self._gpm_value(dev, "mig_gpm", metric, result)
+
+    # ----------------------------------------------------------------------------------------------------
+    # probe_status helpers
+
+    def _sub_probe_outcomes(self, started_ns: int) -> list[ProbeOutcome]:
+        total_s = (self._clock() - started_ns) / 1e9
+        gpm_s = self._gpm_ns / 1e9
+        up = [dev for dev in self._devices if dev.up]
+        fields_problem = self._tick_problems.get("gpu.fields") or next(
+            (f"GPU {dev.index} down: {dev.down_reason}" for dev in self._devices if not dev.up), None)
+        gpm_problem = self._tick_problems.get("gpu.gpm") or next(
+            (f"GPU {dev.index}: GPM {dev.dropped['gpm']}" for dev in up if "gpm" in dev.dropped), None)
+        if not up:
+            gpm_problem = gpm_problem or "no GPU is up"
+        return [
+            ProbeOutcome("gpu.fields", fields_problem is None, max(0.0, total_s - gpm_s), fields_problem),
+            ProbeOutcome("gpu.gpm", gpm_problem is None, gpm_s, gpm_problem),
+            self._xid_outcome(up),
+        ]
+
+    def _xid_outcome(self, up: list[_Device]) -> ProbeOutcome:
+        started_ns = self._clock()
+        problem = None
+        if self._xid is None:
+            problem = "XID events disabled (enable_xid=False)"
+        else:
+            errors = self._xid.errors()
+            if sum(errors.values()) > self._xid_errors_seen:
+                self._xid_errors_seen = sum(errors.values())
+                self._xid_failed_at_ns = started_ns
+            missing = [dev.index for dev in up if dev.index not in self._xid.registered]
+            if (self._xid_failed_at_ns is not None
+                    and started_ns - self._xid_failed_at_ns < XID_FAILURE_HOLD_S * 1e9):
+                problem = f"XID event wait failed: {', '.join(sorted(errors))}"
+            elif missing:
+                problem = f"GPU {missing[0]}: XID events {self._xid.unsupported.get(missing[0], 'not registered')}"
+            elif not up:
+                problem = "no GPU is up"
+        return ProbeOutcome("gpu.xid", problem is None, (self._clock() - started_ns) / 1e9, problem)
 
     # ----------------------------------------------------------------------------------------------------
     # field_status helpers

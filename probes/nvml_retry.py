@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import FieldStatus, GpuBackend, GpuInfo, GpuSample, ProbeUnavailable
+from .base import FieldStatus, GpuBackend, GpuInfo, GpuSample, ProbeOutcome, ProbeUnavailable
 
 RETRY_INITIAL_S = 1.0  # first retry after the failure at start
 RETRY_MAX_S = 30.0  # the delay doubles up to this
@@ -62,7 +62,8 @@ class RetryingNvmlBackend:
     ``open_nvml`` builds the real backend (raising ``ProbeUnavailable`` while NVML cannot be used);
     ``first_failure`` is the one-line reason of the attempt already made at start. ``clock_ns`` paces the
     retries: the first after ``RETRY_INITIAL_S``, then doubling up to ``RETRY_MAX_S``. Once open, every
-    call goes to the real backend, including its extras (``xid_counts``, ``error_counts``).
+    call goes to the real backend (``xid_counts``, ``error_counts``, ``probe_status`` too); before that they
+    are empty: the "gpu" probe itself says that NVML is not open.
     """
 
     name = "nvml"
@@ -112,12 +113,13 @@ class RetryingNvmlBackend:
             self._inner.close()
 
     def xid_counts(self) -> dict[tuple[int, int], int]:
-        counts = getattr(self._inner, "xid_counts", None)
-        return counts() if counts is not None else {}
+        return self._inner.xid_counts() if self._inner is not None else {}
 
     def error_counts(self) -> dict[tuple[int | None, str, str], int]:
-        counts = getattr(self._inner, "error_counts", None)
-        return counts() if counts is not None else {}
+        return self._inner.error_counts() if self._inner is not None else {}
+
+    def probe_status(self) -> list[ProbeOutcome]:
+        return self._inner.probe_status() if self._inner is not None else []
 
     def _try_open(self) -> bool:
         """One attempt if the backoff has passed. True once NVML is open."""

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wattledger.probes import records
-from wattledger.probes.base import FieldStatus, GpuInfo, GpuSample, ProbeUnavailable
+from wattledger.probes.base import FieldStatus, FixedGpuBackend, GpuInfo, GpuSample, ProbeUnavailable
 
 NS_PER_S = 1_000_000_000
 
 
-class ReplayGpuBackend:
+class ReplayGpuBackend(FixedGpuBackend):
     """Serves the newest recorded sample of each GPU whose (scaled) time has come."""
 
     name = "replay"

@@ -12,8 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from wattledger.agent.span_activity import DEFAULT_SPAN_ACTIVITY
-from wattledger.probes.activity import flatten
-from wattledger.probes.base import IDLE, Activity
+from wattledger.probes.activity import IDLE, Activity, flatten
 
 
 def busy_fraction(spans: Iterable[tuple[str, int, int, Activity | None]], start_ns: int, end_ns: int) -> float:

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from fakes import NS_PER_S, FakeClock
 from wattledger.agent.accounting import MAX_TOKENS_PER_CALL, Accounting, AccountingError
 from wattledger.agent.span_activity import SpanActivitySource
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity
 
 
 def state(acct: Accounting):

@@ -17,8 +17,8 @@ from nvml_stub import make_nvml_stub
 from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.prometheus import make_registry
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity, FieldStatus, GpuBackend, GpuInfo, GpuSample
+from wattledger.probes.activity import Activity, ScriptedTimeline
+from wattledger.probes.base import FieldStatus, GpuBackend, GpuInfo, GpuSample, ProbeOutcome
 from wattledger.probes.mock import MockGpuBackend
 from wattledger.probes.nvml import NvmlBackend
 from wattledger.probes.replay import ReplayGpuBackend
@@ -114,6 +114,20 @@ def test_field_status_names_what_is_missing_and_why(opened):
         statuses = backend.field_status(info.index)
         assert statuses and all(isinstance(s, FieldStatus) for s in statuses)
         assert all(s.supported or s.reason for s in statuses)
+
+
+def test_optional_capabilities_are_part_of_the_protocol(opened):
+    # Every backend answers them, empty where it has none, so the sampler calls them without looking.
+    backend, clock, advance = opened
+    clock.advance(0.5)
+    backend.sample()
+    assert backend.devices_generation == 0  # fixed devices (only the retrying NVML's moves on)
+    assert all(isinstance(n, int) and n >= 0 for n in backend.xid_counts().values())
+    assert all(isinstance(n, int) and n > 0 for n in backend.error_counts().values())
+    outcomes = backend.probe_status()
+    assert all(isinstance(o, ProbeOutcome) and o.name.startswith("gpu.") for o in outcomes)
+    assert all(o.duration_seconds >= 0 and (o.success or o.error) for o in outcomes)
+    assert ({o.name for o in outcomes} == {"gpu.fields", "gpu.gpm", "gpu.xid"}) is (backend.name == "nvml")
 
 
 def test_feeds_the_ledger_and_the_exposition(opened):

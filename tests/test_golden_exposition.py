@@ -21,8 +21,7 @@ from wattledger.agent.accounting import Accounting
 from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.prometheus import LedgerCollector, make_registry
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.activity import Activity
+from wattledger.probes.activity import Activity, ScriptedTimeline
 from wattledger.probes.host import ProcfsHostBackend
 from wattledger.probes.mock import MockGpuBackend
 

@@ -11,9 +11,8 @@ from wattledger.agent.accounting import Accounting
 from wattledger.agent.ledger import HardwareCounter, KernelCounter, Ledger, MonotonicCounter, RebasingCounter
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.prometheus import make_registry
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.activity import Activity
-from wattledger.probes.base import GpuInfo, GpuSample, ProbeUnavailable
+from wattledger.probes.activity import Activity, ScriptedTimeline
+from wattledger.probes.base import FixedGpuBackend, GpuInfo, GpuSample, ProbeUnavailable
 from wattledger.probes.host import ProcfsHostBackend
 from wattledger.probes.mock import FAULTABLE_FIELDS, Fault, MockGpuBackend
 
@@ -137,7 +136,7 @@ def test_a_lost_gpu_is_down_its_gauges_vanish_and_it_comes_back():
 def test_unsupported_fields_are_absent_not_zero():
     info = GpuInfo(0, "GPU-x", "Old GPU", "1.0", None, None)
 
-    class SparseBackend:
+    class SparseBackend(FixedGpuBackend):
         name, simulated = "stub", False
 
         def devices(self):

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fakes import NS_PER_S, FakeClock
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity, ProbeUnavailable
+from wattledger.probes.activity import Activity, ScriptedTimeline
+from wattledger.probes.base import ProbeUnavailable
 from wattledger.probes.mock import Fault, MockGpuBackend, parse_fault, power_demand_watts
 from wattledger.probes.mock_presets import PRESETS
 

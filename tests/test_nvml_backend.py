@@ -12,7 +12,7 @@ import pynvml
 import pytest
 
 from nvml_stub import GIB, MIB, FakeGpu, FakeMig, FakeProcess, default_gpus, make_nvml_stub
-from wattledger.probes.base import FieldStatus, GpuBackend, GpuProcess, GpuSample, ProbeUnavailable
+from wattledger.probes.base import FatalProbeError, FieldStatus, GpuBackend, GpuProcess, GpuSample, ProbeUnavailable
 from wattledger.probes.nvml import BACKOFF_MAX_S, NvmlBackend, NvmlFatalError
 
 S = 1_000_000_000  # ns per second
@@ -411,7 +411,7 @@ def test_lib_rm_version_mismatch_is_fatal(open_backend):
     nvml.fake.gpus[1].errors["nvmlDeviceGetUtilizationRates"] = pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH
     with pytest.raises(NvmlFatalError, match="restart the agent") as caught:
         backend.sample()
-    assert caught.value.fatal  # the sampler re-raises errors marked fatal instead of counting them
+    assert isinstance(caught.value, FatalProbeError)  # the sampler re-raises these instead of counting them
     # The same code in one entry of the field-value batch is that entry's only (issue 8, item 8): the whole
     # calls of the tick would fail with it if the library really were mismatched.
     nvml.fake.gpus[1].errors.clear()
@@ -753,3 +753,95 @@ def test_xid_unsupported_means_no_thread(clock):
         assert nvml.fake.freed_event_sets == 1
     finally:
         backend.close()
+
+
+# -- sub-probes (probe_status): node_exporter's collector success, per part of the read -------------------
+
+
+def outcomes(backend: NvmlBackend) -> dict:
+    return {o.name: o for o in backend.probe_status()}
+
+
+def test_sub_probes_all_succeed_on_healthy_gpus(open_backend):
+    backend = open_backend(make_nvml_stub())
+    assert backend.probe_status() == []  # before the first read
+    backend.sample()
+    backend.sample()
+    got = outcomes(backend)
+    assert set(got) == {"gpu.fields", "gpu.gpm", "gpu.xid"}
+    assert got["gpu.fields"].success and got["gpu.fields"].error is None
+    assert got["gpu.gpm"].success and got["gpu.gpm"].duration_seconds >= 0
+    # The fixture switches the XID thread off: a failed probe with the reason, not a missing one.
+    assert not got["gpu.xid"].success and "enable_xid=False" in got["gpu.xid"].error
+
+
+def test_a_gpu_without_gpm_fails_the_gpm_probe_with_the_reason(open_backend):
+    nvml = make_nvml_stub()
+    nvml.fake.gpus[1].gpm_supported = False
+    backend = open_backend(nvml)
+    backend.sample()
+    got = outcomes(backend)
+    assert got["gpu.fields"].success
+    assert not got["gpu.gpm"].success and got["gpu.gpm"].error.startswith("GPU 1: GPM not supported")
+    backend_off = open_backend(make_nvml_stub(), enable_gpm=False)
+    backend_off.sample()
+    assert "disabled (enable_gpm=False)" in outcomes(backend_off)["gpu.gpm"].error
+
+
+def test_an_unexpected_error_fails_the_fields_probe_for_that_tick(open_backend):
+    nvml = make_nvml_stub()
+    nvml.fake.gpus[0].errors["nvmlDeviceGetEnforcedPowerLimit"] = pynvml.NVML_ERROR_TIMEOUT
+    backend = open_backend(nvml)
+    backend.sample()
+    fields = outcomes(backend)["gpu.fields"]
+    assert not fields.success and fields.error == "GPU 0: reading power_limit_watts failed: NVML_ERROR_TIMEOUT"
+    assert outcomes(backend)["gpu.gpm"].success  # a failure of another part leaves GPM's probe alone
+    del nvml.fake.gpus[0].errors["nvmlDeviceGetEnforcedPowerLimit"]
+    backend.sample()
+    assert outcomes(backend)["gpu.fields"].success
+
+
+def test_a_gpm_metric_error_fails_the_gpm_probe(open_backend):
+    nvml = make_nvml_stub()
+    nvml.fake.gpus[0].gpm_metric_errors[pynvml.NVML_GPM_METRIC_SM_UTIL] = pynvml.NVML_ERROR_UNKNOWN
+    backend = open_backend(nvml)
+    backend.sample()
+    backend.sample()  # GPM rates need two samples
+    got = outcomes(backend)
+    assert got["gpu.fields"].success
+    assert not got["gpu.gpm"].success and "sm_activity_ratio" in got["gpu.gpm"].error
+
+
+def test_a_lost_gpu_fails_the_fields_probe_until_it_is_back(open_backend, clock):
+    nvml = make_nvml_stub()
+    backend = open_backend(nvml)
+    backend.sample()
+    nvml.fake.lose(1)
+    backend.sample()
+    fields = outcomes(backend)["gpu.fields"]
+    assert not fields.success and fields.error.startswith("GPU 1 down: NVML_ERROR_GPU_IS_LOST")
+    clock.advance(1.0)
+    backend.sample()
+    assert not outcomes(backend)["gpu.fields"].success  # still down: the backoff has not let it back yet
+    nvml.fake.recover(1)
+    clock.advance(2.0)
+    backend.sample()
+    assert outcomes(backend)["gpu.fields"].success
+
+
+def test_the_xid_probe_follows_the_event_thread(clock):
+    nvml = make_nvml_stub()
+    nvml.fake.gpus[1].xid_supported = False
+    backend = NvmlBackend(nvml, clock_ns=clock)
+    try:
+        backend.sample()
+        xid = outcomes(backend)["gpu.xid"]
+        assert not xid.success and xid.error.startswith("GPU 1: XID events")
+    finally:
+        backend.close()
+    healthy = NvmlBackend(make_nvml_stub(), clock_ns=clock)
+    try:
+        healthy.sample()
+        assert outcomes(healthy)["gpu.xid"].success
+    finally:
+        healthy.close()

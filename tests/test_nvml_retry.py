@@ -152,6 +152,8 @@ def test_retries_with_backoff_until_nvml_opens(driver_not_loaded, clock, caplog)
     assert gaps[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, RETRY_MAX_S, RETRY_MAX_S]
     assert backend.devices() == [] and backend.devices_generation == 0
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1  # reason changed once
+    # Not open: no sub-probes, XIDs or counted errors (the "gpu" probe itself says NVML is not open).
+    assert (backend.probe_status(), backend.xid_counts(), backend.error_counts()) == ([], {}, {})
 
     driver_not_loaded.fake.init_error = None  # the driver container finished
     clock.advance(RETRY_MAX_S)
@@ -159,6 +161,7 @@ def test_retries_with_backoff_until_nvml_opens(driver_not_loaded, clock, caplog)
     assert [s.up for s in samples] == [True, True] and samples[0].power_watts == pytest.approx(350.0)
     assert [d.index for d in backend.devices()] == [0, 1] and backend.devices_generation == 1
     assert backend.field_status(0)
+    assert {o.name for o in backend.probe_status()} == {"gpu.fields", "gpu.gpm", "gpu.xid"}  # the real one's
     backend.close()
     assert driver_not_loaded.fake.calls("nvmlShutdown") >= 1
 

@@ -199,12 +199,17 @@ class EngineServer:
                 self.generated += self.generated_step
         self.done.set()
 
-    def command(self) -> list[str]:
+    def command(self, metrics_out: Path | None = None) -> list[str]:
         """A command that runs until the counters have finished advancing and been read (a fixed sleep
-        raced them on a busy host, where the run's first read, which starts them, can come seconds late)."""
+        raced them on a busy host, where the run's first read, which starts them, can come seconds late);
+        with ``metrics_out``, it then saves the profiling agent's /metrics there."""
         waits = (f"import os, time\ndeadline = time.monotonic() + 300\n"
                  f"while not os.path.exists({str(self.done_file)!r}) and time.monotonic() < deadline:\n"
                  f"    time.sleep(0.05)\n")
+        if metrics_out is not None:
+            waits += ("import urllib.request\n"
+                      "body = urllib.request.urlopen(os.environ['WATTLEDGER_AGENT_URL'] + '/metrics').read()\n"
+                      f"open({str(metrics_out)!r}, 'wb').write(body)\n")
         return [sys.executable, "-c", waits]
 
     def close(self) -> None:
@@ -218,11 +223,16 @@ def test_tokens_from_a_serving_engines_metrics(tmp_path):
     assert EngineServer.GENERATED_LINE + "45678.0" in engine.template
     try:
         result = wattledger_run(["--backend", "mock", "--idle", "0", "--output", "runs", "--name", "serve",
-                                 "--tokens-from", engine.url, "--", *engine.command()], tmp_path)
+                                 "--tokens-from", engine.url, "--", *engine.command(tmp_path / "agent.prom")],
+                                tmp_path)
     finally:
         engine.close()
     assert result.returncode == 0, result.stderr
     assert engine.done.is_set(), "the counters should have finished advancing while the command ran"
+    # The engine's reads are a probe of the profiling agent, node_exporter style.
+    exposition = (tmp_path / "agent.prom").read_text()
+    assert 'wattledger_probe_success{probe="engine"} 1.0' in exposition
+    assert 'wattledger_probe_duration_seconds{probe="engine"}' in exposition
     run_dir = latest_run(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     jsonschema.validate(summary, SCHEMA)

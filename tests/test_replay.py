@@ -12,8 +12,8 @@ from wattledger.agent.accounting import Accounting
 from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.jsonl import JsonlRecorder
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity, ProbeUnavailable
+from wattledger.probes.activity import Activity, ScriptedTimeline
+from wattledger.probes.base import ProbeUnavailable
 from wattledger.probes.mock import MockGpuBackend
 from wattledger.probes.replay import ReplayGpuBackend
 

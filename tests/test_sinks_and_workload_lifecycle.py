@@ -23,12 +23,12 @@ from wattledger.agent.http_api import make_app
 from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.jsonl import JsonlRecorder
-from wattledger.probes.base import GpuInfo, GpuSample
+from wattledger.probes.base import FixedGpuBackend, GpuInfo, GpuSample
 
 FULL_DEVICE = "/dev/full"  # every write fails with ENOSPC: a disk that has just filled up
 
 
-class OneGpu:
+class OneGpu(FixedGpuBackend):
     """A GPU backend whose reads always succeed, on a fake clock."""
 
     name, simulated = "stub", False

@@ -24,8 +24,7 @@ from wattledger.agent.accounting import Accounting
 from wattledger.agent.config import build_config
 from wattledger.agent.daemon import Agent
 from wattledger.agent.span_activity import LateSpans, SpanActivitySource
-from wattledger.probes.activity import ScriptedTimeline, flatten
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity, ScriptedTimeline, flatten
 from wattledger.probes.mock import ENERGY_COUNTER_PERIOD_NS, MockGpuBackend, power_demand_watts
 from wattledger.workloads.reporter import DECODE_ACTIVITY, TRAIN_ACTIVITY, TRANSFER_ACTIVITY, AccountingReporter
 

@@ -17,8 +17,7 @@ from fakes import NS_PER_S, FakeClock
 from wattledger.agent import span_activity
 from wattledger.agent.accounting import Accounting, AccountingError, time_shares
 from wattledger.agent.span_activity import SpanActivitySource
-from wattledger.probes.activity import combine, flatten
-from wattledger.probes.base import Activity, ActivitySegment
+from wattledger.probes.activity import Activity, ActivitySegment, combine, flatten
 
 
 def compute(acct: Accounting, start_ns: int, end_ns: int, gpus=(0,), workload="train"):

@@ -39,8 +39,8 @@ from wattledger.agent.ledger import (
     _ratio,
     _reading,
 )
-from wattledger.probes.activity import ScriptedTimeline, flatten
-from wattledger.probes.base import DATACLASS_INITS, Activity, GpuInfo, GpuSample, direct_slot_init
+from wattledger.probes.activity import Activity, ScriptedTimeline, flatten
+from wattledger.probes.base import DATACLASS_INITS, GpuInfo, GpuSample, direct_slot_init
 from wattledger.probes.mock import MockGpuBackend, power_demand_watts
 
 # Any value a field might be handed (the classes do not check types), NaN included: identity, not

@@ -30,8 +30,7 @@ from wattledger.agent.accounting import Accounting
 from wattledger.agent.ledger import HardwareCounter, Ledger
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.prometheus import make_registry
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity, ScriptedTimeline
 from wattledger.probes.mock import Fault, MockGpuBackend
 
 GOLDEN = Path(__file__).parent / "golden" / "tick_trace.json"

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wattledger.workloads.bench.token_sources import (
+    ENGINE_PROBE,
     TokenPoller,
     TokenScraper,
     TokenSourceError,
@@ -716,3 +717,44 @@ def test_arbitrary_bytes_from_the_fetch_function_raise_only_the_modules_error(bo
         TokenScraper(URL, fetch=lambda url: body).read()
     except TokenSourceError as err:
         assert "\n" not in str(err)
+
+
+# -- the poller's reads as probe "engine" in the self-metrics --------------------------------------------
+
+
+def test_poller_tells_each_read_to_on_read_with_its_duration():
+    refused = TokenSourceError("cannot reach http://127.0.0.1:1/metrics: Connection refused")
+    clock = FakeClock()
+    answers = Sequence(refused, vllm_text(5, 1), vllm_text(9, 2))
+
+    def slow_fetch(url):  # each read takes 0.25 s on the scraper's clock
+        clock.advance(0.25)
+        return answers(url)
+
+    reads = []
+    poller = TokenPoller(TokenScraper(URL, fetch=slow_fetch, clock_s=clock), FakeAccounting(), "command",
+                         interval_s=3600, on_error=lambda m: None, on_recover=lambda m: None,
+                         on_read=lambda *read: reads.append(read))
+    poller.start()
+    poller.poll()
+    poller.stop()
+    assert reads == [(False, pytest.approx(0.25), str(refused)), (True, pytest.approx(0.25), None),
+                     (True, pytest.approx(0.25), None)]
+
+
+def test_engine_reads_show_as_a_probe_of_the_agent():
+    from wattledger.agent.config import AgentConfig
+    from wattledger.agent.daemon import Agent
+
+    agent = Agent(AgentConfig(backend="mock", mock_gpus=1, mock_delay_seconds=0.0), serve_http=False)
+    try:
+        fetch = Sequence(vllm_text(5, 1), TokenSourceError("cannot reach the engine: timed out"))
+        poller = TokenPoller(TokenScraper(URL, fetch=fetch), agent.accounting_api(), "command", interval_s=3600,
+                             on_error=lambda m: None, on_read=lambda *read: agent.record_probe(ENGINE_PROBE, *read))
+        poller.start()
+        assert agent.registry.get_sample_value("wattledger_probe_success", {"probe": "engine"}) == 1.0
+        poller.poll()
+        assert agent.registry.get_sample_value("wattledger_probe_success", {"probe": "engine"}) == 0.0
+        assert agent.registry.get_sample_value("wattledger_probe_duration_seconds", {"probe": "engine"}) >= 0
+    finally:
+        agent.stop()

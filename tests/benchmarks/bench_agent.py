@@ -30,8 +30,8 @@ import psutil
 
 from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity, ScriptedTimeline
+from wattledger.probes.base import FixedGpuBackend
 from wattledger.probes.host import open_host_backend
 from wattledger.probes.mock import MockGpuBackend
 
@@ -42,7 +42,7 @@ def bursty_timeline(origin_ns: int, seconds: float) -> ScriptedTimeline:
     return ScriptedTimeline(origin_ns).bursts(0, seconds + 5, 0.7, 0.2, Activity(gpu=1, sm=0.8, tensor=0.6, dram=0.5))
 
 
-class TimedBackend:
+class TimedBackend(FixedGpuBackend):
     """Wraps the mock and counts the CPU time its physics takes: on a GPU node, NVML calls take its place."""
 
     def __init__(self, backend):

@@ -54,8 +54,7 @@ from wattledger.agent.ledger import Ledger
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters import render
 from wattledger.exporters.prometheus import make_registry
-from wattledger.probes.activity import ScriptedTimeline
-from wattledger.probes.base import Activity
+from wattledger.probes.activity import Activity, ScriptedTimeline
 from wattledger.probes.mock import MockGpuBackend
 
 # What Prometheus 2.x sends with every scrape (captured from Debian 12's 2.42.0+ds with ``--only

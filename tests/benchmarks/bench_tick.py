@@ -53,11 +53,12 @@ NS_PER_S = 1_000_000_000
 class CpuTimed:
     """Forwards to a backend and adds the thread CPU time its ``sample()`` takes to ``cpu_ns``.
 
-    Forwards by plain attributes, not ``__getattr__``: the sampler probes a GPU backend for optional
-    methods (``xid_counts``, ...) every tick, and a Python ``__getattr__`` raising AttributeError for
-    each would add its own cost to the agent's share."""
+    Forwards by plain attributes, not ``__getattr__``: a Python ``__getattr__`` would add its own cost
+    to the agent's share. The protocol's other parts are copied where the backend has them (an older
+    tree's backends, with ``--baseline``, lack some)."""
 
-    OPTIONAL = ("xid_counts", "error_counts", "watch_process", "unwatch_process")
+    OPTIONAL = ("xid_counts", "error_counts", "probe_status", "devices_generation", "watch_process",
+                "unwatch_process")
 
     def __init__(self, backend):
         self._backend = backend
@@ -103,8 +104,7 @@ def measure_round(hz: float, ticks: int, host_kind: str) -> dict:
     from wattledger.agent.accounting import Accounting
     from wattledger.agent.ledger import Ledger
     from wattledger.agent.sampler import Sampler
-    from wattledger.probes.activity import ScriptedTimeline
-    from wattledger.probes.base import Activity
+    from wattledger.probes.activity import Activity, ScriptedTimeline
     from wattledger.probes.mock import MockGpuBackend
 
     clock = FakeClock()

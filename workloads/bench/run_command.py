@@ -328,7 +328,7 @@ def _profile_phase(session: MeasurementSession, options: RunCommandOptions, env:
     whether the command started at all)."""
     name = options.name
     session.event("phase_start", phase=name, command=list(options.command))
-    poller = _start_token_poller(options, session.agent.accounting_api(), warn)
+    poller = _start_token_poller(options, session.agent, warn)
     try:
         child = _run_child(session, options, {**env, ENV_AGENT_URL: session.base_url, ENV_WORKLOAD: name},
                            signals, poller, warn)
@@ -353,16 +353,18 @@ def _profile_phase(session: MeasurementSession, options: RunCommandOptions, env:
     return child.exit_code, child.returncode is not None
 
 
-def _start_token_poller(options: RunCommandOptions, accounting, warn):
-    """With ``--tokens-from``: a running poller adding the engine's tokens to the workload; else None."""
-    from wattledger.workloads.bench.token_sources import TokenPoller, TokenScraper
+def _start_token_poller(options: RunCommandOptions, agent, warn):
+    """With ``--tokens-from``: a running poller adding the engine's tokens to the workload, each of its reads
+    shown in the agent's probe self-metrics as probe ``engine``; else None."""
+    from wattledger.workloads.bench.token_sources import ENGINE_PROBE, TokenPoller, TokenScraper
 
     if not options.tokens_from:
         return None
-    poller = TokenPoller(TokenScraper(options.tokens_from, options.tokens_engine), accounting, options.name,
-                         TOKEN_POLL_SECONDS, on_recover=lambda m: warn(f"{PROG}: {m}"),
+    poller = TokenPoller(TokenScraper(options.tokens_from, options.tokens_engine), agent.accounting_api(),
+                         options.name, TOKEN_POLL_SECONDS, on_recover=lambda m: warn(f"{PROG}: {m}"),
                          on_error=lambda m: warn(f"{PROG}: token source: {m} (retrying every "
-                                                 f"{TOKEN_POLL_SECONDS:g} s)"))
+                                                 f"{TOKEN_POLL_SECONDS:g} s)"),
+                         on_read=lambda *read: agent.record_probe(ENGINE_PROBE, *read))
     poller.start()
     return poller
 

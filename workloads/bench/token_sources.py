@@ -41,13 +41,14 @@ from wattledger.probes.engine_counters import (
 )
 from wattledger.probes.engine_counters import EngineReadError as TokenSourceError
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ENGINE_CHOICES", "ENGINES", "MAX_BODY_BYTES", "TOKEN_KINDS", "Engine",
+__all__ = ["DEFAULT_TIMEOUT_S", "ENGINE_CHOICES", "ENGINES", "ENGINE_PROBE", "MAX_BODY_BYTES", "TOKEN_KINDS", "Engine",
            "EngineReading", "TokenCounters", "TokenPoller", "TokenScraper", "TokenSourceError", "check_url",
            "detect_engine", "fetch_url", "parse_samples"]
 
 log = logging.getLogger(__name__)
 
 TokenScraper = EngineScraper  # reads one endpoint: ``read()`` returns an EngineReading (``.totals()`` sums it)
+ENGINE_PROBE = "engine"  # the poller's reads in the probe self-metrics (see TokenPoller's on_read)
 
 
 def check_url(url: str) -> str:
@@ -73,10 +74,15 @@ class TokenPoller:
     count from zero only where their ``_created`` is later (see ``probes/engine_counters.py``). A failure is
     reported once per streak (to ``on_error`` if given, else the log) and retried each interval; recovery is
     reported too (``on_recover``). ``stop()`` takes a last reading, so tokens up to the end count.
+
+    ``on_read(success, duration_seconds, error)`` hears every reading, for the probe self-metrics: pass
+    ``lambda *read: agent.record_probe(ENGINE_PROBE, *read)`` and the reads show as
+    ``wattledger_probe_success{probe="engine"}`` (durations on the scraper's clock).
     """
 
     def __init__(self, scraper: EngineScraper, accounting, workload: str, interval_s: float = 1.0,
-                 on_error: Callable[[str], None] | None = None, on_recover: Callable[[str], None] | None = None):
+                 on_error: Callable[[str], None] | None = None, on_recover: Callable[[str], None] | None = None,
+                 on_read: Callable[[bool, float, str | None], None] | None = None):
         from wattledger.agent.daemon import MAX_TOKENS_PER_CALL
 
         self.scraper = scraper
@@ -85,6 +91,7 @@ class TokenPoller:
         self._interval_s = interval_s
         self._on_error = on_error
         self._on_recover = on_recover
+        self._on_read = on_read
         self._max_per_call = MAX_TOKENS_PER_CALL
         self.counters = TokenCounters()
         self._lock = threading.Lock()
@@ -108,7 +115,7 @@ class TokenPoller:
         with self._lock:
             attempted_at_s = self.scraper.clock_s()
             try:
-                baseline = self.scraper.read()
+                baseline = self._read()
             except TokenSourceError as err:
                 self._failed(str(err))
                 self.counters.baseline_failed(attempted_at_s)
@@ -142,7 +149,7 @@ class TokenPoller:
         """One reading; returns the increases counted, or None when the read failed."""
         with self._lock:
             try:
-                reading = self.scraper.read()
+                reading = self._read()
             except TokenSourceError as err:
                 self._failed(str(err))
                 self.counters.note_failed_read()
@@ -159,6 +166,19 @@ class TokenPoller:
             for kind, count in increases.items():
                 self._add(kind, count)
             return increases
+
+    def _read(self) -> EngineReading:
+        """``scraper.read()``, its outcome told to ``on_read``."""
+        if self._on_read is None:
+            return self.scraper.read()
+        started_s = self.scraper.clock_s()
+        try:
+            reading = self.scraper.read()
+        except TokenSourceError as err:
+            self._on_read(False, self.scraper.clock_s() - started_s, str(err))
+            raise
+        self._on_read(True, self.scraper.clock_s() - started_s, None)
+        return reading
 
     def _add(self, kind: str, count: int) -> None:
         if count <= 0:
