@@ -179,3 +179,20 @@ def test_a_failing_sub_probe_is_logged_once_per_reason(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("gpu.gpm probe failed" in m for m in messages) == 2  # first, and again after it worked
     assert sum("gpu.gpm probe works again" in m for m in messages) == 1
+
+
+def test_the_stop_signal_times_out_false_and_once_set_answers_true_for_every_waiter():
+    import threading
+
+    from wattledger.agent.sampler import StopSignal
+
+    signal = StopSignal()
+    assert signal.wait(0.0) is False and not signal.is_set()
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(signal.wait(600.0)))
+    waiter.start()
+    signal.set()
+    signal.set()  # a second stop() changes nothing (no double release)
+    waiter.join(60)
+    assert woke == [True] and signal.is_set()
+    assert signal.wait(600.0) is True and signal.wait(0.0) is True  # stays set: later waits return at once
