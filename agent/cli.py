@@ -17,17 +17,19 @@ import time
 from dataclasses import dataclass
 
 from wattledger.agent import version
-from wattledger.agent.config import BACKENDS, DEFAULT_PORT, AgentConfig, ConfigError, build_config
+from wattledger.agent.config import (
+    BACKENDS,
+    DEFAULT_PORT,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    AgentConfig,
+    ConfigError,
+    UsageParser,
+    build_config,
+)
 from wattledger.probes.base import FieldStatus
 from wattledger.probes.mock_presets import PRESETS
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, as argparse does but without the usage dump
-        self.exit(EXIT_USAGE, f"wattledger: error: {message} (see --help)\n")
 
 
 def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,10 +60,10 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="wattledger", description="GPU node telemetry: utilization that counts what "
+    parser = UsageParser(prog="wattledger", description="GPU node telemetry: utilization that counts what "
                      "happens between scrapes, energy and joules per token per workload.")
     parser.add_argument("--version", action="version", version=f"wattledger {version.VERSION}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=UsageParser)
 
     agent = commands.add_parser("agent", help="run the telemetry daemon (Prometheus /metrics and accounting API)")
     s = argparse.SUPPRESS

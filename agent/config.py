@@ -6,6 +6,8 @@ is checked here, so a bad setting stops the agent with one line before anything 
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import math
 import os
@@ -357,3 +359,16 @@ def check_token(token: str) -> str:
              "(it travels in an HTTP header)")
     _require(len(token) >= 16, "token must be at least 16 characters")
     return token
+
+
+# Exit statuses every wattledger command uses: 2 for bad usage (as argparse), 1 for a failure.
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``PROG: error: ... (see --help)``) and exit status 2: the
+    parser of every wattledger command line, the agent's and the heavy commands' (workloads/cli_args.py)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")

@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from wattledger.agent.config import ConfigError, check_port, parse_duration_seconds
+# One usage parser and one set of exit statuses for every command: the agent's (agent/config.py).
+from wattledger.agent.config import EXIT_FAILED, EXIT_USAGE, ConfigError, UsageParser, check_port, parse_duration_seconds
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``PROG: error: ... (see --help)``) and exit status 2."""
-
-    def error(self, message: str) -> None:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "UsageParser", "duration_arg", "port_arg"]
 
 
 def duration_arg(allow_zero: bool = True):
