@@ -32,4 +32,5 @@ def test_the_check_sees_a_long_function(tmp_path):
     package.mkdir()
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     (package / "long.py").write_text(f"def too_long():\n{body}\n\n\ndef short():\n    return 1\n")
-    assert long_functions(package, MAX_FUNCTION_LINES) == [f"workloads/long.py:1 too_long ({MAX_FUNCTION_LINES + 1} lines)"]
+    expected = f"workloads/long.py:1 too_long ({MAX_FUNCTION_LINES + 1} lines)"
+    assert long_functions(package, MAX_FUNCTION_LINES) == [expected]
