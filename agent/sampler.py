@@ -41,10 +41,9 @@ class StopSignal:
     """A stop flag whose timed wait is one bare lock acquire.
 
     ``threading.Event.wait(timeout)`` goes through a Condition (a new lock, a waiter list, two acquires)
-    on every call. The sampler waits once per tick, and on the 2-core development VM each such wait cost
-    125-150 us of the thread's CPU against about 100 us for a bare ``Lock.acquire(timeout=...)``
-    (measured: the platform's price of sleeping and waking a thread is most of either): at 100 Hz that
-    difference alone is a sizeable part of what the agent adds per tick.
+    on every call. The sampler waits once per tick; on the 2-core development VM a wait here costs the
+    thread about 10-20 us less CPU than ``Event.wait`` (110-121 against 115-135 us; most of either is the
+    platform's price of sleeping and waking a thread: ``tests/benchmarks/bench_real_loop.py --wait-cost``).
     """
 
     def __init__(self) -> None:

@@ -4,6 +4,7 @@ Prints figures; asserts nothing.
 
     git archive --prefix=wl-base/ 5d04950 | tar -x -C /tmp      # the tree before the tick work
     python tests/benchmarks/bench_real_loop.py --baseline /tmp/wl-base --rounds 3 --seconds 6
+    python tests/benchmarks/bench_real_loop.py --wait-cost      # what one sleep costs the thread here
 
 Where ``bench_tick.py`` times ``Sampler.tick()`` alone on a fake clock (the tick's own work, warm), this
 runs ``Sampler.run()`` on the wall clock (``bench_agent.sampler_cpu``, each tree's own copy of it, in a
@@ -47,12 +48,38 @@ def run_round(tree: Path, package_path: Path, hz: int, seconds: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def wait_cost(interval_s: float = 0.01, waits: int = 300) -> None:
+    """Thread CPU per timed wait of each kind a sampler loop could sleep with (what the platform charges
+    for sleeping and waking a thread, which every real tick pays)."""
+    import threading
+    import time
+
+    from wattledger.agent.sampler import StopSignal
+
+    held = threading.Lock()
+    held.acquire()
+    kinds = {"time.sleep": time.sleep, "Lock.acquire(timeout)": lambda s: held.acquire(True, s),
+             "threading.Event.wait": threading.Event().wait, "StopSignal.wait (the sampler's)": StopSignal().wait}
+    print(f"thread CPU per timed wait of {interval_s * 1000:g} ms, {waits} waits each:")
+    for name, wait in kinds.items():
+        started = time.thread_time_ns()
+        for _ in range(waits):
+            wait(interval_s)
+        print(f"  {name:34} {(time.thread_time_ns() - started) / waits / 1e3:7.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="another copy of the repository")
+    parser.add_argument("--baseline", type=Path, help="another copy of the repository (required unless --wait-cost)")
+    parser.add_argument("--wait-cost", action="store_true", help="only time one wait of each kind, and stop")
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per tree and rate (default 3)")
     parser.add_argument("--seconds", type=float, default=6.0, help="sampler run per round (default 6)")
     args = parser.parse_args()
+    if args.wait_cost:
+        wait_cost()
+        return
+    if args.baseline is None:
+        parser.error("--baseline DIR is required (or --wait-cost)")
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds above 0")
     if not (args.baseline / "tests" / "benchmarks" / "bench_agent.py").is_file():
