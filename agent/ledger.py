@@ -270,10 +270,6 @@ class RebasingCounter(HardwareCounter):
         return 0.0, value
 
 
-# The name this class had before counters came in kinds; token_sources and older tests use it.
-MonotonicCounter = HardwareCounter
-
-
 @dataclass(slots=True)
 class Histogram:
     """Cumulative-at-export histogram of ratios."""

@@ -284,31 +284,29 @@ class Sampler:
         except FatalProbeError:
             raise
         except Exception as err:  # noqa: BLE001 - every probe failure must show up, not kill the loop
-            message = f"{type(err).__name__}: {err}"
-            self.ledger.record_probe(probe, False, self._clock() - started, message)
-            if self._probe_errors.get(probe) != message:  # once per distinct failure, not every tick
-                log.warning("%s probe failed: %s (logged once; wattledger_probe_success shows it)", probe, err)
-            self._probe_errors[probe] = message
+            self._note_outcome(probe, False, self._clock() - started, f"{type(err).__name__}: {err}",
+                               logging.WARNING)
             return None
-        if self._probe_errors.pop(probe, None) is not None:
-            log.info("%s probe works again", probe)
-        self.ledger.record_probe(probe, True, self._clock() - started)
+        self._note_outcome(probe, True, self._clock() - started)
         for outcome in sub_probes():
-            self._record_sub_probe(outcome)
+            # A part that cannot work on this machine (no RAPL) is no alarm: INFO, not WARNING.
+            self._note_outcome(outcome.name, outcome.success, outcome.duration_seconds, outcome.error,
+                               logging.INFO)
         record(result)
         return result
 
-    def _record_sub_probe(self, outcome: ProbeOutcome) -> None:
-        """One part of a read (``host.rapl``, ``gpu.gpm``...) to the self-metrics; a failure is logged once
-        per distinct reason, at INFO: a part that cannot work on this machine (no RAPL) is no alarm."""
-        name = outcome.name
-        self.ledger.record_probe(name, outcome.success, outcome.duration_seconds, outcome.error)
-        if outcome.success:
+    def _note_outcome(self, name: str, success: bool, duration_seconds: float, error: str | None = None,
+                      failure_level: int = logging.WARNING) -> None:
+        """One read of probe ``name`` into the self-metrics; a failure is logged once per distinct reason
+        (not every tick), and the first success after one says so."""
+        self.ledger.record_probe(name, success, duration_seconds, error)
+        if success:
             if self._probe_errors.pop(name, None) is not None:
                 log.info("%s probe works again", name)
-        elif self._probe_errors.get(name) != outcome.error:
-            log.info("%s probe failed: %s (logged once; wattledger_probe_success shows it)", name, outcome.error)
-            self._probe_errors[name] = outcome.error or ""
+        elif self._probe_errors.get(name) != (error or ""):
+            log.log(failure_level, "%s probe failed: %s (logged once; wattledger_probe_success shows it)",
+                    name, error)
+            self._probe_errors[name] = error or ""
 
     def run(self) -> None:
         """The loop; returns when ``stop()`` is called or a fatal probe error occurs."""

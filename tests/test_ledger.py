@@ -8,7 +8,7 @@ from prometheus_client.registry import CollectorRegistry
 from fakes import NS_PER_S, FakeClock, run_ticks
 from host_tree import build_proc, proc_stat_text
 from wattledger.agent.accounting import Accounting
-from wattledger.agent.ledger import HardwareCounter, KernelCounter, Ledger, MonotonicCounter, RebasingCounter
+from wattledger.agent.ledger import HardwareCounter, KernelCounter, Ledger, RebasingCounter
 from wattledger.agent.sampler import Sampler
 from wattledger.exporters.prometheus import make_registry
 from wattledger.probes.activity import Activity, ScriptedTimeline
@@ -84,7 +84,7 @@ def test_driver_reset_keeps_the_energy_counter_monotonic():
 
 
 def test_monotonic_counter_treats_a_drop_as_a_restart():
-    counter = MonotonicCounter()
+    counter = HardwareCounter()
     for raw in (100.0, 150.0, 20.0, 30.0):
         counter.update(raw)
     assert counter.total == 50 + 20 + 10
