@@ -62,6 +62,19 @@ BACKOFF_MAX_S = 30.0  # the delay doubles up to this
 EXCEPTIONS_BEFORE_DOWN = 10
 UINT_MAX = 0xFFFFFFFF  # scopeId meaning "all NVLink links, summed" (nvml.h, NVLink throughput fields)
 POWER_SCOPE_GPU = 0  # NVML_POWER_SCOPE_GPU: the GPU alone, not the module (GPU + CPU on Grace Hopper)
+# ECC error counts and the enforced power limit change rarely (an ECC event; nvidia-smi -pl or a data
+# centre's power-capping controller) yet cost an NVML call each, three per GPU per tick at 10 Hz. They are
+# read this often instead, and each sample carries the last value in between, so their series never flap.
+# A double-bit ECC error still shows at once as XID 48 through the event thread (nvml_xid.py).
+SLOW_FIELDS_INTERVAL_S = 10.0
+# The slow-cadence reads: (probe, pynvml function, pynvml constants passed after the handle, NVML unit -> SI).
+SLOW_FIELD_CALLS: tuple[tuple[str, str, tuple[str, ...], float], ...] = (
+    ("power_limit_watts", "nvmlDeviceGetEnforcedPowerLimit", (), 1e-3),  # mW -> W
+    ("ecc_corrected_errors", "nvmlDeviceGetTotalEccErrors",
+     ("NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_VOLATILE_ECC"), 1),
+    ("ecc_uncorrected_errors", "nvmlDeviceGetTotalEccErrors",
+     ("NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC"), 1),
+)
 
 # Values NVML uses for "not available" in unsigned results (NVML_VALUE_NOT_AVAILABLE_uint / _ulonglong).
 _NOT_AVAILABLE = (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
@@ -393,6 +406,8 @@ class _Device:
     mig_slots: tuple[_MigSlot, ...] | None = None
     mig_at_ns: int | None = None
     mig_gpm: dict[int, GpmPair] = field(default_factory=dict)  # GPU instance id -> sample pair
+    # Slow-cadence probe -> (monotonic ns of its last successful read, the value read then).
+    slow_reads: dict[str, tuple[int, Any]] = field(default_factory=dict)
     exceptions_in_a_row: int = 0  # reads that raised a Python exception, reset by a read that did not
 
 
@@ -402,7 +417,9 @@ class NvmlBackend:
     ``nvml`` is the pynvml module (imported here when None). ``clock_ns`` stamps samples and paces the
     slow reads and the backoffs. Compute process lists and the MIG instance list are refreshed every
     ``process_interval_s`` (their calls cost milliseconds); between refreshes a sample carries the last
-    list. ``enable_gpm`` / ``enable_xid`` switch off GPM rates and the XID event thread.
+    list. ECC error counts and the enforced power limit are read every ``slow_interval_s`` seconds
+    (``SLOW_FIELDS_INTERVAL_S``) and carried the same way. ``enable_gpm`` / ``enable_xid`` switch off GPM
+    rates and the XID event thread.
 
     Raises ``NvmlUnavailable`` (a ``ProbeUnavailable``, one line) when NVML cannot be used at all.
     ``sample()`` raises ``NvmlFatalError`` when the driver was replaced under the running process.
@@ -417,6 +434,7 @@ class NvmlBackend:
         nvml: Any = None,
         clock_ns: Callable[[], int] = time.monotonic_ns,
         process_interval_s: float = 1.0,
+        slow_interval_s: float = SLOW_FIELDS_INTERVAL_S,
         enable_gpm: bool = True,
         enable_xid: bool = True,
         logger: logging.Logger | None = None,
@@ -438,6 +456,7 @@ class NvmlBackend:
         }
         self._clock = clock_ns
         self._interval_ns = int(process_interval_s * 1e9)
+        self._slow_interval_ns = int(slow_interval_s * 1e9)
         self._enable_gpm = enable_gpm
         self._errors: dict[tuple[int | None, str, str], int] = {}
         self._errors_lock = threading.Lock()
@@ -868,6 +887,7 @@ class NvmlBackend:
         dev.processes = None
         dev.processes_at_ns = None
         dev.mig_at_ns = None
+        dev.slow_reads.clear()
         if self._xid is not None:
             self._xid.reregister(dev.index, handle)
         self._log.info("GPU %d (%s) re-acquired", dev.index, dev.uuid)
@@ -928,11 +948,13 @@ class NvmlBackend:
         - utilization ratios: nvmlDeviceGetUtilizationRates (% / 100) -> utilization.gpu / .memory
         - memory_*_bytes: nvmlDeviceGetMemoryInfo v2, else v1 (bytes) -> memory.total / .used / .reserved
         - energy_joules: nvmlDeviceGetTotalEnergyConsumption (mJ / 1e3) -> none (total energy since load)
-        - power_limit_watts: nvmlDeviceGetEnforcedPowerLimit (mW / 1e3) -> enforced.power.limit
+        - power_limit_watts: nvmlDeviceGetEnforcedPowerLimit (mW / 1e3), every slow_interval_s
+          -> enforced.power.limit
         - sm_clock_hertz, memory_clock_hertz: nvmlDeviceGetClockInfo (MHz * 1e6) -> clocks.sm / clocks.mem
         - temperature_gpu_celsius: nvmlDeviceGetTemperatureV, else nvmlDeviceGetTemperature -> temperature.gpu
         - throttle_reasons: nvmlDeviceGetCurrentClocksEventReasons bits -> clocks_event_reasons.*
-        - ecc_*_errors: nvmlDeviceGetTotalEccErrors, volatile -> ecc.errors.corrected/uncorrected.volatile.total
+        - ecc_*_errors: nvmlDeviceGetTotalEccErrors, volatile, every slow_interval_s
+          -> ecc.errors.corrected/uncorrected.volatile.total
         - GPM ratios and rates: see nvml_gpm.DEVICE_METRICS (% / 100; MiB/s * 2**20) -> none
         - processes: nvmlDeviceGetComputeRunningProcesses_v3, else _v2 -> --query-compute-apps=pid,used_memory
         - mig_instances: MIG device handles, their memory info, GPM per GPU instance -> none (nvidia-smi mig)
@@ -958,9 +980,6 @@ class NvmlBackend:
         values["energy_joules"] = _scaled(
             self._call(dev, "energy_joules", "nvmlDeviceGetTotalEnergyConsumption", h), 1e-3
         )
-        values["power_limit_watts"] = _scaled(
-            self._call(dev, "power_limit_watts", "nvmlDeviceGetEnforcedPowerLimit", h), 1e-3
-        )
         values["sm_clock_hertz"] = _scaled(
             self._call(dev, "sm_clock_hertz", "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_SM), 1e6
         )
@@ -980,19 +999,30 @@ class NvmlBackend:
         )
         if _available(reasons) is not None:
             values["throttle_reasons"] = frozenset(r for r, bit in self._reason_bits.items() if reasons & bit)
-        for probe, error_type in (
-            ("ecc_corrected_errors", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
-            ("ecc_uncorrected_errors", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
-        ):
-            values[probe] = _available(
-                self._call(dev, probe, "nvmlDeviceGetTotalEccErrors", h, error_type, nvml.NVML_VOLATILE_ECC)
-            )
+        self._read_slow_fields(dev, now, values)
         gpm_started_ns = self._clock()
         self._read_gpm(dev, values)
         self._gpm_ns += self._clock() - gpm_started_ns
         values["processes"] = self._read_processes(dev, now)
         values["mig_instances"] = self._read_mig(dev, now)
         return GpuSample(index=dev.index, uuid=dev.uuid, monotonic_ns=now, **values)
+
+    def _read_slow_fields(self, dev: _Device, now: int, values: dict[str, Any]) -> None:
+        """ECC counts and the enforced power limit (W): read every slow_interval_s, else the last value."""
+        for probe, function, constants, scale in SLOW_FIELD_CALLS:
+            last = dev.slow_reads.get(probe)
+            if last is not None and now - last[0] < self._slow_interval_ns:
+                values[probe] = last[1]
+                continue
+            arguments = [getattr(self._nvml, name) for name in constants]
+            values[probe] = _scaled(self._call(dev, probe, function, dev.handle, *arguments), scale)
+            # A read that failed (no data, an unexpected error: the probe is in ``transient``) is not
+            # stamped, so it is tried again next tick and the field is None for that tick only, as for
+            # every per-tick field. A dropped probe is never called again (``_call`` checks).
+            if probe in dev.transient or probe in dev.dropped:
+                dev.slow_reads.pop(probe, None)
+            else:
+                dev.slow_reads[probe] = (now, values[probe])
 
     def _read_field_values(self, dev: _Device, values: dict[str, Any]) -> None:
         """Power, HBM temperature, PCIe/NVLink byte counters and throttle times in one NVML call."""

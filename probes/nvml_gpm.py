@@ -56,6 +56,27 @@ DEVICE_METRICS: tuple[GpmMetric, ...] = (
 MIG_METRICS: tuple[GpmMetric, ...] = (GpmMetric("NVML_GPM_METRIC_SM_UTIL", "sm_activity_ratio", 0.01, True),)
 
 
+def metrics_request(nvml: Any, sample1: Any, sample2: Any, metric_ids: list[int]) -> Any:
+    """An ``nvmlGpmMetricsGet_t`` asking for ``metric_ids`` over (older ``sample1``, newer ``sample2``)."""
+    request = nvml.c_nvmlGpmMetricsGet_t()
+    request.version = nvml.NVML_GPM_METRICS_GET_VERSION
+    request.numMetrics = len(metric_ids)
+    request.sample1 = sample1
+    request.sample2 = sample2
+    for slot, metric_id in enumerate(metric_ids):
+        request.metrics[slot].metricId = metric_id
+    return request
+
+
+def metrics_answer(request: Any) -> dict[int, tuple[int, float]]:
+    """``{metric id: (nvmlReturn, value)}`` from a request that ``nvmlGpmMetricsGet`` has filled in."""
+    out: dict[int, tuple[int, float]] = {}
+    for slot in range(request.numMetrics):
+        metric = request.metrics[slot]
+        out[int(metric.metricId)] = (int(metric.nvmlReturn), float(metric.value))
+    return out
+
+
 class GpmPair:
     """Two GPM sample buffers for one device or one MIG GPU instance, swapped after every tick.
 
@@ -96,20 +117,9 @@ class GpmPair:
         return result
 
     def _metrics(self, metric_ids: list[int]) -> dict[int, tuple[int, float]]:
-        nvml = self._nvml
-        request = nvml.c_nvmlGpmMetricsGet_t()
-        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(metric_ids)
-        request.sample1 = self._previous
-        request.sample2 = self._current
-        for slot, metric_id in enumerate(metric_ids):
-            request.metrics[slot].metricId = metric_id
-        nvml.nvmlGpmMetricsGet(request)
-        out: dict[int, tuple[int, float]] = {}
-        for slot in range(len(metric_ids)):
-            metric = request.metrics[slot]
-            out[int(metric.metricId)] = (int(metric.nvmlReturn), float(metric.value))
-        return out
+        request = metrics_request(self._nvml, self._previous, self._current, metric_ids)
+        self._nvml.nvmlGpmMetricsGet(request)
+        return metrics_answer(request)
 
     def reset(self) -> None:
         """Forget the previous sample (the device went away; counters may have restarted)."""

@@ -548,6 +548,106 @@ def test_process_list_is_refreshed_about_once_a_second(open_backend, clock):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Slow cadence: ECC counts and the enforced power limit
+
+
+SLOW_FUNCTIONS = ("nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetTotalEccErrors")
+
+
+def nvml_calls(nvml) -> int:
+    """Every NVML function call the stub has recorded so far (any function, any GPU)."""
+    return len(nvml.mock_calls)
+
+
+def test_ecc_and_power_limit_are_read_once_per_slow_interval_and_carried(open_backend, clock):
+    nvml = make_nvml_stub()
+    gpu0 = nvml.fake.gpus[0]
+    backend = open_backend(nvml, slow_interval_s=10.0, process_interval_s=100.0)
+    calls_per_tick = []
+    seen = []
+    for tick in range(25):  # 2.5 intervals at 1 Hz
+        if tick == 3:  # an admin caps the GPU and ECC corrects an error: both show at the next slow read
+            gpu0.power_limit_mw, gpu0.ecc_corrected, gpu0.ecc_uncorrected = 500_000, 3, 1
+        before = nvml_calls(nvml)
+        sample = backend.sample()[0]
+        calls_per_tick.append(nvml_calls(nvml) - before)
+        seen.append((sample.power_limit_watts, sample.ecc_corrected_errors, sample.ecc_uncorrected_errors))
+        clock.advance(1.0)
+    assert nvml.fake.calls("nvmlDeviceGetEnforcedPowerLimit", gpu=0) == 3  # ticks 0, 10, 20
+    assert nvml.fake.calls("nvmlDeviceGetTotalEccErrors", gpu=0) == 6  # two counters each time
+    assert seen[:10] == [(pytest.approx(700.0), 0, 0)] * 10  # carried, never None: no series flaps
+    assert seen[10:] == [(pytest.approx(500.0), 3, 1)] * 15
+    # Three calls fewer per GPU on the ticks between slow reads. Tick 0 also opens GPM, processes and MIG;
+    # the process list is not due again in this run.
+    assert calls_per_tick[10] == calls_per_tick[20]
+    assert {c for t, c in enumerate(calls_per_tick) if t not in (0, 10, 20)} == {calls_per_tick[10] - 3 * 2}
+    assert all(status(backend, 0, name).reason is None for name in ("power_limit_watts", "ecc_corrected_errors"))
+
+
+def test_slow_interval_zero_reads_every_tick(open_backend, clock):
+    nvml = make_nvml_stub()
+    backend = open_backend(nvml, slow_interval_s=0.0)
+    for _ in range(3):
+        backend.sample()
+        clock.advance(0.1)
+    assert nvml.fake.calls("nvmlDeviceGetEnforcedPowerLimit", gpu=1) == 3
+    assert nvml.fake.calls("nvmlDeviceGetTotalEccErrors", gpu=1) == 6
+
+
+def test_a_failed_slow_read_is_none_that_tick_and_retried_next_tick(open_backend, clock):
+    nvml = make_nvml_stub()
+    gpu0 = nvml.fake.gpus[0]
+    backend = open_backend(nvml, slow_interval_s=10.0)
+    assert backend.sample()[0].power_limit_watts == pytest.approx(700.0)
+    clock.advance(10.0)
+    gpu0.errors["nvmlDeviceGetEnforcedPowerLimit"] = pynvml.NVML_ERROR_TIMEOUT
+    gpu0.errors["nvmlDeviceGetTotalEccErrors"] = pynvml.NVML_ERROR_NO_DATA
+    failed = backend.sample()[0]
+    # As for a per-tick field: None this tick (the old value would hide the failure), counted or transient.
+    assert failed.power_limit_watts is None and failed.ecc_corrected_errors is None
+    assert backend.error_counts() == {(0, "power_limit_watts", "NVML_ERROR_TIMEOUT"): 1}
+    assert status(backend, 0, "ecc_corrected_errors").reason == "no value on the last read: NVML_ERROR_NO_DATA"
+    gpu0.errors.clear()
+    gpu0.power_limit_mw = 600_000
+    clock.advance(0.1)
+    assert backend.sample()[0].power_limit_watts == pytest.approx(600.0)  # retried at once, not in 10 s
+    calls = nvml.fake.calls("nvmlDeviceGetEnforcedPowerLimit", gpu=0)
+    clock.advance(0.1)
+    later = backend.sample()[0]
+    assert later.power_limit_watts == pytest.approx(600.0) and later.ecc_corrected_errors == 0
+    assert nvml.fake.calls("nvmlDeviceGetEnforcedPowerLimit", gpu=0) == calls  # back on the slow cadence
+    assert status(backend, 0, "ecc_corrected_errors").reason is None
+
+
+def test_unsupported_slow_fields_are_dropped_and_never_read_again(open_backend, clock):
+    nvml = make_nvml_stub()
+    nvml.fake.gpus[1].errors["nvmlDeviceGetTotalEccErrors"] = pynvml.NVML_ERROR_NOT_SUPPORTED  # no ECC
+    backend = open_backend(nvml, slow_interval_s=1.0)
+    for _ in range(3):
+        samples = backend.sample()
+        clock.advance(1.0)
+    assert samples[1].ecc_corrected_errors is None and samples[1].power_limit_watts == pytest.approx(700.0)
+    assert nvml.fake.calls("nvmlDeviceGetTotalEccErrors", gpu=1) == 2  # once per counter, then dropped
+    assert nvml.fake.calls("nvmlDeviceGetTotalEccErrors", gpu=0) == 6
+    assert status(backend, 1, "ecc_corrected_errors") == FieldStatus(
+        "ecc_corrected_errors", False, "NVML_ERROR_NOT_SUPPORTED")
+
+
+def test_slow_fields_are_read_at_once_after_a_device_comes_back(open_backend, clock):
+    nvml = make_nvml_stub()
+    backend = open_backend(nvml, slow_interval_s=10.0)
+    backend.sample()
+    nvml.fake.lose(0)
+    clock.advance(0.1)
+    assert not backend.sample()[0].up
+    nvml.fake.recover(0)  # after a reset: the limit and the volatile ECC counts may be new
+    nvml.fake.gpus[0].power_limit_mw = 450_000
+    clock.advance(1.0)  # the first re-acquire is due after 1 s, well inside the slow interval
+    back = backend.sample()[0]
+    assert back.up and back.power_limit_watts == pytest.approx(450.0)
+
+
+# --------------------------------------------------------------------------------------------------------
 # GPM
 
 
