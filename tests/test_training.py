@@ -1,5 +1,6 @@
 """The training workload on CPU (tiny preset): learning, checkpoints and resume, DDP and accumulation
-equivalence, what it reports, MFU arithmetic, async checkpoints, config errors."""
+equivalence, what it reports, MFU arithmetic (steady steps only, the peak by device name), async
+checkpoints, config errors, and the up-front refusal of a run that cannot fit on its device."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from wattledger.workloads import training
 from wattledger.workloads.common import RunOptions
+from wattledger.workloads.memory_plan import GIB, WontFitError
 from wattledger.workloads.model import PRESETS, build_model
 from wattledger.workloads.reporter import TRAIN_ACTIVITY, Reporter
 from wattledger.workloads.training import (
+    WARMUP_STEPS,
     SyntheticTokens,
     TrainingConfig,
     add_arguments,
+    check_memory_fits,
     config_from_args,
     default_peak_flops,
     load_checkpoint,
@@ -29,6 +34,7 @@ from wattledger.workloads.training import (
     make_optimizer,
     run,
     save_checkpoint,
+    steady_state_throughput,
 )
 
 TINY = PRESETS["tiny"]
@@ -230,16 +236,67 @@ def test_reporter_gets_trained_tokens_and_spans():
     assert summary["checkpoint_stall_seconds"] == pytest.approx(sum(s.seconds for s in checkpoint))
 
 
-def test_mfu_is_6n_plus_attention_flops_times_tokens_per_second_over_peak():
-    summary = _train(max_steps=3, batch_size=4, seq_len=32, peak_flops=1e12)
+def test_mfu_is_6n_plus_attention_flops_times_steady_tokens_per_second_over_peak():
+    reporter = Reporter("training", [0], keep_spans=True)
+    summary = _train(reporter, max_steps=3, batch_size=4, seq_len=32, peak_flops=1e12)
     n = TINY.matmul_params()
     per_token = 6 * n + 12 * TINY.layers * TINY.heads * TINY.head_dim * 32
     assert summary["flops_per_token"] == per_token == TINY.training_flops_per_token(32)
-    assert summary["tokens_per_second"] == pytest.approx(summary["tokens"]["trained"]
-                                                         / (summary["step_time_seconds"]["mean"] * 3))
+    step_seconds = [s.seconds for s in reporter.spans if s.kind == "compute"]
+    steady = step_seconds[WARMUP_STEPS:]  # eager: only the first step is warm-up
+    assert (summary["steady_steps"], summary["warmup_steps_excluded"]) == (len(steady), WARMUP_STEPS) == (2, 1)
+    assert summary["tokens_per_second"] == pytest.approx(len(steady) * 4 * 32 / sum(steady), rel=1e-9)
+    assert summary["tokens_per_second_all_steps"] == pytest.approx(3 * 4 * 32 / sum(step_seconds), rel=1e-9)
     assert summary["mfu"] == pytest.approx(per_token * summary["tokens_per_second"] / 1e12, rel=1e-12)
+    assert summary["mfu_all_steps"] == pytest.approx(per_token * summary["tokens_per_second_all_steps"] / 1e12,
+                                                     rel=1e-12)
     assert summary["mfu_peak_flops"] == 1e12 and "6N + 12*L*H*Q*T" in summary["mfu_formula"]
-    assert summary["mfu_note"] is None
+    assert "steady steps" in summary["mfu_formula"] and summary["mfu_note"] is None
+
+
+def test_a_slow_first_step_and_compile_steps_stay_out_of_the_mfu():
+    # An injected series: a 5 s first step (CUDA set-up), a 3 s recompile at the fourth, 0.1 s otherwise.
+    seconds = [5.0, 0.1, 0.1, 3.0, 0.1]
+    compiled = [True, False, False, True, False]
+    figures = steady_state_throughput(seconds, compiled, tokens_per_step=1000, flops_per_token=6e9,
+                                      peak_flops=1e15, world=1)
+    assert (figures["steady_steps"], figures["warmup_steps_excluded"]) == (3, 2)
+    assert figures["tokens_per_second"] == pytest.approx(1000 / 0.1)
+    assert figures["mfu"] == pytest.approx(6e9 * 1000 / 0.1 / 1e15)
+    assert figures["tokens_per_second_all_steps"] == pytest.approx(5000 / sum(seconds))
+    assert figures["mfu_all_steps"] < figures["mfu"] / 10  # what the first and compile steps did to it
+    # Eager (no compile steps): only the first step is left out, however slow the others are.
+    eager = steady_state_throughput([5.0, 0.2, 0.1], [False] * 3, 1000, 6e9, 1e15, world=2)
+    assert eager["tokens_per_second"] == pytest.approx(2000 / 0.3)
+    assert eager["mfu"] == pytest.approx(6e9 * eager["tokens_per_second"] / 2e15)
+
+
+def test_mfu_of_a_run_of_warm_up_steps_only_is_null_with_a_reason():
+    figures = steady_state_throughput([5.0], [False], 1000, 6e9, 1e15, world=1)
+    assert figures["mfu"] is None and figures["tokens_per_second"] is None
+    assert figures["mfu_all_steps"] == pytest.approx(6e9 * 200 / 1e15)
+    assert "warm-up" in figures["mfu_note"] and "\n" not in figures["mfu_note"]
+
+
+def test_steps_in_which_dynamo_compiles_are_marked_as_compile_steps(monkeypatch):
+    # Graphs "compiled" during the first and third steps (the counter torch keeps, here driven by the test).
+    counts = iter([0, 1, 1, 1, 1, 2, 2, 2])
+    monkeypatch.setattr(training, "_dynamo_graph_count", lambda: next(counts))
+    monkeypatch.setattr(torch, "compile", lambda model, **_: model)  # the wiring, not the compiler, is tested
+    options = RunOptions(preset="tiny", device="cpu", seed=0, duration_s=120.0, compile=True)
+    summary = run(TrainingConfig(max_steps=4, batch_size=2, seq_len=16, log_every=0), options,
+                  Reporter("training", [0]))
+    assert (summary["steady_steps"], summary["warmup_steps_excluded"]) == (2, 2)
+
+
+def test_dynamo_graph_counter_counts_a_real_compile():
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")  # dynamo traces; no inductor codegen
+    before = training._dynamo_graph_count()
+    compiled(torch.ones(3))
+    after_first = training._dynamo_graph_count()
+    compiled(torch.ones(3))
+    assert before is not None and after_first == before + 1
+    assert training._dynamo_graph_count() == after_first  # the second call reuses the graph
 
 
 def test_mfu_is_null_with_a_reason_without_a_known_peak():
@@ -248,8 +305,12 @@ def test_mfu_is_null_with_a_reason_without_a_known_peak():
     assert "--peak-tflops" in summary["mfu_note"]
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", None)])
+@pytest.mark.parametrize("name, peak", [
+    # Dense bf16: half the datasheets' "with sparsity" figures (H100: 1,979 SXM, 1,513 PCIe, 1,671 NVL;
+    # H200: 1,979 SXM, 1,671 NVL). An H200 NVL must not get the SXM part's peak.
+    ("NVIDIA H200 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", None),
+])
 def test_default_peak_comes_from_the_device_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     flops, note = default_peak_flops(torch.device("cuda"))

@@ -37,15 +37,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from wattledger.workloads.common import RunOptions, percentiles, summary_header
-from wattledger.workloads.model import ModelConfig, build_model
+from wattledger.workloads.memory_plan import GIB, TrainingMemoryPlan, WontFitError, plan_training_memory
+from wattledger.workloads.model import ModelConfig, build_model, model_config, pick_device
 from wattledger.workloads.reporter import TRAIN_ACTIVITY, Reporter
 
 CHECKPOINT_MODES = ("sync", "async")
 
 # Sequences per rank per micro-step and tokens per sequence when the config leaves them unset. tiny runs
 # in milliseconds per step on a CPU (the tests); the others are sized to keep one H100's tensor cores busy
-# without activation checkpointing. 8b needs more than one GPU's memory for fp32 AdamW (16 bytes/param),
-# so it only runs as a shape on a node that has it.
+# without activation checkpointing. 8b needs more than one GPU's memory for fp32 AdamW (16 bytes/param):
+# check_memory_fits refuses it up front with the arithmetic (workloads/memory_plan.py).
 DEFAULT_BATCH_SHAPE: dict[str, tuple[int, int]] = {
     "tiny": (8, 64),
     "125m": (16, 1024),
@@ -53,16 +54,25 @@ DEFAULT_BATCH_SHAPE: dict[str, tuple[int, int]] = {
     "8b": (1, 4096),
 }
 
-# Dense bf16 tensor-core peak per GPU, FLOP/s, matched against torch.cuda.get_device_name(). Sources: NVIDIA
-# H100 datasheet (SXM 989.4 TFLOPS, PCIe 756 TFLOPS, NVL 835 TFLOPS: the datasheet's "with sparsity"
-# figures halved) and NVIDIA H200 datasheet (989 TFLOPS, the same compute as H100 SXM). First match wins,
-# so the specific names come before the plain "H100" (an SXM part, e.g. "NVIDIA H100 80GB HBM3").
+# Dense bf16 tensor-core peak per GPU, FLOP/s, matched against torch.cuda.get_device_name() by substring.
+# Sources: the NVIDIA H100 and H200 datasheets' "BFLOAT16 Tensor Core" rows, which give the figure with
+# 2:4 sparsity; the dense peak is half of it. The plain names are the SXM parts ("NVIDIA H100 80GB HBM3",
+# "NVIDIA H200"); the NVL and PCIe boards run lower clocks and power. The longest name contained in the
+# device's name wins (peak_bf16_flops_for), so "NVIDIA H200 NVL" gets the NVL figure, not the SXM one,
+# whatever the order here. (A GH200's name contains "H200": its GPU is SXM-class, 990 dense in the GH200
+# datasheet, so the H200 figure is the right one for it too.)
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H200", 989e12),
-    ("H100", 989e12),
+    ("H100", 989e12),  # H100 SXM: 1,979 TFLOPS with sparsity
+    ("H100 PCIe", 756e12),  # 1,513 with sparsity
+    ("H100 NVL", 835e12),  # 1,671 with sparsity
+    ("H200", 989e12),  # H200 SXM: 1,979 with sparsity
+    ("H200 NVL", 835e12),  # 1,671 with sparsity
 )
+
+# Steps the steady-state tokens/s and MFU leave out: the first step of every run (it pays for cuBLAS
+# handles and workspaces, the caching allocator's growth and AdamW's lazily created moments, none of which
+# recurs), and under --compile every step during which dynamo compiled a graph (_dynamo_graph_count).
+WARMUP_STEPS = 1
 
 # The synthetic stream follows the table with this probability, else draws a uniform token.
 FOLLOW_PROBABILITY = 0.9
@@ -83,6 +93,8 @@ class TrainingConfig:
     checkpoint_dir: str | None = None  # None = a temporary folder, removed at the end
     checkpoint_mode: str = "sync"  # "sync" (torch.save, loop blocked) or "async" (DCP async_save)
     peak_flops: float | None = None  # per-GPU peak for MFU, FLOP/s; None = PEAK_BF16_FLOPS by device name
+    memory_limit_gib: float | None = None  # device memory the run must fit in, GiB (check_memory_fits); None =
+    # what torch.cuda.mem_get_info reports free on CUDA, and no check on the CPU
     log_every: int = 10  # steps between log lines on rank 0; 0 = never
     max_steps: int | None = None  # stop when the step counter reaches this (a resumed run counts the
     # steps before its checkpoint); None = run for RunOptions.duration_s
@@ -117,6 +129,11 @@ class TrainingConfig:
                                             or not isinstance(self.peak_flops, (int, float))
                                             or not math.isfinite(self.peak_flops) or self.peak_flops <= 0):
             raise ValueError(f"peak_flops must be a positive number of FLOP/s, got {self.peak_flops!r}")
+        if self.memory_limit_gib is not None and (isinstance(self.memory_limit_gib, bool)
+                                                  or not isinstance(self.memory_limit_gib, (int, float))
+                                                  or not math.isfinite(self.memory_limit_gib)
+                                                  or self.memory_limit_gib <= 0):
+            raise ValueError(f"memory_limit_gib must be a positive number of GiB, got {self.memory_limit_gib!r}")
         if self.resume_from is not None and not os.path.exists(self.resume_from):
             raise ValueError(f"resume_from {self.resume_from!r} does not exist")
         if model is not None and self.seq_len is not None and self.seq_len > model.max_seq_len:
@@ -363,15 +380,75 @@ def learning_rate(config: TrainingConfig, step: int) -> float:
     return config.lr
 
 
+def peak_bf16_flops_for(device_name: str) -> float | None:
+    """The dense bf16 peak (FLOP/s) of the PEAK_BF16_FLOPS entry whose name is the longest one contained
+    in ``device_name`` (the most specific: "H200 NVL" before "H200"); None when none is."""
+    matches = [(len(part), flops) for part, flops in PEAK_BF16_FLOPS if part in device_name]
+    return max(matches)[1] if matches else None
+
+
 def default_peak_flops(device: torch.device) -> tuple[float | None, str | None]:
     """(peak FLOP/s, None), or (None, why not) when the device is not in PEAK_BF16_FLOPS."""
     if device.type != "cuda":
         return None, f"no peak FLOP/s known for {device.type}; pass --peak-tflops to get an MFU"
     name = torch.cuda.get_device_name(device)
-    for part, flops in PEAK_BF16_FLOPS:
-        if part in name:
-            return flops, None
-    return None, f"no peak FLOP/s known for {name!r}; pass --peak-tflops to get an MFU"
+    flops = peak_bf16_flops_for(name)
+    if flops is None:
+        return None, f"no peak FLOP/s known for {name!r}; pass --peak-tflops to get an MFU"
+    return flops, None
+
+
+def uses_bf16_autocast(device: torch.device) -> bool:
+    """The recipe: fp32 master weights with bf16 autocast on CUDA; plain fp32 on the CPU, so the tests can
+    compare runs bit for bit."""
+    return device.type == "cuda"
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device this process trains on: under torchrun on CUDA, the GPU of its local rank."""
+    env = _distributed_env()
+    if env is not None and device.type == "cuda":
+        return torch.device("cuda", env[2])
+    return device
+
+
+def _memory_available(device: torch.device, memory_limit_gib: float | None) -> tuple[int, str] | None:
+    """(bytes the run may use on ``device``, the phrase that says so), or None when there is nothing to
+    check against (the CPU, without a limit given)."""
+    if memory_limit_gib is not None:
+        return int(memory_limit_gib * GIB), f"{device} is given {memory_limit_gib:g} GiB (--memory-limit-gib)"
+    if device.type != "cuda":
+        return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    # What this process's caching allocator holds but no tensor uses (an earlier regime's blocks in a bench)
+    # is free to this run too; mem_get_info counts it as used.
+    reusable_bytes = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available_bytes = free_bytes + reusable_bytes
+    return available_bytes, f"{device} has {available_bytes / GIB:.1f} GiB free of {total_bytes / GIB:.1f}"
+
+
+def memory_plan(model: ModelConfig, device: torch.device, batch_size: int, seq_len: int) -> TrainingMemoryPlan:
+    """What this process would hold per GPU (workloads/memory_plan.py): DDP's replica and buckets under
+    torchrun, the bf16 autocast copies on CUDA."""
+    return plan_training_memory(model, batch_size, seq_len, bf16_autocast=uses_bf16_autocast(device),
+                                ddp=_distributed_env() is not None)
+
+
+def check_memory_fits(config: TrainingConfig, model: ModelConfig, device: torch.device, batch_size: int,
+                      seq_len: int) -> None:
+    """Raise WontFitError (a ValueError; one line with the arithmetic and what would fit) when the run
+    cannot fit on ``device``: before the model is built or a byte is allocated, so an 8b run is refused in
+    a second instead of running out of memory after minutes of setup. ``device`` is this rank's (see
+    rank_device). Nothing is checked on the CPU unless ``config.memory_limit_gib`` is set."""
+    available = _memory_available(device, config.memory_limit_gib)
+    if available is None:
+        return
+    limit_bytes, where = available
+    refusal = memory_plan(model, device, batch_size, seq_len).refusal(where, limit_bytes)
+    if refusal is not None:
+        raise WontFitError(refusal)
 
 
 def _distributed_env() -> tuple[int, int, int] | None:
@@ -423,14 +500,16 @@ class _Progress:
     """What the loop measured: each step's seconds, the losses, the log's points, the checkpoint stalls."""
 
     step_seconds: list[float] = field(default_factory=list)
+    compile_steps: list[bool] = field(default_factory=list)  # per step: dynamo compiled a graph during it
     loss_first: float | None = None
     loss_last: float | None = None
     loss_log: list[list[float]] = field(default_factory=list)  # [step, loss] at each log line
     checkpoints: list[dict] = field(default_factory=list)  # {"step", "stall_seconds"} per save
     stall_seconds: float = 0.0  # the loop blocked on checkpoints, the final wait included
 
-    def add_step(self, seconds: float, loss: float) -> None:
+    def add_step(self, seconds: float, loss: float, compiled: bool = False) -> None:
         self.step_seconds.append(seconds)
+        self.compile_steps.append(compiled)
         self.loss_first = loss if self.loss_first is None else self.loss_first
         self.loss_last = loss
 
@@ -440,7 +519,8 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
     """Train until ``config.max_steps`` or ``options.duration_s`` (or ``stop``); return the summary.
 
     Under torchrun every rank returns a summary, but only rank 0's is the run's (the others carry their
-    own figures and ``"rank"``).
+    own figures and ``"rank"``). A run that cannot fit on its device raises WontFitError (check_memory_fits)
+    before anything is built.
     """
     stop = stop or threading.Event()
     model_config, device, _ = options.resolve()
@@ -448,6 +528,11 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
     batch_size, seq_len = config.shape(options.preset)
     if seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the {model_config.name} model's {model_config.max_seq_len}")
+    train_device = rank_device(device)
+    check_memory_fits(config, model_config, train_device, batch_size, seq_len)
+    if train_device.type == "cuda":
+        # The peaks in the summary and the reporter are this run's, not an earlier regime's in the process.
+        torch.cuda.reset_peak_memory_stats(train_device)
     setup_start = time.perf_counter()
     t = _set_up(config, options, model_config, device, batch_size, seq_len)
     progress = _Progress()
@@ -464,6 +549,7 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
         # Announced now, so an in-process mock GPU counts the step while it runs: a step longer than the
         # mock's lag (seen on a busy host) would otherwise reach it too late to count in full.
         reporter.span_started("compute", step_start_ns, TRAIN_ACTIVITY)
+        graphs_before = _dynamo_graph_count() if t.compiled else None
         lr = learning_rate(config, step)
         loss_sum = _optimizer_step(t, config, step, lr)
         wants_stop = stop.is_set() or (config.max_steps is None and time.monotonic_ns() >= deadline_ns)
@@ -472,7 +558,8 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
         reporter.span("compute", step_start_ns, step_end_ns, TRAIN_ACTIVITY)
         reporter.add_tokens("trained", t.tokens_per_step)
         step += 1
-        progress.add_step((step_end_ns - step_start_ns) / 1e9, loss_value)
+        compiled_now = graphs_before is not None and (_dynamo_graph_count() or 0) > graphs_before
+        progress.add_step((step_end_ns - step_start_ns) / 1e9, loss_value, compiled_now)
         if len(progress.step_seconds) == 1:
             reporter.set_memory(_memory_bytes(t.raw_model, t.optimizer, t.device))
         if t.master and config.log_every and (step % config.log_every == 0 or step == t.first_step + 1):
@@ -495,8 +582,8 @@ def _set_up(config: TrainingConfig, options: RunOptions, model_config: ModelConf
     env = _distributed_env()
     rank, world, local_rank = env or (0, 1, 0)
     owns_group = env is not None and not dist.is_initialized()
+    device = rank_device(device)
     if env is not None and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if owns_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -504,9 +591,9 @@ def _set_up(config: TrainingConfig, options: RunOptions, model_config: ModelConf
 
     # Master weights and optimizer state in fp32; matrix products in bf16 under autocast on CUDA. The CPU
     # stays fp32 so the tests can compare runs bit for bit.
-    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    bf16 = uses_bf16_autocast(device)
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     raw_model = build_model(model_config, device, torch.float32, seed=options.seed)
     optimizer = make_optimizer(raw_model, config, device)
     data = SyntheticTokens(model_config.vocab_size, seq_len, options.seed)
@@ -671,10 +758,6 @@ def _summary(config: TrainingConfig, options: RunOptions, t: _Trainer, progress:
     steps = len(progress.step_seconds)
     trained_tokens = steps * t.tokens_per_step * t.world
     busy_seconds = sum(progress.step_seconds)
-    tokens_per_second = trained_tokens / busy_seconds if busy_seconds > 0 else None
-    mfu = (t.flops_per_token * tokens_per_second / (t.peak_flops * t.world)
-           if t.peak_flops and tokens_per_second else None)
-    mfu_note = "no step finished" if steps == 0 else t.mfu_note
     m, checkpointer = t.model_config, t.checkpointer
     summary = summary_header("training", options, t.device, t.compute_dtype, wall_seconds,
                              {"trained": trained_tokens})
@@ -693,17 +776,20 @@ def _summary(config: TrainingConfig, options: RunOptions, t: _Trainer, progress:
         "loss_log": progress.loss_log,
         "step_time_seconds": {"mean": busy_seconds / steps if steps else None,
                               **percentiles(progress.step_seconds, qs=(0.5, 0.9))},
-        "tokens_per_second": tokens_per_second,
+        **steady_state_throughput(progress.step_seconds, progress.compile_steps, t.tokens_per_step * t.world,
+                                  t.flops_per_token, t.peak_flops, t.world, t.mfu_note),
         "tokens_per_second_wall": trained_tokens / wall_seconds if wall_seconds > 0 else None,
         "flops_per_token": t.flops_per_token,
-        "mfu": mfu,
         "mfu_peak_flops": t.peak_flops,
         "mfu_formula": (f"mfu = flops_per_token * tokens_per_second / (peak_flops * world_size); "
                         f"flops_per_token = 6N + 12*L*H*Q*T = 6*{m.matmul_params()} + "
                         f"12*{m.layers}*{m.heads}*{m.head_dim}*{t.seq_len} "
                         f"(PaLM appendix B); tokens_per_second = trained tokens of all ranks / summed step "
-                        f"time"),
-        "mfu_note": None if mfu is not None else mfu_note,
+                        f"time, over the steady steps: the first {WARMUP_STEPS} and any step in which "
+                        f"torch.compile compiled a graph are left out (mfu_all_steps keeps them)"),
+        "memory_estimate_bytes": memory_plan(m, t.device, t.batch_size, t.seq_len).total_bytes,
+        "memory_peak_allocated_bytes": (torch.cuda.max_memory_allocated(t.device) if t.device.type == "cuda"
+                                        else None),
         "checkpoint_mode": config.checkpoint_mode if checkpointer else None,
         "checkpoint_mode_used": checkpointer.mode_used if checkpointer else None,
         "checkpoint_fallback_reason": checkpointer.fallback_reason if checkpointer else None,
@@ -716,6 +802,57 @@ def _summary(config: TrainingConfig, options: RunOptions, t: _Trainer, progress:
         "config": asdict(config),
     })
     return summary
+
+
+def steady_state_throughput(step_seconds: list[float], compile_steps: list[bool], tokens_per_step: int,
+                            flops_per_token: float, peak_flops: float | None, world: int,
+                            no_peak_note: str | None = None) -> dict:
+    """Tokens/s and MFU over the steady steps, and the same over all steps beside them (labelled).
+
+    ``step_seconds[i]`` is step i's time and ``compile_steps[i]`` whether dynamo compiled a graph during
+    it; ``tokens_per_step`` counts every rank's tokens, ``peak_flops`` is per GPU (None: no MFU, for the
+    reason ``no_peak_note``). The steady steps are all but the first WARMUP_STEPS and the compile steps:
+    a first step that takes seconds would otherwise pull a short run's MFU far below what the hardware
+    sustains. MFU = flops_per_token x tokens/s / (peak x world) (PaLM appendix B).
+    """
+    counted = [seconds for i, (seconds, compiled) in enumerate(zip(step_seconds, compile_steps))
+               if i >= WARMUP_STEPS and not compiled]
+
+    def rate(seconds: list[float]) -> float | None:
+        total = sum(seconds)
+        return len(seconds) * tokens_per_step / total if total > 0 else None
+
+    def utilisation(tokens_per_second: float | None) -> float | None:
+        if not peak_flops or tokens_per_second is None:
+            return None
+        return flops_per_token * tokens_per_second / (peak_flops * world)
+
+    tokens_per_second, all_steps = rate(counted), rate(step_seconds)
+    mfu = utilisation(tokens_per_second)
+    if not step_seconds:
+        note = "no step finished"
+    elif not peak_flops:
+        note = no_peak_note or "no peak FLOP/s; pass --peak-tflops to get an MFU"
+    elif not counted:
+        note = (f"only warm-up steps ran ({len(step_seconds)}: the first {WARMUP_STEPS} and compile steps are "
+                f"left out); run more steps for a steady-state MFU")
+    else:
+        note = None
+    return {"tokens_per_second": tokens_per_second, "tokens_per_second_all_steps": all_steps,
+            "mfu": mfu, "mfu_all_steps": utilisation(all_steps), "mfu_note": note,
+            "steady_steps": len(counted), "warmup_steps_excluded": len(step_seconds) - len(counted)}
+
+
+def _dynamo_graph_count() -> int | None:
+    """Graphs dynamo has compiled in this process: ``torch._dynamo.utils.counters["stats"]["unique_graphs"]``
+    (torch/_dynamo/output_graph.py, counted since torch 2.0, there in 2.11 and 2.13). A private counter,
+    so None when it is missing: then only the first WARMUP_STEPS are left out."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # any failure to read it only loses the compile-step detection
+        return None
 
 
 def _memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
@@ -750,6 +887,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(torch.distributed.checkpoint.async_save: blocked only while copying to CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="per-GPU peak TFLOP/s for MFU (default: bf16 dense datasheet peak of an H100/H200)")
+    parser.add_argument("--memory-limit-gib", type=float, default=None, metavar="GIB",
+                        help="device memory the run must fit in, else it is refused up front with the arithmetic "
+                        "(default: the GPU's free memory; no check on the CPU)")
     parser.add_argument("--log-every", type=int, default=TrainingConfig.log_every, metavar="STEPS")
     parser.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: run for "
                         "--duration)")
@@ -757,14 +897,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    """The config from parsed arguments; ValueError (one line) for a bad value."""
+    """The config from parsed arguments; ValueError (one line) for a bad value, and for a run that cannot
+    fit on its device when ``args`` also names the preset and device (both command lines do): the caller
+    turns that into a usage error, exit code 2, before it builds anything."""
     config = TrainingConfig(
         batch_size=args.batch_size, seq_len=args.seq_len, grad_accum_steps=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
         checkpoint_dir=args.checkpoint_dir, checkpoint_mode=args.checkpoint_mode,
-        peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12, log_every=args.log_every,
-        max_steps=args.max_steps, resume_from=args.resume_from)
+        peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12,
+        memory_limit_gib=args.memory_limit_gib, log_every=args.log_every, max_steps=args.max_steps,
+        resume_from=args.resume_from)
     config.validate()
+    preset, device = getattr(args, "preset", None), getattr(args, "device", None)
+    if preset is not None and device is not None:
+        model = model_config(preset)
+        config.validate(model)
+        check_memory_fits(config, model, rank_device(pick_device(device)), *config.shape(preset))
     return config
 
 
