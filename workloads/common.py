@@ -36,6 +36,49 @@ def configure_cpu_threads(options: RunOptions) -> None:
         torch.set_num_threads(1)
 
 
+UUID_BYTES = 16  # a CUDA device UUID (cudaUUID_t: char bytes[16], cuda_runtime_api.h)
+
+
+def cuda_devices_of(device: str) -> list[int]:
+    """The torch CUDA device indices a workload run on ``device`` uses: one (``cuda:N``, or the current
+    device for ``cuda`` and ``auto``), or none when it runs on the CPU. torch's numbering: under
+    ``CUDA_VISIBLE_DEVICES`` the runtime renumbers the visible GPUs from 0, so an index here is not an NVML
+    index (``cuda_uuid`` is what ties the two)."""
+    resolved = pick_device(device)
+    if resolved.type != "cuda":
+        return []
+    return [resolved.index if resolved.index is not None else torch.cuda.current_device()]
+
+
+def cuda_uuid(index: int) -> str | None:
+    """The UUID the CUDA runtime gives torch device ``index``, as text, or None when this torch has none.
+
+    ``torch.cuda.get_device_properties(i).uuid`` is a ``_CUuuid`` (torch >= 1.10, in 2.11-2.13) whose
+    ``bytes`` are the 16 bytes of ``cudaDeviceProp.uuid`` and whose ``str()`` is them as 8-4-4-4-12 hex
+    (torch/csrc/cuda/Module.cpp), without NVML's ``GPU-`` (or ``MIG-``) prefix. The bytes are read when
+    there, so the text does not depend on how a torch release prints the object; the caller compares hex
+    digits only."""
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is None:
+        return None
+    raw = getattr(uuid, "bytes", None)  # _CUuuid.bytes: the 16 bytes as a list of ints
+    if isinstance(raw, (bytes, bytearray, list, tuple)) and len(raw) == UUID_BYTES:
+        text = bytes(raw).hex()
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return str(uuid)
+
+
+def hold_cuda_context(indices: list[int]) -> None:
+    """Create this process's CUDA context on each torch device in ``indices`` (a one-element allocation,
+    then a synchronize, so the context is fully set up): an idle baseline measured after this includes
+    what a held context costs, as the regimes' own idle gaps do (a GPU with a context is commonly seen in
+    a higher performance state than a bare one; the first GPU run measures by how much: idle vs idle_end)."""
+    for index in indices:
+        device = torch.device("cuda", index)
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> random.Random:
     """Seed torch and return a private ``random.Random`` for the workload's own sampling."""
     torch.manual_seed(seed)

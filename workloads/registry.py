@@ -7,8 +7,9 @@ regime is one new module and one line here (``tests/test_regime_registry.py`` ad
 
 Importing this module imports no torch: a regime's module is imported only when :meth:`Regime.load` is
 called, when the regime is about to run or its flags are about to be parsed, and torch itself only by the
-calls that need it (:meth:`Regime.run_as_benchmarked`, :func:`cuda_available`). So the measurement
-(``workloads/bench/``) reaches every regime through this table and never imports one.
+calls that need it (:meth:`Regime.run_as_benchmarked`, :func:`cuda_available`, and the bench's two CUDA
+questions: :func:`cuda_devices`, the device UUIDs it matches to NVML's, and :func:`hold_cuda_context`).
+So the measurement (``workloads/bench/``) reaches every regime through this table and never imports one.
 
 The workload protocol (what :meth:`Regime.load` returns)::
 
@@ -115,6 +116,24 @@ def cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def cuda_devices(device: str) -> list[tuple[int, str | None]]:
+    """(torch index, CUDA UUID or None) of each CUDA device a regime run on ``device`` uses; empty when it
+    runs on the CPU. Imports torch (``workloads.common``), so only when a regime is about to run."""
+    from wattledger.workloads import common
+
+    return [(index, common.cuda_uuid(index)) for index in common.cuda_devices_of(device)]
+
+
+def hold_cuda_context(device: str) -> list[int]:
+    """Create the CUDA context on the device(s) a regime run on ``device`` uses (``common.hold_cuda_context``)
+    and return their torch indices; nothing (empty) on the CPU. Imports torch."""
+    from wattledger.workloads import common
+
+    indices = common.cuda_devices_of(device)
+    common.hold_cuda_context(indices)
+    return indices
 
 
 def regime(name: str) -> Regime:

@@ -8,7 +8,14 @@ For each regime (the numbers in brackets are the rules of docs/measurement.md):
   and the token counts cover the same stretch of time [3];
 - a zero counter delta is flagged, never read as zero energy [2];
 - counter energy cross-checked against integrated instant power, the divergence reported [9];
-- the idle baseline subtracted for the dynamic figures; gross and dynamic both reported [8];
+- the idle baseline subtracted for the dynamic figures; gross and dynamic both reported [8]. It is measured
+  before the regimes, with this process's CUDA context held on a GPU (``cuda_context_held``), and again
+  after them (``idle_end``, a drift check): the dynamic figures subtract the first (see ``analyse``);
+- each regime is charged only the GPUs it ran on (the ``gpus`` of its phase_start: NVML indices the bench
+  matched to the workload's CUDA devices by UUID); the other GPUs' energy is no regime's. A run recorded
+  before that (no ``gpus``) charges every GPU, as it did then;
+- a regime whose workload raised is left out of the figures and listed, with its reason, in
+  ``failed_regimes``;
 - joules per token for every kind the regime produced, and per request / per session [5];
 - RAPL CPU package and DRAM energy reported separately where readable [7];
 - cost and CO2 from a separately labelled pricing model (PUE never enters the measured joules) [11].
@@ -32,6 +39,7 @@ from wattledger.workloads.bench.results import (
     TOKEN_KINDS,
     Check,
     EnergyDetail,
+    FailedRegime,
     GpuInfo,
     GrossDynamic,
     IdleBaseline,
@@ -49,9 +57,10 @@ from wattledger.workloads.bench.results import (
 )
 from wattledger.workloads.registry import DEFAULT_REGIMES, REGIMES, PerUnitEnergy
 
-__all__ = ["MIN_WINDOW_SECONDS", "SCHEMA_VERSION", "analyse", "counter_energy", "idle_baseline",
-           "late_spans_check", "phase_timing", "phases", "regime_summary", "steady_window", "summarize",
-           "window_energy"]
+__all__ = ["IDLE_END_PHASE", "IDLE_PHASE", "MIN_WINDOW_SECONDS", "SCHEMA_VERSION", "analyse", "counter_energy",
+           "failed_regimes", "idle_baseline", "idle_drift_check", "idle_power_of", "late_spans_check",
+           "phase_timing", "phases", "regime_gpus", "regime_summary", "run_gpu_indices", "steady_window",
+           "summarize", "window_energy"]
 
 MIN_WINDOW_SECONDS = 5.0
 # Counter vs integrated instant power. Instant power sampled every 50 ms misses bursts shorter than that
@@ -61,6 +70,17 @@ MAX_DIVERGENCE = 0.10
 COMMAND_KIND_PREFERENCE = ("generated", "prompt", "trained")
 # The simulator's exact energy is known: the counter must land within this of it.
 MOCK_TRUTH_TOLERANCE = 0.01
+# The idle baselines: before the regimes (the one the dynamic figures subtract) and after them.
+IDLE_PHASE = "idle"
+IDLE_END_PHASE = "idle_end"
+# The closing baseline is a drift check, not what the dynamic figures subtract, so it is kept short (half
+# the opening one); 2 s still holds 20 updates of an NVML energy counter that advances every 100 ms or
+# faster, enough for a mean power.
+MIN_END_IDLE_SECONDS = 2.0
+# Idle power after the regimes against before them. Warm silicon leaks more and a GPU can hold raised
+# clocks for a while after load, so some rise is expected; beyond this the opening baseline misstates the
+# idle power the regimes ran beside, and with it the dynamic figures.
+MAX_IDLE_DRIFT = 0.10
 
 
 def _check(check: str, passed: bool, detail: str) -> Check:
@@ -70,14 +90,14 @@ def _check(check: str, passed: bool, detail: str) -> Check:
 def phases(run: RunData) -> dict[str, tuple[int, int, bool]]:
     """phase -> (start ns, end ns, finished). An unfinished phase ends at the last sample; a phase is
     finished only when it has a phase_end that does not say it was interrupted (a stopped workload returns
-    early and its phase_end is still written)."""
+    early and its phase_end is still written) or that it failed (its workload raised)."""
     last_ns = int(run.gpu["monotonic_ns"].max()) if not run.gpu.empty else run.origin_ns
     out = {}
     for event in run.events:
         if event.get("type") == "phase_start":
             name = event["phase"]
             end = run.event("phase_end", phase=name)
-            finished = end is not None and not end.get("interrupted", False)
+            finished = end is not None and not end.get("interrupted", False) and not end.get("failed", False)
             out[name] = (int(event["monotonic_ns"]), int(end["monotonic_ns"]) if end else last_ns, finished)
     return out
 
@@ -88,7 +108,8 @@ def phase_timing(run: RunData, name: str) -> PhaseTiming | None:
     ``ran_seconds`` runs from phase_start to the moment a stop was asked for (an interrupted phase), to
     phase_end (a finished one), or to the last sample (no phase_end: the process was killed). The planned
     length counts the workload's own work only, so a finished phase runs a little longer than planned (model
-    setup). ``stopped_by``: "SIGTERM", "SIGINT", "killed (no phase_end)", or None when it finished.
+    setup). ``stopped_by``: "SIGTERM", "SIGINT", "killed (no phase_end)", "failed" (the workload raised),
+    or None when it finished.
     """
     start = run.event("phase_start", phase=name)
     if start is None:
@@ -99,6 +120,8 @@ def phase_timing(run: RunData, name: str) -> PhaseTiming | None:
     stopped_by = None
     if end is None:
         stopped_by = "killed (no phase_end)"
+    elif end.get("failed"):
+        stopped_by = "failed"
     elif end.get("interrupted"):
         stopped_by = str(end.get("stop_reason") or "stop requested")
         requested = end.get("stop_requested_ns")
@@ -189,10 +212,19 @@ def _integrated_power_joules(samples: pd.DataFrame, start_ns: int, end_ns: int) 
     return joules * (end_ns - start_ns) / NS_PER_S / (t[-1] - t[0])  # over the window's exact length
 
 
-def window_energy(run: RunData, start_ns: int, end_ns: int) -> dict:
-    """Counter energy of all GPUs over a window, the window's effective edges, and the cross-checks."""
+def _gpu_samples(run: RunData, gpus: Sequence[int] | None) -> pd.DataFrame:
+    """The GPU samples of ``gpus`` (NVML indices), or of every GPU when None."""
+    if gpus is None or run.gpu.empty or "index" not in run.gpu:
+        return run.gpu
+    return run.gpu[run.gpu["index"].isin(list(gpus))]
+
+
+def window_energy(run: RunData, start_ns: int, end_ns: int, gpus: Sequence[int] | None = None) -> dict:
+    """Counter energy of ``gpus`` (NVML indices; None: all GPUs) over a window, the window's effective
+    edges, and the cross-checks."""
+    samples_of_gpus = _gpu_samples(run, gpus)
     per_gpu = {}
-    for index, samples in run.gpu.groupby("index"):
+    for index, samples in samples_of_gpus.groupby("index"):
         per_gpu[int(index)] = counter_energy(samples, start_ns, end_ns)
     reference = per_gpu.get(min(per_gpu)) if per_gpu else None
     if not reference or reference["joules"] is None:
@@ -208,7 +240,7 @@ def window_energy(run: RunData, start_ns: int, end_ns: int) -> dict:
         own = (figures["end_ns"] - figures["start_ns"]) / NS_PER_S
         # GPUs tick at slightly different moments: scale each to the reference window's length.
         total += figures["joules"] * (seconds / own if own > 0 else 1.0)
-        part = _integrated_power_joules(run.gpu[run.gpu["index"] == index], edge_start, edge_end)
+        part = _integrated_power_joules(samples_of_gpus[samples_of_gpus["index"] == index], edge_start, edge_end)
         if part is None:
             have_integrated = False
         else:
@@ -227,11 +259,14 @@ def _tokens(run: RunData, workload: str, start_ns: int, end_ns: int) -> TokenCou
     return TokenCounts(**out)
 
 
-def _truth_joules(run: RunData, start_ns: int, end_ns: int) -> float | None:
+def _truth_joules(run: RunData, start_ns: int, end_ns: int, gpus: Sequence[int] | None = None) -> float | None:
+    """The simulator's exact energy of ``gpus`` (None: all) between the two instants (J); None off the mock."""
     if run.truth.empty:
         return None
     total = 0.0
-    for column in (c for c in run.truth.columns if c not in ("monotonic_ns", "t")):
+    wanted = None if gpus is None else {str(index) for index in gpus}
+    for column in (c for c in run.truth.columns if c not in ("monotonic_ns", "t")
+                   and (wanted is None or c in wanted)):
         a, b = _interpolate(run.truth, column, start_ns), _interpolate(run.truth, column, end_ns)
         if a is None or b is None:
             return None
@@ -271,24 +306,99 @@ def _rapl(run: RunData, start_ns: int, end_ns: int) -> dict[str, float]:
     return out
 
 
-def idle_baseline(run: RunData) -> tuple[IdleBaseline, list[Check]]:
-    """The idle phase's mean GPU power (W, all GPUs) from the counter over its steady window, and its checks."""
-    phase = phases(run).get("idle")
-    if phase is None:
-        return IdleBaseline(), [
-            _check("idle baseline", False, "no idle phase was measured: dynamic figures are not available")]
-    start, end = steady_window(phase[0], phase[1])[:2]
+def _per_gpu_watts(per_gpu: dict) -> dict[int, float]:
+    """Each GPU's mean power over its own counter window (W): its joules over its own edges."""
+    out = {}
+    for index, figures in per_gpu.items():
+        seconds = (figures["end_ns"] - figures["start_ns"]) / NS_PER_S
+        if figures["joules"] is not None and seconds > 0:
+            out[int(index)] = figures["joules"] / seconds
+    return out
+
+
+def _context_fields(run: RunData, phase: str) -> tuple[bool | None, str | None]:
+    """Whether this process held a CUDA context during the idle phase, and why not (its phase_start)."""
+    start = run.event("phase_start", phase=phase) or {}
+    held = start.get("cuda_context_held")
+    note = start.get("cuda_context_note")
+    return (held if isinstance(held, bool) else None), (note if isinstance(note, str) else None)
+
+
+def idle_baseline(run: RunData, phase: str = IDLE_PHASE) -> tuple[IdleBaseline, list[Check]]:
+    """An idle phase's mean GPU power (W, all GPUs, and each GPU's own) from the counter over its steady
+    window, and its checks. ``phase``: the opening baseline (``idle``, the one the dynamic figures
+    subtract; at least MIN_WINDOW_SECONDS) or the closing one (``idle_end``, at least MIN_END_IDLE_SECONDS)."""
+    opening = phase == IDLE_PHASE
+    name = "idle baseline" if opening else "closing idle baseline"
+    bounds = phases(run).get(phase)
+    if bounds is None:
+        why = "no idle phase was measured: dynamic figures are not available" if opening else \
+            "no idle phase after the regimes was measured"
+        return IdleBaseline(), [_check(name, False, why)]
+    start, end = steady_window(bounds[0], bounds[1])[:2]
     energy = window_energy(run, start, end)
     seconds = (energy["end_ns"] - energy["start_ns"]) / NS_PER_S
-    timing = phase_timing(run, "idle")
-    finished = [_finished_check(timing, "idle phase finished")]
+    timing = phase_timing(run, phase)
+    held, note = _context_fields(run, phase)
+    finished = [_finished_check(timing, f"{'idle' if opening else 'closing idle'} phase finished")]
     if energy["joules"] is None or seconds <= 0:
-        return IdleBaseline(None, seconds, None, timing), [
-            _check("idle baseline", False, "the energy counter did not move during the idle phase"), *finished]
+        return IdleBaseline(None, seconds, None, timing, {}, held, note), [
+            _check(name, False, "the energy counter did not move during the idle phase"), *finished]
     power = energy["joules"] / seconds
-    checks = [_check("idle baseline", seconds >= MIN_WINDOW_SECONDS,
-                     f"{seconds:.1f} s window, {power:.1f} W on {run.gpu['index'].nunique()} GPU(s)"), *finished]
-    return IdleBaseline(power, seconds, energy["joules"], timing), checks
+    minimum = MIN_WINDOW_SECONDS if opening else MIN_END_IDLE_SECONDS
+    context = "" if held is None else (", CUDA context held" if held
+                                       else f", no CUDA context ({note or 'not created'})")
+    checks = [_check(name, seconds >= minimum, f"{seconds:.1f} s window, {power:.1f} W on "
+                     f"{run.gpu['index'].nunique()} GPU(s) (at least {minimum:g} s wanted){context}"), *finished]
+    return IdleBaseline(power, seconds, energy["joules"], timing, _per_gpu_watts(energy["per_gpu"]), held, note), checks
+
+
+def idle_drift_check(opening: IdleBaseline, closing: IdleBaseline) -> Check | None:
+    """The closing idle baseline against the opening one (relative difference of their mean power); None
+    when either is missing."""
+    before, after = finite(opening.power_watts), finite(closing.power_watts)
+    if before is None or after is None or before <= 0:
+        return None
+    drift = (after - before) / before
+    return _check("idle drift", abs(drift) <= MAX_IDLE_DRIFT,
+                  f"idle power after the regimes {after:.1f} W vs {before:.1f} W before ({100 * drift:+.1f}%, limit "
+                  f"{100 * MAX_IDLE_DRIFT:.0f}%); the dynamic figures subtract the one before")
+
+
+def regime_gpus(run: RunData, name: str) -> tuple[tuple[int, ...], str | None]:
+    """The GPUs (NVML indices) regime ``name`` is charged for, and how the bench found them ("uuid",
+    "mock", ...): its phase_start's ``gpus``, or every GPU of the run (and None) when the phase_start does
+    not say (a run recorded before attribution, or ``wattledger run``)."""
+    start = run.event("phase_start", phase=name) or {}
+    gpus, attribution = start.get("gpus"), start.get("gpu_attribution")
+    if isinstance(gpus, list) and gpus and all(isinstance(g, int) and not isinstance(g, bool) for g in gpus):
+        return tuple(sorted(gpus)), attribution if isinstance(attribution, str) else None
+    return run_gpu_indices(run), None
+
+
+def run_gpu_indices(run: RunData) -> tuple[int, ...]:
+    """Every GPU the run sampled (NVML indices), in order."""
+    return tuple(sorted(int(i) for i in run.gpu["index"].unique())) if "index" in run.gpu else ()
+
+
+def idle_power_of(idle: IdleBaseline, gpus: Sequence[int], all_gpus: Sequence[int]) -> float | None:
+    """The idle baseline of ``gpus`` together (W): the whole baseline when they are every GPU of the run,
+    else the sum of their own idle powers (None if one of them has none)."""
+    if set(gpus) == set(all_gpus):
+        return idle.power_watts
+    powers = [idle.per_gpu_watts.get(index) for index in gpus]
+    return sum(powers) if powers and all(p is not None for p in powers) else None
+
+
+def failed_regimes(run: RunData, names: Sequence[str]) -> tuple[FailedRegime, ...]:
+    """The regimes among ``names`` whose phase_end says the workload failed, with the reason it gave."""
+    out = []
+    for name in names:
+        end = run.event("phase_end", phase=name)
+        if end is not None and end.get("failed"):
+            out.append(FailedRegime(name, str(end.get("failure_reason") or "the workload raised"),
+                                    phase_timing(run, name)))
+    return tuple(out)
 
 
 def _peak(frame: pd.DataFrame, column: str, positive: bool = False) -> float | None:
@@ -416,11 +526,11 @@ def _joules_per_token(gross: float | None, dynamic: float | None, tokens: TokenC
 
 
 def _mock_checks(run: RunData, name: str, a: int, b: int, gross: float | None,
-                 main_tokens: int) -> tuple[MockTruth | None, list[Check]]:
-    """The simulator's exact energy over the window (mock backend) and the checks against it: the measured
-    energy within 1 % of it, and no span that reached the mock too late to be simulated."""
+                 main_tokens: int, gpus: Sequence[int] | None = None) -> tuple[MockTruth | None, list[Check]]:
+    """The simulator's exact energy of ``gpus`` over the window (mock backend) and the checks against it:
+    the measured energy within 1 % of it, and no span that reached the mock too late to be simulated."""
     checks, truth_figures = [], None
-    truth = _truth_joules(run, a, b)
+    truth = _truth_joules(run, a, b, gpus)
     if truth is not None:
         truth_figures = MockTruth(truth, truth / main_tokens if main_tokens else None)
         if gross is not None and truth > 0:
@@ -436,8 +546,9 @@ def _mock_checks(run: RunData, name: str, a: int, b: int, gross: float | None,
 def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pricing, gpus: int) -> RegimeResult | None:
     """The figures of regime (phase) ``name`` over its steady-state window; None when it has no phase_start.
 
-    ``idle_power_watts``: the idle baseline (all GPUs), None if not measured; ``gpus``: how many the
-    economics pays for."""
+    Only the GPUs the regime is charged for count (``regime_gpus``: energy, utilization, activity, power,
+    memory, temperature). ``idle_power_watts``: the idle baseline of those GPUs together, None if not
+    measured; ``gpus``: how many GPUs the economics pays for."""
     from wattledger.workloads.bench.economics import regime_economics
 
     phase = phases(run).get(name)
@@ -445,12 +556,14 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
         return None
     start_ns, end_ns, _ = phase
     timing = phase_timing(run, name)
+    charged, attribution = regime_gpus(run, name)
     window_start, window_end, exclusions = _regime_window(run, name, start_ns, end_ns)
-    energy = window_energy(run, window_start, window_end)
+    energy = window_energy(run, window_start, window_end, charged)
     a, b = energy["start_ns"], energy["end_ns"]
     seconds = (b - a) / NS_PER_S
     phase_seconds = (end_ns - start_ns) / NS_PER_S
-    inside, whole_phase = _between(run.gpu, a, b), _between(run.gpu, start_ns, end_ns)
+    samples = _gpu_samples(run, charged)
+    inside, whole_phase = _between(samples, a, b), _between(samples, start_ns, end_ns)
     tokens = _tokens(run, name, a, b)
     main_kind = _main_token_kind(name, tokens)
     gross = energy["joules"]
@@ -461,7 +574,8 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
     checks, divergence = _window_checks(seconds, exclusions, energy, timing, tokens, main_kind)
     temperature_p99, temperature_max = _temperature(whole_phase)
     energy_detail = EnergyDetail(dynamic, energy["integrated_joules"], divergence, _rapl(run, a, b),
-                                 window_energy(run, start_ns, end_ns)["joules"], temperature_p99, temperature_max)
+                                 window_energy(run, start_ns, end_ns, charged)["joules"], temperature_p99,
+                                 temperature_max)
     per_unit, not_available = {}, {}
     spec = REGIMES[name].per_unit if name in REGIMES else None
     if spec is not None:
@@ -472,7 +586,7 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
             not_available[spec.summary_key] = why
     if not energy_detail.rapl_joules:
         not_available["rapl_joules"] = _rapl_missing_reason(run)
-    mock_truth, mock_checks = _mock_checks(run, name, a, b, gross, tokens.of(main_kind))
+    mock_truth, mock_checks = _mock_checks(run, name, a, b, gross, tokens.of(main_kind), charged)
     return RegimeResult(
         duration_seconds=seconds, phase_seconds=phase_seconds, phase=timing,
         window=Window((a - run.origin_ns) / NS_PER_S, (b - run.origin_ns) / NS_PER_S, exclusions),
@@ -488,7 +602,7 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
         workload=workload, validity=(*checks, *mock_checks), not_available=not_available,
         economics=regime_economics(pricing, gpus, seconds, gross, tokens.of(main_kind), utilization.mean,
                                    idle_power_watts),
-        mock_truth=mock_truth,
+        mock_truth=mock_truth, gpus=charged, gpu_attribution=attribution, idle_power_watts=idle_power_watts,
     )
 
 
@@ -520,24 +634,43 @@ def analyse(run: RunData, pricing, kind: str = "bench", regimes: Sequence[str] =
     """The whole run, typed: ``analyse(...).to_json()`` is ``summary.json`` (docs/summary.schema.json).
 
     ``regimes``: the phases to summarise, registry regimes or any other name (a profiled command's phase);
-    one that never started is left out."""
+    one that never started is left out, and one whose workload failed is listed in ``failed_regimes``
+    instead.
+
+    The dynamic figures subtract the opening idle baseline (``idle``), not the closing one (``idle_end``)
+    nor their mean: the opening one is the longer measurement, it exists in every run that reached a
+    regime (a run cut short or with a failed regime may never reach the end), and the closing one follows
+    the last regime straight after a cooldown, so it carries that regime's thermal and clock tail. The
+    "idle drift" check says when the two disagree enough to matter."""
     from wattledger.workloads.bench.economics import pricing_record
 
     start = run.event("run_start") or {}
     end = run.event("run_end")
     gpus = _gpus(run)
     idle, checks = idle_baseline(run)
+    idle_end, end_checks = idle_baseline(run, IDLE_END_PHASE) if IDLE_END_PHASE in phases(run) else (None, [])
+    drift = idle_drift_check(idle, idle_end) if idle_end is not None else None
+    failed = failed_regimes(run, regimes)
+    all_gpus = run_gpu_indices(run)
     results = {}
-    for name in regimes:
-        result = regime_summary(run, name, idle.power_watts, pricing, max(1, len(gpus)))
+    for name in (n for n in regimes if n not in {f.regime for f in failed}):
+        charged = regime_gpus(run, name)[0]
+        result = regime_summary(run, name, idle_power_of(idle, charged, all_gpus), pricing, max(1, len(charged)))
         if result is not None:
             results[name] = result
     return RunSummary(
         kind=kind, status=(end or {}).get("status", "partial") if end else "partial",
         backend=run.header.get("backend") or "mock", simulated=run.simulated, created=start.get("wall_time", ""),
         host=start.get("host", {}), settings=settings if settings is not None else start.get("settings", {}),
-        gpus=gpus, idle=idle, regimes=results, validity=(*checks, *_run_checks(run)),
-        pricing=pricing_record(pricing), schema_version=SCHEMA_VERSION)
+        gpus=gpus, idle=idle, regimes=results,
+        validity=(*checks, *end_checks, *([drift] if drift else []), *_run_checks(run), *_failure_checks(failed)),
+        pricing=pricing_record(pricing), schema_version=SCHEMA_VERSION, idle_end=idle_end, failed_regimes=failed)
+
+
+def _failure_checks(failed: Sequence[FailedRegime]) -> list[Check]:
+    """One failed run-wide check per regime whose workload raised, so the closing table and the report's
+    validity list show it beside the others."""
+    return [_check("regime failed", False, f"{f.regime}: {f.reason}") for f in failed]
 
 
 def summarize(run: RunData, pricing, kind: str = "bench", regimes: Sequence[str] = DEFAULT_REGIMES,

@@ -1,25 +1,45 @@
 """``wattledger bench``: measure what training, chat serving and agentic sessions cost on this machine.
 
 One measurement session (``session.py``): the agent's sampler runs in-process (serving /metrics, so a
-Prometheus can watch), an idle baseline is measured, then each regime of the registry
-(``workloads/registry.py``) runs in turn at its defaults, with a cooldown between. Everything is recorded
-into a run directory as it happens (``workloads/bench/rundata.py``); at the end, or when interrupted,
-``analysis.summarize`` turns the raw files into ``summary.json`` and ``report.render_report`` into
-``report.html``. Without an NVIDIA GPU the mock GPU stands in, driven by the workloads' spans, and every
-output says SIMULATED on its first line.
+Prometheus can watch), an idle baseline is measured (with this process's CUDA context already created on
+the workloads' device, so the baseline includes what a held context costs), then each regime of the
+registry (``workloads/registry.py``) runs in turn at its defaults, with a cooldown between, and a second,
+shorter idle baseline closes the run (``idle_end``: half the first; the dynamic figures subtract the
+first, see ``analysis.analyse``). Everything is recorded into a run directory as it happens
+(``workloads/bench/rundata.py``); at the end, or when interrupted, ``analysis.summarize`` turns the raw
+files into ``summary.json`` and ``report.render_report`` into ``report.html``. Without an NVIDIA GPU the
+mock GPU stands in, driven by the workloads' spans, and every output says SIMULATED on its first line.
+
+Each workload is charged only the GPUs it runs on: its CUDA device's UUID matched to NVML's
+(``session.attribute_gpus``); on the mock, mock GPU 0. A regime whose workload raises (an out-of-memory,
+a CUDA error, any Exception; not KeyboardInterrupt) is recorded as failed with a one-line reason, its
+CUDA memory released, and the bench goes on: the run's status is then "partial" and the summary lists it
+in ``failed_regimes``.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wattledger.workloads import registry
-from wattledger.workloads.bench.session import MeasurementSession, SessionOptions, versions
+from wattledger.workloads.bench.session import MeasurementSession, SessionOptions, first_line, versions
 from wattledger.workloads.reporter import AccountingReporter
+
+IDLE_PHASE = "idle"  # the opening idle baseline (analysis.IDLE_PHASE)
+IDLE_END_PHASE = "idle_end"  # the closing one (analysis.IDLE_END_PHASE)
+IDLE_PHASES = (IDLE_PHASE, IDLE_END_PHASE)
+# The closing idle baseline's length as a share of the opening one's: it is a drift check, not the figure
+# the dynamic energy subtracts, so it stays short (4 s with --quick, 5 s by default).
+END_IDLE_SHARE = 0.5
+# Lines of a failed workload's traceback kept in its phase_end (the end of the stack says where it broke).
+TRACEBACK_LINES = 30
 
 
 @dataclass
@@ -42,11 +62,15 @@ class BenchOptions:
     pricing_overrides: dict = field(default_factory=dict)
 
     def resolved(self, has_cuda: bool) -> dict:
+        """The settings the bench runs with (seconds); ``end_idle_s``: the closing idle baseline, half the
+        opening one (0: none)."""
         quick = self.quick
+        idle_s = self.idle_s if self.idle_s is not None else (8.0 if quick else 10.0)
         return {
             "preset": self.preset or ("tiny" if quick or not has_cuda else "1b"),
             "duration_s": self.duration_s or (20.0 if quick else 60.0),
-            "idle_s": self.idle_s if self.idle_s is not None else (8.0 if quick else 10.0),
+            "idle_s": idle_s,
+            "end_idle_s": idle_s * END_IDLE_SHARE,
             "cooldown_s": self.cooldown_s if self.cooldown_s is not None else (2.0 if quick else 10.0),
         }
 
@@ -107,8 +131,8 @@ class LiveState:
 
 
 def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) -> tuple[Path, dict]:
-    """Run the benchmark; returns the run directory and its summary (partial if ``stop`` was set).
-    SessionError (one line) when there is no GPU backend, no run directory or no port."""
+    """Run the benchmark; returns the run directory and its summary (partial if ``stop`` was set or a
+    regime failed). SessionError (one line) when there is no GPU backend, no run directory or no port."""
     regimes = [registry.regime(name) for name in options.workloads]
     for regime in regimes:
         regime.load()  # a regime's first import (torch: seconds) must not fall inside its measured phase
@@ -118,56 +142,135 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
                     "sampling_interval_seconds": options.interval_s, "quick": options.quick,
                     "seed": options.seed, "versions": versions()}
     session.record_run_start(all_settings)
+    say = _Say(console)
     for note in session.notes:
-        console.print(f"wattledger: {note}", markup=False, highlight=False)
+        say(note)
     state = LiveState(session.agent)
     session.start()
     console.print(f"wattledger bench: metrics at {session.metrics_url}; run directory {session.run_dir}",
                   markup=False, highlight=False)
     display = _Display(state, console)
     display.start()
-    status = "complete"
+    failed: list[str] = []
     try:
-        plan = [("idle", settings["idle_s"])] + [(regime.name, settings["duration_s"]) for regime in regimes]
+        context = _hold_cuda_context(session, options.device, say)
+        plan = _plan(settings, regimes)
         for number, (phase, seconds) in enumerate(plan):
             if stop.is_set():
                 break
             state.enter(phase, seconds)
-            _measure_phase(session, phase, seconds, settings["preset"], options, stop)
+            if not _measure_phase(session, phase, seconds, settings["preset"], options, stop, say, context):
+                failed.append(phase)
             if number < len(plan) - 1 and not stop.is_set():
                 state.enter("cooldown", settings["cooldown_s"])
                 stop.wait(settings["cooldown_s"])
-        if stop.is_set():
-            status = "partial"
         session.drain()
     finally:
         display.stop()
-        session.close(status)
+        session.close("partial" if stop.is_set() or failed else "complete",
+                      **({"failed_regimes": failed} if failed else {}))
     return session.run_dir, session.publish(pricing, all_settings, regimes=tuple(options.workloads))
 
 
+def _plan(settings: dict, regimes) -> list[tuple[str, float]]:
+    """(phase, seconds) in order: the opening idle baseline, each regime, the closing idle baseline (left
+    out when its length is 0)."""
+    plan = [(IDLE_PHASE, settings["idle_s"])] + [(regime.name, settings["duration_s"]) for regime in regimes]
+    if settings["end_idle_s"] > 0:
+        plan.append((IDLE_END_PHASE, settings["end_idle_s"]))
+    return plan
+
+
+class _Say:
+    """Prints "wattledger: ..." lines, each distinct line once (an attribution note would repeat per regime)."""
+
+    def __init__(self, console):
+        self.console = console
+        self.said: set[str] = set()
+
+    def __call__(self, text: str) -> None:
+        if text not in self.said:
+            self.said.add(text)
+            self.console.print(f"wattledger: {text}", markup=False, highlight=False)
+
+
+def _hold_cuda_context(session: MeasurementSession, device: str, say) -> dict:
+    """Create this process's CUDA context on the workloads' device before the idle baseline, so the idle
+    watts include what a held context costs (the regimes hold one throughout). Returns what the idle
+    phases' phase_start records: ``cuda_context_held`` and, when it is not held, why. Skipped on the mock
+    (it has no context cost) and when the workloads run on the CPU; a CUDA error is said, not raised (the
+    regimes then fail on their own, each recorded)."""
+    if session.simulated:
+        return {"cuda_context_held": False, "cuda_context_note": "mock GPU: no CUDA context is created"}
+    if not session.agent.devices():
+        return {"cuda_context_held": False, "cuda_context_note": "NVML lists no GPU yet"}
+    try:
+        indices = registry.hold_cuda_context(device)
+    except Exception as err:  # noqa: BLE001 - measure the idle baseline anyway, and say why
+        reason = f"{type(err).__name__}: {first_line(err)}"
+        say(f"cannot create a CUDA context on {device!r} before the idle baseline ({reason}): it is measured "
+            "without one")
+        return {"cuda_context_held": False, "cuda_context_note": f"creating it failed: {reason}"}
+    if not indices:
+        return {"cuda_context_held": False, "cuda_context_note": "the workloads run on the CPU"}
+    return {"cuda_context_held": True, "cuda_devices": indices}
+
+
 def _measure_phase(session: MeasurementSession, phase: str, seconds: float, preset: str, options: BenchOptions,
-                   stop: threading.Event) -> None:
-    """One phase between its phase_start and phase_end events: the idle baseline (a wait), or a regime
-    run at its defaults, reporting in-process to the session's agent."""
-    session.event("phase_start", phase=phase, planned_seconds=seconds)
-    summary = {}
-    if phase == "idle":
+                   stop: threading.Event, say, context: dict) -> bool:
+    """One phase between its phase_start and phase_end events: an idle baseline (a wait, with ``context``
+    recorded), or a regime run at its defaults on the GPUs it is charged for, reporting in-process to the
+    session's agent. False when the regime's workload raised (recorded as failed, said in one line)."""
+    if phase in IDLE_PHASES:
+        session.event("phase_start", phase=phase, planned_seconds=seconds, **context)
         stop.wait(seconds)
-    else:
-        gpus = session.gpus or [0]
-        reporter = AccountingReporter(session.agent.accounting_api(), phase, gpus)
-        reporter.start(pid=os.getpid())
-        try:
-            summary = registry.regime(phase).run_as_benchmarked(
-                reporter, stop, preset=preset, duration_s=seconds, device=options.device, seed=options.seed,
-                gpus=gpus)
-        finally:
-            reporter.stop()
-    # A workload returns early when stop is set, so a set flag here means the phase was cut short.
+        session.event("phase_end", phase=phase, workload_summary={}, **_interruption(stop))
+        return True
+    attribution = session.attribute(options.device)
+    if attribution.note:
+        say(attribution.note)
+    session.event("phase_start", phase=phase, planned_seconds=seconds, gpus=list(attribution.gpus),
+                  gpu_attribution=attribution.method)
+    summary, failure = _run_regime(session, phase, seconds, preset, options, stop, attribution.gpus)
+    if failure:
+        _release_cuda_memory()
+        say(f"bench: the {phase} regime failed ({failure['failure_reason']}); going on without it")
+    session.event("phase_end", phase=phase, workload_summary=_compact(summary), **_interruption(stop), **failure)
+    return not failure
+
+
+def _run_regime(session: MeasurementSession, phase: str, seconds: float, preset: str, options: BenchOptions,
+                stop: threading.Event, gpus) -> tuple[dict, dict]:
+    """The regime's workload, reporting on ``gpus``: (its summary, {}) or, when it raised, ({}, the failure's
+    phase_end fields). The reporter is stopped either way."""
+    reporter = AccountingReporter(session.agent.accounting_api(), phase, list(gpus))
+    reporter.start(pid=os.getpid())
+    try:
+        return registry.regime(phase).run_as_benchmarked(
+            reporter, stop, preset=preset, duration_s=seconds, device=options.device, seed=options.seed,
+            gpus=list(gpus)), {}
+    except Exception as err:  # noqa: BLE001 - KeyboardInterrupt and SystemExit are not Exception: they stop the bench
+        return {}, {"failed": True, "failure_reason": f"{type(err).__name__}: {first_line(err)}",
+                    "failure_traceback": "".join(traceback.format_exception(err)[-TRACEBACK_LINES:])}
+    finally:
+        reporter.stop()
+
+
+def _interruption(stop: threading.Event) -> dict:
+    """A phase_end's ``interrupted`` and, when set, the stop's fields. A workload returns early when stop
+    is set, so a set flag at the phase's end means the phase was cut short."""
     interrupted = _stop_fields(stop) if stop.is_set() else {}
-    session.event("phase_end", phase=phase, workload_summary=_compact(summary), interrupted=bool(interrupted),
-                  **interrupted)
+    return {"interrupted": bool(interrupted), **interrupted}
+
+
+def _release_cuda_memory() -> None:
+    """After a failed regime: drop what its frames held (gc) and hand the CUDA caching allocator's free
+    blocks back to the driver, so an out-of-memory in one regime does not starve the next. torch is used
+    only if it is already loaded and has a CUDA context (this module never imports it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _compact(summary: dict) -> dict:

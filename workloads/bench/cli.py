@@ -102,6 +102,8 @@ def bench_main(argv: list[str]) -> int:
         return EXIT_FAILED
     print_table(summary, console)
     console.print(f"wrote {run_dir}/summary.json and {run_dir}/report.html", markup=False, highlight=False)
+    if summary.get("failed_regimes"):
+        return EXIT_FAILED  # a regime failed: summary.json and report.html hold the ones that finished
     return 0
 
 

@@ -56,6 +56,8 @@ from wattledger.workloads.registry import COMMAND_COLOR, REGIMES
 # Colours of phases that are neither a registry regime nor a profiled command, taken in turn.
 OTHER_COLORS = ("#a83a5a", "#5a6b7d", "#8c6d1f", "#3a8c8c")
 IDLE_PHASE = "idle"  # the baseline phase (analysis.idle_baseline), never a regime
+IDLE_END_PHASE = "idle_end"  # the closing baseline, after the regimes (analysis.IDLE_END_PHASE)
+IDLE_PHASES = (IDLE_PHASE, IDLE_END_PHASE)
 IDLE_PHASE_COLOR = "#8a8a8a"
 GB = 1e9
 FIGURE_DPI = 110
@@ -229,7 +231,7 @@ def _regime_names(summary: RunSummary, phases: list[Phase]) -> RegimeColors:
     come first, in registry order, then the others as they came; each with its colour."""
     names = list(summary.regimes)
     for phase in phases:
-        is_regime = phase.name in REGIMES or (summary.kind == "run" and phase.name != IDLE_PHASE)
+        is_regime = phase.name in REGIMES or (summary.kind == "run" and phase.name not in IDLE_PHASES)
         if is_regime and phase.name not in names:
             names.append(phase.name)
     rank = {name: i for i, name in enumerate(REGIMES)}
@@ -767,10 +769,26 @@ def _per_unit_cell(reg: RegimeResult, key: str, unit_name: str) -> str:
     return f"n/a: {reason}" if reason else "n/a"
 
 
+# How the bench found a regime's GPUs (its phase_start's gpu_attribution), in words.
+ATTRIBUTION_WORDS = {"uuid": "its CUDA device, by UUID", "mock": "mock GPU standing in for its device",
+                     "cpu": "ran on the CPU", "unmatched": "UUID not found: every GPU, an upper bound",
+                     "no-devices": "NVML listed none yet"}
+
+
+def _gpus_cell(reg: RegimeResult) -> str:
+    """The GPUs a regime was charged for (NVML indices) and how they were found."""
+    if reg.gpus is None:
+        return "every GPU (not recorded)"
+    how = ATTRIBUTION_WORDS.get(reg.gpu_attribution or "", reg.gpu_attribution or "not recorded")
+    return f"{', '.join(map(str, reg.gpus))} ({how})"
+
+
 def _gpu_rows(r: Regimes) -> list:
-    """The GPU group: how long the phase ran, the window, utilization, power, activity, memory, temperature."""
+    """The GPU group: the GPUs charged, how long the phase ran, the window, utilization, power, activity,
+    memory, temperature."""
     rows: list = [
         "GPU",
+        _row(r, "GPUs charged", _gpus_cell),
         _row(r, "phase ran", _phase_ran_cell),
         _row(r, "steady-state window", lambda reg: fmt_seconds(reg.duration_seconds)),
         _row(r, "utilization mean", lambda reg: fmt_percent(reg.gpu_utilization.mean)),
@@ -825,6 +843,7 @@ def _energy_rows(r: Regimes) -> list:
         _row(r, "tokens/s (main kind)", _tokens_per_second_cell),
         _row(r, "J/token gross", lambda reg: fmt(reg.joules_per_token.gross, "J")),
         _row(r, "J/token dynamic (above idle)", lambda reg: fmt(reg.joules_per_token.dynamic, "J")),
+        _row(r, "idle power subtracted (its GPUs)", lambda reg: fmt(reg.idle_power_watts, "W")),
         *_per_unit_rows(r),
         _row(r, "host CPU energy (RAPL, window)", _rapl_cell),
     ]
@@ -1107,12 +1126,44 @@ def _facts(run: RunData, summary: RunSummary, names, phases: list[Phase], checks
         ("preset · device", f"{settings.get('preset', 'n/a')} · {settings.get('device', 'n/a')}"),
         ("run length", fmt_seconds(length) if length else "n/a"),
         ("regimes measured", ", ".join(n for n in names if n in regimes) or "none"),
-        ("idle power", fmt(summary.idle.power_watts, "W")),
+        ("idle power before · after", f"{fmt(summary.idle.power_watts, 'W')} · "
+         f"{fmt(summary.idle_end.power_watts if summary.idle_end else None, 'W')}"),
+        ("regimes failed", ", ".join(f.regime for f in summary.failed_regimes) or "none"),
         ("energy in windows", fmt_energy(total_energy)),
         ("validity checks", f"{passed} of {total} passed" if total else "n/a"),
     ]
     return "<dl class='facts'>" + "".join(f"<div><dt>{_esc(k)}</dt><dd>{_esc(v)}</dd></div>" for k, v in facts) \
         + "</dl>"
+
+
+def _partial_banners(summary: RunSummary) -> list[str]:
+    """The banners of a run that is not complete: the regimes that failed (each with its reason), and an
+    interruption (a partial run whose regimes did not all fail)."""
+    banners = []
+    failed = summary.failed_regimes
+    if failed:
+        listed = "; ".join(f"{f.regime}: {f.reason}" for f in failed)
+        banners.append(f"<div class='banner partial' role='alert'><p>FAILED regime{'s' if len(failed) > 1 else ''}: "
+                       f"{_esc(listed)}. The report holds the regimes that finished (status: "
+                       f"{_esc(summary.status or 'n/a')}).</p></div>")
+    interrupted = any(r.phase is not None and not r.phase.finished for r in summary.regimes.values())
+    if summary.status == "partial" and (interrupted or not failed):
+        banners.append("<div class='banner partial' role='alert'><p>PARTIAL run: it was interrupted, so this "
+                       "report holds only what was measured up to then (status: partial).</p></div>")
+    return banners
+
+
+def _failed_html(summary: RunSummary) -> str:
+    """The regimes whose workload raised, under the regime table: the reason and how long each ran."""
+    if not summary.failed_regimes:
+        return ""
+    items = []
+    for failed in summary.failed_regimes:
+        ran = finite(failed.phase.ran_seconds) if failed.phase else None
+        after = f" after {fmt_seconds(ran)}" if ran is not None else ""
+        items.append(f"<li><strong>{_esc(failed.regime)}</strong> failed{_esc(after)}: {_esc(failed.reason)} "
+                     "(traceback in events.jsonl, its phase_end)</li>")
+    return f"<h3>Failed regimes</h3><ul class='notes failed'>{''.join(items)}</ul>"
 
 
 def build_figures(run: RunData, summary: RunSummary | dict) -> list[Figure]:
@@ -1161,16 +1212,15 @@ def render_report(run: RunData, summary: RunSummary | dict, out_path: Path) -> P
     if simulated:
         banners.append("<div class='banner sim' role='note'><p>SIMULATED (mock GPU): every figure on this page "
                        "comes from the simulator, not from a real GPU.</p></div>")
-    if partial:
-        banners.append("<div class='banner partial' role='alert'><p>PARTIAL run: it was interrupted, so this "
-                       "report holds only what was measured up to then (status: partial).</p></div>")
+    banners += _partial_banners(summary)
+    failed_names = {f.regime for f in summary.failed_regimes}
     regimes_measured = [n for n in names if n in summary.regimes]
-    not_measured = [n for n in names if n not in regimes_measured]
+    not_measured = [n for n in names if n not in regimes_measured and n not in failed_names]
     subtitle = f"Run directory {run.run_dir.name}"
     if not_measured:
         subtitle += f" · no summary for {', '.join(not_measured)} (phase cut short or not run)"
     regime_table = (_table(["", *names], _regime_rows(summary, names), "regimes") + _regime_notes(summary, names)
-                    if names else "<p class='na'>n/a: no regime was measured.</p>")
+                    if names else "<p class='na'>n/a: no regime was measured.</p>") + _failed_html(summary)
     body = f"""
 <header>
 <h1>{_esc(title)}</h1>

@@ -63,6 +63,17 @@ def _read_numbers(value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in _read_mapping(value).items() if finite(v) is not None}
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_indices(value: Any) -> tuple[int, ...] | None:
+    """A list of GPU indices read back; None when absent or not a list of non-negative integers."""
+    if not isinstance(value, list) or not all(_is_index(v) for v in value):
+        return None
+    return tuple(value)
+
+
 def _json_or_none(record) -> Any:
     return record.to_json() if record is not None else None
 
@@ -350,6 +361,9 @@ class RegimeResult:
     not_available: Mapping[str, str] = field(default_factory=dict)
     economics: RegimeEconomics = field(default_factory=RegimeEconomics)
     mock_truth: MockTruth | None = None
+    gpus: tuple[int, ...] | None = None
+    gpu_attribution: str | None = None
+    idle_power_watts: float | None = None
 
     @property
     def main_kind(self) -> str | None:
@@ -383,6 +397,9 @@ class RegimeResult:
             "cost_usd_per_million_tokens": self.economics.cost_usd_per_million_tokens.to_json(),
             "energy_share_of_cost": self.economics.energy_share_of_cost,
             "co2_grams_per_million_tokens": self.economics.co2_grams_per_million_tokens,
+            "gpus": list(self.gpus) if self.gpus is not None else None,
+            "gpu_attribution": self.gpu_attribution,
+            "idle_power_watts": self.idle_power_watts,
         }
         for key in ("phase", "window", "energy", "memory"):  # objects in the schema: absent, never null
             if out[key] is None:
@@ -421,6 +438,9 @@ class RegimeResult:
                            if isinstance(v, str)},
             economics=RegimeEconomics.from_json(data, economics),
             mock_truth=MockTruth.from_json(mock_truth) if isinstance(mock_truth, Mapping) else None,
+            gpus=_read_indices(data.get("gpus")),
+            gpu_attribution=_read_text(data.get("gpu_attribution")),
+            idle_power_watts=_read_number(data.get("idle_power_watts")),
         )
 
 
@@ -450,32 +470,62 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class IdleBaseline:
-    """The idle baseline: mean GPU power (W, all GPUs) over its window (s), its energy (J), and its phase
-    (None when no idle phase was measured)."""
+    """An idle baseline: mean GPU power (W, all GPUs) over its window (s), its energy (J), its phase (None
+    when no idle phase was measured), each GPU's own mean power (W, by NVML index: what a workload on some
+    of the GPUs is charged as idle), and whether this process held a CUDA context while it was measured
+    (None: not recorded, a run from before it was)."""
 
     power_watts: float | None = None
     duration_seconds: float | None = None
     energy_joules: float | None = None
     phase: PhaseTiming | None = None
+    per_gpu_watts: Mapping[int, float] = field(default_factory=dict)
+    cuda_context_held: bool | None = None
+    cuda_context_note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"power_watts": self.power_watts, "duration_seconds": self.duration_seconds,
                "energy_joules": self.energy_joules}
         if self.phase is not None:
             out["phase"] = self.phase.to_json()
+        out["per_gpu_watts"] = {str(index): watts for index, watts in self.per_gpu_watts.items()}
+        out["cuda_context_held"] = self.cuda_context_held
+        out["cuda_context_note"] = self.cuda_context_note
         return out
 
     @classmethod
     def from_json(cls, data: Any) -> IdleBaseline:
         data = _read_mapping(data)
+        per_gpu = {int(k): v for k, v in _read_numbers(data.get("per_gpu_watts")).items() if k.isdigit()}
+        held = data.get("cuda_context_held")
         return cls(_read_number(data.get("power_watts")), _read_number(data.get("duration_seconds")),
-                   _read_number(data.get("energy_joules")), PhaseTiming.from_json(data.get("phase")))
+                   _read_number(data.get("energy_joules")), PhaseTiming.from_json(data.get("phase")), per_gpu,
+                   held if isinstance(held, bool) else None, _read_text(data.get("cuda_context_note")))
+
+
+@dataclass(frozen=True)
+class FailedRegime:
+    """A regime whose workload raised (an OOM, a CUDA error...): the bench went on without it. ``reason``:
+    the exception's type and the first line of its message; ``phase``: how long it ran before failing."""
+
+    regime: str
+    reason: str
+    phase: PhaseTiming | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"regime": self.regime, "reason": self.reason, "phase": _json_or_none(self.phase)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> FailedRegime:
+        return cls(str(data.get("regime", "?")), str(data.get("reason", "")), PhaseTiming.from_json(data.get("phase")))
 
 
 @dataclass(frozen=True)
 class RunSummary:
-    """A whole run: what it was, on which GPUs, its idle baseline, each regime, the run-wide checks, and the
-    pricing inputs (``pricing``: economics.pricing_record's table, read back as given).
+    """A whole run: what it was, on which GPUs, its idle baselines (``idle`` before the regimes: the one the
+    dynamic figures subtract; ``idle_end`` after them, None when not measured), each regime, the regimes
+    that failed, the run-wide checks, and the pricing inputs (``pricing``: economics.pricing_record's table,
+    read back as given).
 
     ``kind``, ``status`` and ``simulated`` are None when a summary read back does not say."""
 
@@ -492,6 +542,8 @@ class RunSummary:
     validity: tuple[Check, ...] = ()
     pricing: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    idle_end: IdleBaseline | None = None
+    failed_regimes: tuple[FailedRegime, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """summary.json's object (docs/summary.schema.json)."""
@@ -506,7 +558,9 @@ class RunSummary:
             "settings": self.settings,
             "gpus": [gpu.to_json() for gpu in self.gpus],
             "idle": self.idle.to_json(),
+            **({"idle_end": self.idle_end.to_json()} if self.idle_end is not None else {}),
             "regimes": {name: regime.to_json() for name, regime in self.regimes.items()},
+            "failed_regimes": [failed.to_json() for failed in self.failed_regimes],
             "validity": [check.to_json() for check in self.validity],
             "pricing": self.pricing,
             "economics": {name: {"cost_curve": regime.economics.curve_json()} for name, regime in self.regimes.items()},
@@ -520,6 +574,7 @@ class RunSummary:
         regimes = {str(name): RegimeResult.from_json(regime, economics.get(name))
                    for name, regime in _read_mapping(data.get("regimes")).items() if isinstance(regime, Mapping)}
         gpus = data.get("gpus") if isinstance(data.get("gpus"), list) else []
+        failed = data.get("failed_regimes") if isinstance(data.get("failed_regimes"), list) else []
         version = data.get("schema_version")
         return cls(
             kind=_read_text(data.get("kind")), status=_read_text(data.get("status")),
@@ -531,6 +586,8 @@ class RunSummary:
             idle=IdleBaseline.from_json(data.get("idle")), regimes=regimes,
             validity=_read_checks(data.get("validity")), pricing=_read_mapping(data.get("pricing")),
             schema_version=version if isinstance(version, int) else SCHEMA_VERSION,
+            idle_end=IdleBaseline.from_json(data["idle_end"]) if isinstance(data.get("idle_end"), Mapping) else None,
+            failed_regimes=tuple(FailedRegime.from_json(f) for f in failed if isinstance(f, Mapping)),
         )
 
 

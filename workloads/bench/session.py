@@ -23,12 +23,14 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from wattledger.agent.config import build_config
 from wattledger.agent.daemon import Agent, ProbeUnavailable, ServerStartError
 from wattledger.exporters.jsonl import JsonlRecorder, JsonlWriter
+from wattledger.workloads import registry
 from wattledger.workloads.registry import DEFAULT_REGIMES
 
 # The span-driven mock simulates time t once t is this old (its lag): a span counts by its own timestamps
@@ -57,6 +59,63 @@ class SessionOptions:
     interval_s: float = 0.05  # sampling interval, seconds: counter edges are located within half of it
     address: str = "127.0.0.1"
     port: int = 0  # 0: any free port
+
+
+@dataclass(frozen=True)
+class GpuAttribution:
+    """The GPUs (NVML indices) one workload is charged for, how they were found, and the line that says
+    so when it is not the plain case (None).
+
+    ``method``: "uuid" (its CUDA devices matched to NVML's by UUID), "mock" (mock GPU 0 stands in for the
+    one device a workload uses), "cpu" (the workload runs on the CPU: GPU 0 alone, its idle power),
+    "unmatched" (a CUDA UUID NVML does not list: every GPU, an upper bound), "no-devices" (NVML is being
+    retried and lists none yet: GPU 0)."""
+
+    gpus: tuple[int, ...]
+    method: str
+    note: str | None = None
+
+
+def uuid_key(uuid: str) -> str:
+    """A UUID's hex digits, lower case: NVML's "GPU-5c1b0e6e-..." (or "MIG-...") and torch's "5c1b0e6e-..."
+    (``cudaDeviceProp.uuid`` as text, no prefix) compare equal whatever the prefix, case and dashes."""
+    text = uuid.strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        text = text.removeprefix(prefix)
+    return "".join(c for c in text if c in "0123456789abcdef")
+
+
+def attribute_gpus(cuda_devices: Sequence[tuple[int, str | None]], nvml_devices: Sequence,
+                   simulated: bool) -> GpuAttribution:
+    """The NVML GPUs of a workload whose CUDA devices are ``cuda_devices`` ((torch index, CUDA UUID or
+    None) each, ``registry.cuda_devices``), among ``nvml_devices`` (the agent's ``devices()``: each with an
+    ``index`` and a ``uuid``; ``simulated``: the mock).
+
+    torch numbers the devices it can see (``CUDA_VISIBLE_DEVICES=3``: NVML's GPU 3 is ``cuda:0``), NVML
+    numbers every GPU, so the two are tied by UUID, never by index. A UUID NVML does not list (a MIG
+    instance, a container that shows NVML other GPUs) charges every GPU: an upper bound, said in one line,
+    rather than a guess that could charge the wrong GPU."""
+    indices = [device.index for device in nvml_devices]
+    if not indices:
+        return GpuAttribution((0,), "no-devices", "NVML lists no GPU yet (it is being retried): the workload is "
+                              "charged GPU 0")
+    first = (min(indices),)
+    if simulated:
+        return GpuAttribution(first, "mock", f"mock GPU: each workload is charged mock GPU {first[0]} alone (it "
+                              "stands in for the one device a workload uses); no CUDA device is looked up")
+    if not cuda_devices:
+        return GpuAttribution(first, "cpu", f"the workload runs on the CPU: it is charged GPU {first[0]} alone, "
+                              "whose energy is then idle power")
+    by_key = {uuid_key(device.uuid): device.index for device in nvml_devices if device.uuid}
+    matched = [by_key.get(uuid_key(uuid)) if uuid else None for _, uuid in cuda_devices]
+    if all(index is not None for index in matched):
+        return GpuAttribution(tuple(sorted(set(matched))), "uuid")
+    missing = ", ".join(f"cuda:{index} ({uuid or 'no UUID from torch'})"
+                        for (index, uuid), found in zip(cuda_devices, matched) if found is None)
+    listed = ", ".join(f"{device.index}: {device.uuid}" for device in nvml_devices)
+    return GpuAttribution(tuple(sorted(indices)), "unmatched",
+                          f"{missing} is not among the GPUs NVML lists ({listed}): the workload is charged all "
+                          f"{len(indices)} GPUs, an upper bound")
 
 
 class RunRecorder:
@@ -146,6 +205,20 @@ class MeasurementSession:
     def simulated(self) -> bool:
         return self.agent.simulated
 
+    def attribute(self, device: str) -> GpuAttribution:
+        """The GPUs a workload run on ``device`` is charged for (``attribute_gpus``). Asks torch for the CUDA
+        devices (imports it) only on real GPUs; a torch or CUDA error there charges every GPU, with why."""
+        devices = self.agent.devices()
+        if self.simulated or not devices:
+            return attribute_gpus([], devices, self.simulated)
+        try:
+            cuda_devices = registry.cuda_devices(device)
+        except Exception as err:  # noqa: BLE001 - a broken CUDA setup must not stop the bench here
+            return GpuAttribution(tuple(sorted(d.index for d in devices)), "unmatched",
+                                  f"cannot read the CUDA devices of {device!r} ({type(err).__name__}: "
+                                  f"{first_line(err)}): the workload is charged every GPU, an upper bound")
+        return attribute_gpus(cuda_devices, devices, False)
+
     @property
     def notes(self) -> list[str]:
         """What the agent chose and why, one line each (printed at the start)."""
@@ -206,6 +279,12 @@ class MeasurementSession:
         """``runs/latest`` -> this run, then its Parquet tables, summary.json and report.html; the summary."""
         point_latest(self.run_dir)
         return build_outputs(self.run_dir, pricing, settings, kind=kind, regimes=regimes)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message, first line only (CUDA errors append advice over several lines)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else "(no message)"
 
 
 def new_run_dir(output_dir: Path) -> Path:

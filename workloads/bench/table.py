@@ -1,5 +1,6 @@
-"""The closing table ``wattledger bench``, ``run`` and ``report`` print: one row per regime, a legend, then
-every failed check under its regime."""
+"""The closing table ``wattledger bench``, ``run`` and ``report`` print: one row per regime (a regime whose
+workload failed: a "FAILED" row), a legend, then every failed check under its regime (a failed regime's
+reason among the run's)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ def _regime_row(name: str, r: RegimeResult) -> list[str]:
             _fmt(cost.measured, ",.2f"), _fmt(cost.full_load, ",.2f"), f"{passed}/{len(r.validity)}"]
 
 
+def _failed_row(name: str) -> list[str]:
+    """A regime whose workload raised: no figures (its reason is under the table, with the run's checks)."""
+    return [name, "FAILED", *["-"] * (len(TABLE_COLUMNS) - 2)]
+
+
+def _idle_text(summary: RunSummary) -> str:
+    """The idle baselines: before the regimes (what the dynamic figures subtract) and, when measured, after."""
+    text = f"idle baseline {_fmt(summary.idle.power_watts, '.1f', ' W')}"
+    if summary.idle_end is not None:
+        text += f" (after the regimes {_fmt(summary.idle_end.power_watts, '.1f', ' W')})"
+    return text
+
+
 def _say(console, text: str, indent: int = 0, hanging: int = 4) -> None:
     """One line, wrapped to the console's width (at most TABLE_WIDTH when it is not a terminal), continuation
     lines indented, so a long check detail never runs past the table's edge."""
@@ -80,13 +94,15 @@ def print_table(summary: RunSummary | dict, console) -> None:
     gpus = summary.gpus
     model = gpus[0].model_name if gpus else "no GPU"
     _say(console, f"{label}wattledger {summary.kind} {summary.status}")
-    _say(console, f"{len(gpus)} x {model}, idle baseline {_fmt(summary.idle.power_watts, '.1f', ' W')}")
+    _say(console, f"{len(gpus)} x {model}, {_idle_text(summary)}")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold", pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
     for header, _ in TABLE_COLUMNS:
         table.add_column(header, justify="left" if header == "regime" else "right", no_wrap=True)
     for name, r in summary.regimes.items():
         table.add_row(*_regime_row(name, r))
+    for failed in summary.failed_regimes:
+        table.add_row(*_failed_row(failed.regime))
     console.print(table)
     shown = [legend for header, legend in TABLE_COLUMNS if legend]
     _say(console, "; ".join(shown) + ".", hanging=0)
