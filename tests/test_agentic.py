@@ -247,6 +247,8 @@ def test_the_static_decoder_path_decodes_what_forward_cached_decodes(monkeypatch
     static = agentic.run(AgenticConfig(**fields), RunOptions(preset="tiny", duration_s=60, device="cpu",
                                                              compile=True), reporter)
     assert static["config"]["static_decode"] and not plain["config"]["static_decode"]
+    # The summary says how the compiled step went (here: stubbed, so no graph): never a bare "compiled".
+    assert plain["compile"] is None and static["compile"]["calls"] > 0
     ref, got = by_step(plain), by_step(static)
     assert got.keys() == ref.keys()
     for key, record in got.items():

@@ -772,6 +772,8 @@ class _AgenticRun:
 
     def _summary(self, wall: float) -> dict:
         summary = summary_header("agentic", self.options, self.device, self.dtype, wall, self.reporter.tokens)
+        # Under --compile: whether every decode shape ran compiled, or the recompile limit sent some eager.
+        summary["compile"] = self.decoder.compile_report() if self.decoder is not None else None
         shares = self.finished_tool_shares + [s.tool_seconds / (s.tool_seconds + s.gpu_seconds)
                                               for s in self.active if s.gpu_seconds > 0]
         contexts = self.context_at_prefill

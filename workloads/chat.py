@@ -446,8 +446,11 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
             _log_progress(queue, totals, (step_end_ns - start_ns) / 1e9)
 
     finished_ns = clock_ns()
-    return _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config,
-                    shape, server.memory_bytes, warm_up_seconds)
+    summary = _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config,
+                       shape, server.memory_bytes, warm_up_seconds)
+    # Under --compile: whether every decode shape ran compiled, or dynamo's recompile limit sent some eager.
+    summary["compile"] = server.decoder.compile_report() if server.decoder is not None else None
+    return summary
 
 
 def _log_progress(queue: _Queue, totals: _Totals, elapsed: float) -> None:
