@@ -122,10 +122,20 @@ class GpuInfo:
 @direct_slot_init
 @dataclass(frozen=True, slots=True)
 class GpuProcess:
-    """One compute process on a GPU (nvidia-smi --query-compute-apps=pid,used_memory)."""
+    """One compute process on a GPU (nvidia-smi --query-compute-apps=pid,used_memory).
+
+    The utilization ratios are the process's share of the GPU's time over the last process interval (about
+    1 s; NVML's per-process samples, probes/nvml_processes.py): fraction of the time its kernels ran on the
+    SMs, and its memory controller was busy with it. On a MIG instance they are shares of that instance.
+    None: not measured (unsupported, or no interval yet); 0.0: measured, and the process did not run.
+    """
 
     pid: int
     memory_used_bytes: int | None
+    sm_utilization_ratio: float | None = None  # nvidia-smi pmon "sm" / 100
+    memory_controller_utilization_ratio: float | None = None  # nvidia-smi pmon "mem" / 100
+    gpu_instance_id: int | None = None  # MIG GPU instance the process runs in; None without MIG
+    compute_instance_id: int | None = None  # MIG compute instance inside it
 
 
 @direct_slot_init

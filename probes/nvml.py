@@ -27,7 +27,8 @@ Every error is logged the first time it happens (per device, field and error) an
 Throttle-time field ids are chosen from the driver's version, not from pynvml's constants: the driver
 interprets the id, and the ids moved between driver releases (see ``throttle_field_ids``).
 
-GPM rates live in ``nvml_gpm.py`` and the XID event thread in ``nvml_xid.py``.
+GPM rates live in ``nvml_gpm.py``, the XID event thread in ``nvml_xid.py``, and each process's share of
+the GPU's activity (read with the process list) in ``nvml_processes.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .base import (
     ProbeUnavailable,
 )
 from .nvml_gpm import DEVICE_METRICS, MIG_METRICS, GpmMetric, GpmPair
+from .nvml_processes import UTILIZATION_FUNCTIONS, ProcessActivity, ProcessShares, samples_from_nvml, with_activity
 from .nvml_xid import ERROR_PAUSE_S, XidWatcher
 
 BACKOFF_INITIAL_S = 1.0  # first retry of a lost device or of nvmlInit
@@ -337,9 +339,12 @@ _STATUS_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ecc_corrected_errors", ("ecc_corrected_errors",)),
     ("ecc_uncorrected_errors", ("ecc_uncorrected_errors",)),
     ("processes", ("processes",)),
+    # Per-process SM / memory-controller shares (GpuProcess ratios): on the GPU without MIG, per MIG device.
+    ("process_utilization", ("processes", "process_utilization")),
     ("mig_instances", ("mig_instances",)),
     ("mig_memory", ("mig_instances", "mig_memory")),
     ("mig_gpm", ("mig_instances", "mig_gpm")),
+    ("mig_process_utilization", ("processes", "mig_instances", "mig_process_utilization")),
     ("gpm", ("gpm",)),
 )
 
@@ -362,6 +367,12 @@ def _ratio(percent: Any) -> float | None:
     if percent is None:
         return None
     return min(max(percent / 100.0, 0.0), 1.0)
+
+
+def _instance_id(process: Any, attribute: str) -> int | None:
+    """A MIG instance id of a process entry; None without MIG (all-ones) or on bindings without the field."""
+    value = _available(getattr(process, attribute, None))
+    return None if value is None else int(value)
 
 
 def _text(value: Any) -> str:
@@ -403,6 +414,8 @@ class _Device:
     gpm: GpmPair | None = None
     processes: tuple[GpuProcess, ...] | None = None
     processes_at_ns: int | None = None
+    # Per-process utilization state: key None for the whole GPU, else the MIG device's UUID.
+    activity: dict[str | None, ProcessActivity] = field(default_factory=dict)
     mig_slots: tuple[_MigSlot, ...] | None = None
     mig_at_ns: int | None = None
     mig_gpm: dict[int, GpmPair] = field(default_factory=dict)  # GPU instance id -> sample pair
@@ -416,10 +429,11 @@ class NvmlBackend:
 
     ``nvml`` is the pynvml module (imported here when None). ``clock_ns`` stamps samples and paces the
     slow reads and the backoffs. Compute process lists and the MIG instance list are refreshed every
-    ``process_interval_s`` (their calls cost milliseconds); between refreshes a sample carries the last
-    list. ECC error counts and the enforced power limit are read every ``slow_interval_s`` seconds
-    (``SLOW_FIELDS_INTERVAL_S``) and carried the same way. ``enable_gpm`` / ``enable_xid`` switch off GPM
-    rates and the XID event thread.
+    ``process_interval_s`` (their calls cost milliseconds), with each process's share of the GPU's activity
+    over that interval (``nvml_processes.py``; ``wall_clock_us`` is the realtime clock NVML stamps those
+    samples with); between refreshes a sample carries the last list. ECC error counts and the enforced
+    power limit are read every ``slow_interval_s`` seconds (``SLOW_FIELDS_INTERVAL_S``) and carried the
+    same way. ``enable_gpm`` / ``enable_xid`` switch off GPM rates and the XID event thread.
 
     Raises ``NvmlUnavailable`` (a ``ProbeUnavailable``, one line) when NVML cannot be used at all.
     ``sample()`` raises ``NvmlFatalError`` when the driver was replaced under the running process.
@@ -438,6 +452,7 @@ class NvmlBackend:
         enable_gpm: bool = True,
         enable_xid: bool = True,
         logger: logging.Logger | None = None,
+        wall_clock_us: Callable[[], int] | None = None,
     ) -> None:
         self._log = logger or logging.getLogger(__name__)
         if nvml is None:
@@ -455,6 +470,8 @@ class NvmlBackend:
             if hasattr(nvml, name)
         }
         self._clock = clock_ns
+        # NVML stamps per-process utilization samples with the host's realtime clock, in microseconds.
+        self._wall_clock_us = wall_clock_us or (lambda: time.time_ns() // 1000)
         self._interval_ns = int(process_interval_s * 1e9)
         self._slow_interval_ns = int(slow_interval_s * 1e9)
         self._enable_gpm = enable_gpm
@@ -471,6 +488,14 @@ class NvmlBackend:
         self._gpm_ns = 0  # nanoseconds spent reading GPM this tick
         self._xid_errors_seen = 0
         self._xid_failed_at_ns: int | None = None
+        # Per-process utilization: "no sample since the timestamp" (NOT_FOUND; NVML_SUCCESS is how pynvml
+        # raises a size query that answered success with no samples: pynvml.py, nvmlDeviceGetProcessUtilization)
+        # and the codes that move on to the older function.
+        self._no_sample_codes = {
+            getattr(nvml, name) for name in ("NVML_ERROR_NOT_FOUND", "NVML_SUCCESS") if hasattr(nvml, name)
+        }
+        self._utilization_fallback_codes = self._next_variant_codes | (
+            {nvml.NVML_ERROR_NOT_SUPPORTED} if hasattr(nvml, "NVML_ERROR_NOT_SUPPORTED") else set())
         self._resolve_constants()
 
         try:
@@ -551,6 +576,12 @@ class NvmlBackend:
             rows = [
                 FieldStatus(r.name, r.supported, r.reason or "MIG mode is disabled on this GPU")
                 if r.name.startswith("mig_") and r.supported else r
+                for r in rows
+            ]
+        else:  # the GPU's own per-process samples are not kept in MIG mode: see mig_process_utilization
+            rows = [
+                FieldStatus(r.name, r.supported, r.reason or "read per MIG device (MIG mode is enabled)")
+                if r.name == "process_utilization" and r.supported else r
                 for r in rows
             ]
         rows.extend(self._throttle_status(dev))
@@ -886,6 +917,7 @@ class NvmlBackend:
             pair.reset()
         dev.processes = None
         dev.processes_at_ns = None
+        dev.activity.clear()  # timestamps from before the loss
         dev.mig_at_ns = None
         dev.slow_reads.clear()
         if self._xid is not None:
@@ -956,7 +988,9 @@ class NvmlBackend:
         - ecc_*_errors: nvmlDeviceGetTotalEccErrors, volatile, every slow_interval_s
           -> ecc.errors.corrected/uncorrected.volatile.total
         - GPM ratios and rates: see nvml_gpm.DEVICE_METRICS (% / 100; MiB/s * 2**20) -> none
-        - processes: nvmlDeviceGetComputeRunningProcesses_v3, else _v2 -> --query-compute-apps=pid,used_memory
+        - processes: nvmlDeviceGetComputeRunningProcesses_v3, else _v2 -> --query-compute-apps=pid,used_memory;
+          their SM / memory shares: nvmlDeviceGetProcessesUtilizationInfo, else nvmlDeviceGetProcessUtilization
+          (% / 100, over the interval: nvml_processes.py) -> nvidia-smi pmon -s u
         - mig_instances: MIG device handles, their memory info, GPM per GPU instance -> none (nvidia-smi mig)
         """
         nvml = self._nvml
@@ -1003,8 +1037,8 @@ class NvmlBackend:
         gpm_started_ns = self._clock()
         self._read_gpm(dev, values)
         self._gpm_ns += self._clock() - gpm_started_ns
+        values["mig_instances"] = self._read_mig(dev, now)  # first: processes use this tick's MIG devices
         values["processes"] = self._read_processes(dev, now)
-        values["mig_instances"] = self._read_mig(dev, now)
         return GpuSample(index=dev.index, uuid=dev.uuid, monotonic_ns=now, **values)
 
     def _read_slow_fields(self, dev: _Device, now: int, values: dict[str, Any]) -> None:
@@ -1206,11 +1240,92 @@ class NvmlBackend:
         if found is None:
             dev.processes = None
         else:
-            # usedGpuMemory is None (pynvml) or all-ones (NVML) where the driver cannot tell, e.g. WDDM.
-            dev.processes = tuple(
-                GpuProcess(pid=int(p.pid), memory_used_bytes=_available(p.usedGpuMemory)) for p in found
+            # usedGpuMemory is None (pynvml) or all-ones (NVML) where the driver cannot tell, e.g. WDDM; the
+            # instance ids are all-ones without MIG.
+            listed = tuple(
+                GpuProcess(
+                    pid=int(p.pid), memory_used_bytes=_available(p.usedGpuMemory),
+                    gpu_instance_id=_instance_id(p, "gpuInstanceId"),
+                    compute_instance_id=_instance_id(p, "computeInstanceId"),
+                )
+                for p in found
             )
+            dev.processes = self._with_utilization(dev, listed, now)
         return dev.processes
+
+    def _with_utilization(
+        self, dev: _Device, listed: tuple[GpuProcess, ...], now_ns: int
+    ) -> tuple[GpuProcess, ...]:
+        """The list with each process's SM / memory-controller share of the last interval (ratios 0..1).
+
+        Without MIG, from the GPU's samples. With MIG the driver keeps them per MIG device (the GPU's handle
+        answers NotSupported, as for its utilization rates), so each MIG device is read, and a process takes
+        the shares of the instance its (GPU instance, compute instance) ids name.
+        """
+        now_us = self._wall_clock_us()
+        if not dev.mig_enabled:
+            for stale in [key for key in dev.activity if key is not None]:
+                del dev.activity[stale]  # MIG devices from before MIG was switched off
+            shares = self._read_utilization(dev, "process_utilization", None, dev.handle, now_us, now_ns)
+            return with_activity(listed, shares)
+        by_instance: dict[tuple[int, int], dict[int, ProcessShares] | None] = {}
+        live = set()
+        for slot in dev.mig_slots or ():
+            live.add(slot.uuid)
+            # One probe for every MIG device of the GPU: support is the driver's and the GPU's, not an
+            # instance's, so one MIG device answering NotSupported drops it for all of them.
+            by_instance[(slot.gpu_instance_id, slot.compute_instance_id)] = self._read_utilization(
+                dev, "mig_process_utilization", slot.uuid, slot.handle, now_us, now_ns)
+        for gone in [key for key in dev.activity if key not in live]:
+            del dev.activity[gone]  # a destroyed MIG device, or the whole GPU's from before MIG was on
+        return tuple(
+            with_activity((p,), by_instance.get((p.gpu_instance_id, p.compute_instance_id)))[0] for p in listed
+        )
+
+    def _read_utilization(
+        self, dev: _Device, probe: str, key: str | None, handle: Any, now_us: int, now_ns: int
+    ) -> dict[int, ProcessShares] | None:
+        """pid -> shares of the interval since the last read of this GPU or MIG device; None: not measured."""
+        activity = dev.activity.get(key)
+        if activity is None:
+            activity = dev.activity[key] = ProcessActivity(interval_us=self._interval_ns // 1000)
+        if probe in dev.dropped:
+            return None
+        entries = self._call_utilization(dev, probe, handle, activity.query_after_us(now_us, now_ns))
+        if entries is None:
+            # Failed this time: the next read's interval starts where this one did, so its samples still count.
+            return None
+        shares = activity.interval(samples_from_nvml(entries), now_us, now_ns)
+        if shares is None:
+            dev.transient[probe] = "no time passed since the last read"
+        return shares
+
+    def _call_utilization(self, dev: _Device, probe: str, handle: Any, after_us: int) -> list[Any] | None:
+        """The newest per-process utilization function the driver answers; [] when it has no new sample.
+
+        As ``_call``, plus: NotSupported from the newer function moves on to the older one too (the older has
+        been there since Maxwell), and NOT_FOUND is "no process ran since ``after_us``", not a failure.
+        """
+        nvml = self._nvml
+        for position in range(dev.newest.get(probe, 0), len(UTILIZATION_FUNCTIONS)):
+            function = getattr(nvml, UTILIZATION_FUNCTIONS[position], None)
+            if function is None:  # an older pynvml without this binding
+                continue
+            try:
+                found = function(handle, after_us)
+            except nvml.NVMLError as err:
+                if err.value in self._no_sample_codes:
+                    dev.newest[probe] = position
+                    return []
+                if err.value in self._utilization_fallback_codes and position + 1 < len(UTILIZATION_FUNCTIONS):
+                    dev.newest[probe] = position + 1
+                    continue
+                self._on_error(dev, probe, err.value)
+                return None
+            dev.newest[probe] = position
+            return list(found)
+        self._drop(dev, probe, f"pynvml has none of {', '.join(UTILIZATION_FUNCTIONS)}")
+        return None
 
     def _refresh_mig_mode(self, dev: _Device) -> None:
         mode = self._call(dev, "mig_instances", "nvmlDeviceGetMigMode", dev.handle)

@@ -24,6 +24,7 @@ from typing import Any
 
 from .nvml import _FIELD_SPECS, SLOW_FIELD_CALLS, _ErrorCodes, throttle_field_ids
 from .nvml_gpm import DEVICE_METRICS, metrics_answer, metrics_request
+from .nvml_processes import UTILIZATION_FUNCTIONS
 
 DEFAULT_REPEATS = 200  # calls timed per NVML function (fewer when one runs past its time budget)
 DEFAULT_BUDGET_S = 0.5  # wall time one function may take in all, so a slow call (a process list) stays short
@@ -216,6 +217,9 @@ def _device_call_costs(timer: _Timer, nvml: Any, handle: Any) -> list[CallCost]:
     for role, function in ((ROLE_PROCESS, "nvmlDeviceGetComputeRunningProcesses_v3"),
                            (ROLE_DETAIL, "nvmlDeviceGetComputeRunningProcesses_v2")):
         costs.append(timer.function(function, function, role, handle))
+    for role, function in zip((ROLE_PROCESS, ROLE_DETAIL), UTILIZATION_FUNCTIONS):
+        # lastSeenTimeStamp 0: every sample in the driver's buffer, the most one read can return
+        costs.append(timer.function(function, function, role, handle, 0))
     costs.append(timer.function("nvmlDeviceGetMigMode", "nvmlDeviceGetMigMode", ROLE_PROCESS, handle))
     return costs
 

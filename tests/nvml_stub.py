@@ -23,6 +23,8 @@ Typical use::
     nvml.fake.advance(1.0)                          # energy, PCIe and NVLink counters move on
     nvml.fake.inject_xid(0, 79)                     # nvmlEventSetWait delivers an XID event
     nvml.fake.calls("nvmlDeviceGetUtilizationRates", gpu=0)   # how often it was called for GPU 0
+    gpu0.utilization_samples = [FakeUtilizationSample(4242, 1_700_000_000_000_000, sm_percent=60)]
+    gpu0.errors["nvmlDeviceGetProcessesUtilizationInfo"] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND  # older driver
     del nvml.nvmlDeviceGetCurrentClocksEventReasons # an older pynvml without that binding (or constant)
 
 Fake GPUs are plain dataclasses read at call time: change a field and the next call sees it. Handles are
@@ -31,6 +33,12 @@ What the stub records for assertions: ``fake.field_requests`` ((fieldId, scopeId
 call), ``fake.gpm_samples`` (live GPM sample buffers), ``fake.event_sets`` / ``fake.freed_event_sets``,
 and every mock's own ``call_args_list``. ``nvmlGpmMetricsGet`` refuses (InvalidArgument) sample pairs that
 are not (older, newer) samples of one device, as NVML does; values are those current at the newer one.
+
+Per-process utilization (``nvmlDeviceGetProcessesUtilizationInfo`` and ``nvmlDeviceGetProcessUtilization``)
+answers from a scripted driver buffer, ``FakeGpu.utilization_samples`` (``FakeMig.utilization_samples`` on a
+MIG handle): the samples stamped after the timestamp passed, NOT_FOUND when there is none, as NVML does. On
+a GPU in MIG mode the GPU's handle answers NotSupported; a MIG handle answers only with
+``FakeMig.process_utilization_supported``. Unsupported on a plain GPU: ``gpu.errors[name] = NOT_SUPPORTED``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ KIB = 1024
 MIB = 1024 * 1024
 GIB = 1024 * 1024 * 1024
 
+OLD_SAMPLE_US = 1_600_000_000_000_000  # a realtime-clock timestamp (us) from 2020: before any test's "now"
 _ALL_LINKS = 0xFFFFFFFF  # scopeId that sums the NVLink throughput fields over all links
 
 # How each driver generation numbers the throttle-time and power-smoothing fields (nvml.h of that driver;
@@ -119,6 +128,20 @@ class FakeProcess:
 
     pid: int
     used_memory: int | None  # bytes; None where the driver cannot tell (pynvml's own convention)
+    gpu_instance_id: int | None = None  # MIG instance ids; None: all-ones, as without MIG
+    compute_instance_id: int | None = None
+
+
+@dataclass
+class FakeUtilizationSample:
+    """One entry of the driver's per-process utilization buffer (percent over one driver sample period)."""
+
+    pid: int
+    timestamp_us: int  # host realtime clock, microseconds
+    sm_percent: int = 0
+    memory_percent: int = 0
+    encoder_percent: int = 0
+    decoder_percent: int = 0
 
 
 @dataclass
@@ -131,6 +154,8 @@ class FakeMig:
     memory_total: int = 10 * GIB
     memory_used: int = 1 * GIB
     sm_util_percent: float = 50.0  # GPM SM util per GPU instance (nvmlGpmMigSampleGet)
+    process_utilization_supported: bool = False  # per-process utilization on this MIG handle
+    utilization_samples: list[FakeUtilizationSample] = field(default_factory=list)
 
 
 @dataclass
@@ -194,6 +219,11 @@ class FakeGpu:
     mig_instances: list[FakeMig] = field(default_factory=list)
     max_mig_devices: int = 7
     processes: list[FakeProcess] = field(default_factory=lambda: [FakeProcess(4242, 8 * GIB)])
+    # The driver's per-process utilization buffer. The default holds one sample from long before any test's
+    # clock (OLD_SAMPLE_US): asked with lastSeenTimeStamp 0 (the whole buffer, as the cost measurement does)
+    # it answers, and a backend asking for the last second gets NOT_FOUND (no process ran).
+    utilization_samples: list[FakeUtilizationSample] = field(
+        default_factory=lambda: [FakeUtilizationSample(4242, OLD_SAMPLE_US, sm_percent=60, memory_percent=35)])
     xid_supported: bool = True
     # Loss: set through FakeNvml.lose / recover
     lost: bool = False
@@ -212,6 +242,7 @@ def default_gpus(count: int = 2) -> list[FakeGpu]:
             energy_mj=123_456_789 + 1_000_000 * i,
             temperature_gpu=45 + i,
             processes=[FakeProcess(4242 + i, 8 * GIB)],
+            utilization_samples=[FakeUtilizationSample(4242 + i, OLD_SAMPLE_US, sm_percent=60, memory_percent=35)],
         )
         for i in range(count)
     ]
@@ -583,7 +614,8 @@ def _install(fake: FakeNvml) -> None:
         return [
             P.nvmlFriendlyObject(
                 {"pid": p.pid, "usedGpuMemory": p.used_memory,
-                 "gpuInstanceId": no_instance, "computeInstanceId": no_instance}
+                 "gpuInstanceId": no_instance if p.gpu_instance_id is None else p.gpu_instance_id,
+                 "computeInstanceId": no_instance if p.compute_instance_id is None else p.compute_instance_id}
             )
             for p in gpu.processes
         ]
@@ -591,6 +623,35 @@ def _install(fake: FakeNvml) -> None:
     for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2",
                  "nvmlDeviceGetComputeRunningProcesses_v3"):
         device(name)(processes)
+
+    # -- per-process utilization --------------------------------------------------------------------------
+    def fresh_samples(gpu: FakeGpu, mig: FakeMig | None, timestamp: int) -> list[FakeUtilizationSample]:
+        """The buffer's samples stamped after ``timestamp``; NotSupported / NOT_FOUND as the driver answers."""
+        if (mig is None and gpu.mig_enabled) or (mig is not None and not mig.process_utilization_supported):
+            raise _error(P.NVML_ERROR_NOT_SUPPORTED)
+        buffer = mig.utilization_samples if mig is not None else gpu.utilization_samples
+        fresh = [s for s in buffer if s.timestamp_us > timestamp]
+        if not fresh:
+            raise _error(P.NVML_ERROR_NOT_FOUND)
+        return fresh
+
+    @device("nvmlDeviceGetProcessUtilization", parent_only=False)
+    def _process_utilization(index, gpu, mig, timestamp):
+        return [
+            P.c_nvmlProcessUtilizationSample_t(pid=s.pid, timeStamp=s.timestamp_us, smUtil=s.sm_percent,
+                                               memUtil=s.memory_percent, encUtil=s.encoder_percent,
+                                               decUtil=s.decoder_percent)
+            for s in fresh_samples(gpu, mig, timestamp)
+        ]
+
+    @device("nvmlDeviceGetProcessesUtilizationInfo", parent_only=False)
+    def _processes_utilization(index, gpu, mig, timestamp):
+        return [
+            P.c_nvmlProcessUtilizationInfo_v1_t(timeStamp=s.timestamp_us, pid=s.pid, smUtil=s.sm_percent,
+                                                memUtil=s.memory_percent, encUtil=s.encoder_percent,
+                                                decUtil=s.decoder_percent, jpgUtil=0, ofaUtil=0)
+            for s in fresh_samples(gpu, mig, timestamp)
+        ]
 
     # -- MIG ----------------------------------------------------------------------------------------------
     @device("nvmlDeviceGetMigMode")

@@ -120,7 +120,9 @@ def test_units_are_converted_once_and_counters_move(open_backend, clock):
     assert s.throttle_seconds["hw_thermal_slowdown"] == pytest.approx(0.25)
     assert s.throttle_seconds["sync_boost"] == 0.0
     assert s.ecc_corrected_errors == 0 and s.ecc_uncorrected_errors == 0
-    assert s.processes == (GpuProcess(pid=4242, memory_used_bytes=8 * GIB),)
+    # The stub's per-process buffer is empty (NOT_FOUND): measured, and the process did not run.
+    assert s.processes == (GpuProcess(pid=4242, memory_used_bytes=8 * GIB, sm_utilization_ratio=0.0,
+                                      memory_controller_utilization_ratio=0.0),)
 
     # Counters are the hardware's, read again each tick; the timestamp is the injected clock's.
     nvml.fake.advance(2.0)
