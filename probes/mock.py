@@ -12,7 +12,9 @@ Physics, per device (constants in ``mock_presets``; the assumptions are labelled
   driver whose utilization sample period matched the sampler's would report it;
 - SM/tensor/DRAM ratios as exact means between two samples, as GPM computes them;
 - a first-order lag from power to die temperature;
-- memory used = what the activity source says workloads declared.
+- memory used = what the activity source says workloads declared, plus what scripted processes hold;
+- with scripted processes (``processes=``, probes/mock_processes.py), the GPU is as busy as the sum of
+  their shares, and each sample's ``processes`` lists them with their shares, refreshed at NVML's ~1 Hz.
 
 Activity between samples is integrated exactly (it is piecewise constant), so ``true_energy_joules``
 is the ground truth the tests compare the exported counter against.
@@ -37,6 +39,7 @@ from uuid import NAMESPACE_URL, uuid5
 
 from wattledger.probes.activity import IDLE, Activity, ActivitySegment, ActivitySource
 from wattledger.probes.base import FieldStatus, FixedGpuBackend, GpuInfo, GpuSample, ProbeUnavailable
+from wattledger.probes.mock_processes import ProcessSimulation, ScriptedProcesses
 from wattledger.probes.mock_presets import (
     POWER_WEIGHT_DRAM,
     POWER_WEIGHT_SM,
@@ -326,7 +329,11 @@ class MockGpuBackend(FixedGpuBackend):
         faults: Sequence[Fault] = (),
         delay_s: float = 0.0,
         power_limit_watts: float | None = None,
+        processes: ScriptedProcesses | None = None,
+        process_interval_s: float = 1.0,
     ):
+        """``processes``: simulated compute processes (None: no process lists, as before they existed);
+        ``process_interval_s``: how often their list is refreshed, as NvmlBackend's."""
         if not 1 <= count <= 64:
             raise ValueError("the mock simulates 1 to 64 GPUs")
         self.spec = lookup_preset(preset)
@@ -342,6 +349,8 @@ class MockGpuBackend(FixedGpuBackend):
         self._fired: set[int] = set()  # energy_reset faults already applied
         start = self._sim_now()
         self._start_ns = start
+        self._processes = (
+            None if processes is None else ProcessSimulation(processes, start, count, process_interval_s))
         self._gpus = [_SimulatedGpu(i, self.spec, start, limit) for i in range(count)]
         self._unsupported: dict[int, frozenset[str]] = {i: frozenset() for i in range(count)}
         self._infos = [
@@ -377,6 +386,16 @@ class MockGpuBackend(FixedGpuBackend):
     def devices(self) -> list[GpuInfo]:
         return list(self._infos)
 
+    @property
+    def scripted_processes(self) -> ScriptedProcesses | None:
+        """The simulated processes (``mean_sm_share`` is their ground truth), or None."""
+        return None if self._processes is None else self._processes.script
+
+    def scripted_owner_labels(self) -> dict[int, dict[str, str]]:
+        """pid -> the owner labels scripted for it (for agent/owners.py's ScriptedOwnerResolver); {} when
+        no process is scripted."""
+        return {} if self._processes is None else self._processes.script.owner_labels()
+
     def true_energy_joules(self, index: int) -> float:
         """Ground truth: the exact simulated energy of a device since the backend started."""
         return self._gpus[index].true_energy_joules
@@ -411,6 +430,8 @@ class MockGpuBackend(FixedGpuBackend):
         for gpu in self._gpus:
             if now > gpu.now_ns:
                 segments = self._source.segments(gpu.index, gpu.now_ns, now) if self._source else []
+                if self._processes is not None:
+                    segments = self._processes.with_segments(gpu.index, gpu.now_ns, now, segments)
                 gpu.advance(now, segments)
         if self._faults:
             self._apply_faults(now)
@@ -418,6 +439,8 @@ class MockGpuBackend(FixedGpuBackend):
         for gpu, info in zip(self._gpus, self._infos):
             if self._faults and self._is_lost(gpu.index, now):
                 gpu.has_sampled = False  # GPM-style ratios restart after the device comes back
+                if self._processes is not None:
+                    self._processes.forget(gpu.index)  # as NVML's list and per-process samples are
                 samples.append(GpuSample(index=gpu.index, uuid=info.uuid, monotonic_ns=gpu.now_ns, up=False))
                 continue
             samples.append(self._read(gpu, info))
@@ -464,6 +487,10 @@ class MockGpuBackend(FixedGpuBackend):
         gpu.last_sample_totals = (integrated[0], integrated[1], integrated[2])
         gpu.has_sampled = True
         allocated = self._source.allocated_bytes(gpu.index) if self._source else 0
+        processes = None
+        if self._processes is not None:
+            allocated += self._processes.memory_bytes(gpu.index, now)
+            processes = self._processes.process_list(gpu.index, now)
         temperature = round(gpu.temperature_celsius, 1)
         # Keyword arguments straight into the constructor: a dict of them built and unpacked per sample
         # was a fifth of the mock's cost.
@@ -494,6 +521,7 @@ class MockGpuBackend(FixedGpuBackend):
             throttle_seconds={"sw_power_cap": gpu.power_capped_seconds},
             ecc_corrected_errors=0,
             ecc_uncorrected_errors=0,
+            processes=processes,
         )
         unsupported = self._unsupported[gpu.index]
         if unsupported:  # a field_unsupported fault: rare, so a second construction is no cost
@@ -506,8 +534,11 @@ class MockGpuBackend(FixedGpuBackend):
             FieldStatus(name, name not in unsupported, "simulated field_unsupported fault" if name in unsupported else None)
             for name in FAULTABLE_FIELDS
         ]
+        if self._processes is None:
+            statuses.append(FieldStatus("processes", False, "no processes scripted for the mock"))
+        else:
+            statuses += [FieldStatus("processes", True), FieldStatus("process_utilization", True)]
         statuses += [
-            FieldStatus("processes", False, "the mock does not simulate process lists"),
             FieldStatus("nvlink", False, "the mock simulates a single PCIe GPU"),
             FieldStatus("mig", False, "the mock does not simulate MIG"),
             FieldStatus("xid_events", False, "the mock does not simulate XID events"),
