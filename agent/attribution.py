@@ -17,13 +17,13 @@ are joules, ratios are 0..1. The rules, and why each is what it is, are in docs/
   ``ENERGY_QUANTUM_JOULES``, so the identity holds exactly on every read too: keyed owners + other +
   retired (dropped or demoted owners' totals, which leave the exposition) + unattributed == counted.
 
-What the wiring needs (next session): per GPU per tick, the energy increase the ledger already computes
-(None while the GPU is lost: that interval is charged to no one and not counted), the busy ratio over the
-same interval (``utilization_gpu`` or the busy-seconds delta / interval), the processes with their shares
-(brief U's per-process records) mapped to owner keys (brief O's cgroup owner, brief K's pod), and the run
-stretches of registered workloads (``clip_run_stretches``) as ``held_spans_ns``. ``snapshot(now_ns)`` is
-called once per scrape, under the ledger's lock; the exposition renders keyed owners and ``OTHER_OWNER``
-(labelled with a value no real owner can have) and never ``retired``.
+What the wiring (``OwnerAttribution`` in agent/ledger.py) gives it: per GPU per tick, the energy increase the
+ledger already computes (None while the GPU is lost: that interval is charged to no one and not counted), the
+busy ratio over the same interval (``utilization_gpu`` or the busy-seconds delta / interval), the processes
+with their shares (``GpuProcess`` records, probes/nvml_processes.py) mapped to owner keys (agent/owners.py:
+the cgroup owner, the kubelet's pod), and the run stretches of registered workloads (``clip_run_stretches``)
+as ``held_spans_ns``. ``snapshot(now_ns)`` is called once per scrape, under the ledger's lock; the exposition
+renders keyed owners and ``OTHER_OWNER`` (labelled with a value no real owner can have) and never ``retired``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class IntervalAttribution:
 
 @dataclass(frozen=True, slots=True)
 class ProcessActivity:
-    """A compute process on one GPU over one interval (from NVML: brief U's per-process record)."""
+    """A compute process on one GPU over one interval (from NVML: a ``GpuProcess`` record's shares)."""
 
     pid: int
     activity_share: float | None = None  # SM share, 0..1

@@ -73,6 +73,16 @@ def make_parser() -> argparse.ArgumentParser:
     agent.add_argument("--token", default=s, help="bearer token that lets non-loopback clients write "
                        "(prefer WATTLEDGER_TOKEN: flags show in ps)")
     agent.add_argument("--max-workloads", type=int, default=s, help="most workloads accepted (default 64)")
+    agent.add_argument("--attribution", action="store_true", default=s,
+                       help="per-owner series: who used each GPU (pods, systemd units, commands); on Kubernetes "
+                            "needs hostPID and the kubelet's pod-resources socket (default off)")
+    agent.add_argument("--attribution-max-owners", type=int, default=s,
+                       help='owners with series of their own (default 50; the rest: owner_kind="other")')
+    agent.add_argument("--attribution-retention", default=s, metavar="DURATION",
+                       help="how long an owner that left keeps its series (default 10m, at least 1m)")
+    agent.add_argument("--kubelet-socket", default=s, metavar="PATH",
+                       help='the kubelet pod-resources socket (default '
+                            '/var/lib/kubelet/pod-resources/kubelet.sock; "" = none)')
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=s)
     _add_backend_flags(agent)
 

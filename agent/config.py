@@ -21,11 +21,22 @@ from wattledger.agent.accounting import DEFAULT_MAX_WORKLOADS, DEFAULT_NAME_PATT
 from wattledger.agent.sampler import DEFAULT_HOST_INTERVAL_SECONDS, DEFAULT_INTERVAL_SECONDS, MIN_INTERVAL_SECONDS
 from wattledger.probes.mock import parse_fault
 from wattledger.probes.mock_presets import PRESETS
+from wattledger.probes.pod_resources import DEFAULT_SOCKET_PATH as DEFAULT_KUBELET_SOCKET
 
 # 9478 is free of the neighbours: dcgm-exporter 9400, node_exporter 9100, nvidia_gpu_exporter 9835.
 DEFAULT_PORT = 9478
 BACKENDS = ("auto", "nvml", "mock", "replay")
 ENV_PREFIX = "WATTLEDGER_"
+# Owner attribution (issue 13; docs/attribution.md). The cap bounds the per-owner series a node adds (5 per
+# owner: tests/benchmarks/bench_attribution.py measures them); the retention is how long an owner that left
+# keeps its series.
+DEFAULT_ATTRIBUTION_MAX_OWNERS = 50
+MAX_ATTRIBUTION_OWNERS = 10_000  # as max-workloads: beyond this, a node's exposition is no longer one scrape's worth
+DEFAULT_ATTRIBUTION_RETENTION_SECONDS = 600.0
+# An owner's series must outlive a scrape interval, or a scrape may never see its last charges (the
+# accumulator drops an owner only after reading it, docs/attribution.md "Reads come first"): at least
+# Prometheus' default scrape_interval, 1m (prometheus.io/docs/prometheus/latest/configuration/configuration/).
+MIN_ATTRIBUTION_RETENTION_SECONDS = 60.0
 
 
 class ConfigError(ValueError):
@@ -54,6 +65,10 @@ class AgentConfig:
     max_workloads: int = DEFAULT_MAX_WORKLOADS
     workload_name_pattern: str = DEFAULT_NAME_PATTERN
     log_level: str = "info"
+    attribution: bool = False  # who used the GPU: per-owner series (pods, units, commands); off by default
+    attribution_max_owners: int = DEFAULT_ATTRIBUTION_MAX_OWNERS  # owners with series of their own; the rest: "other"
+    attribution_retention_seconds: float = DEFAULT_ATTRIBUTION_RETENTION_SECONDS
+    kubelet_socket: str = DEFAULT_KUBELET_SOCKET  # the kubelet's pod-resources socket; "" does without it
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
@@ -148,7 +163,8 @@ def _as_string(value: object) -> str:
     return value
 
 
-_DURATION_FIELDS = ("interval_seconds", "host_interval_seconds", "mock_delay_seconds")
+_DURATION_FIELDS = ("interval_seconds", "host_interval_seconds", "mock_delay_seconds",
+                    "attribution_retention_seconds")
 _CONVERTERS = {"int": _as_int, "float": _as_float, "bool": _as_bool, "list[str]": _as_string_list,
                "str": _as_string, "str | None": _as_string}
 
@@ -207,7 +223,7 @@ def _key_to_field(key: str) -> str | None:
     if key in _FIELDS:
         return key
     aliases = {"interval": "interval_seconds", "host_interval": "host_interval_seconds", "path_procfs": "procfs", "path_sysfs": "sysfs",
-               "mock_delay": "mock_delay_seconds"}
+               "mock_delay": "mock_delay_seconds", "attribution_retention": "attribution_retention_seconds"}
     return aliases.get(key)
 
 
@@ -279,6 +295,20 @@ def validate(config: AgentConfig) -> None:
         config.token = check_token(config.token)
     _require(config.log_level.lower() in ("debug", "info", "warning", "error"),
              "log-level must be debug, info, warning or error")
+    _validate_attribution(config)
+
+
+def _validate_attribution(config: AgentConfig) -> None:
+    _require(0 <= config.attribution_max_owners <= MAX_ATTRIBUTION_OWNERS,
+             f"attribution-max-owners must be 0-{MAX_ATTRIBUTION_OWNERS} (0 puts every owner in \"other\"), "
+             f"got {config.attribution_max_owners}")
+    retention = config.attribution_retention_seconds
+    _require(MIN_ATTRIBUTION_RETENTION_SECONDS <= retention < math.inf,
+             f"attribution-retention must be at least {MIN_ATTRIBUTION_RETENTION_SECONDS:g}s (longer than "
+             f"Prometheus' scrape interval), got {retention:g}s")
+    socket = config.kubelet_socket.strip()
+    _require(not socket or socket.startswith(("/", "unix:")),
+             f"kubelet-socket must be an absolute path (or unix:///path; empty to do without), got {socket!r}")
 
 
 def check_port(port: int, allow_zero: bool = True) -> None:

@@ -19,6 +19,7 @@ catch, the limits it must respect). It never reaches into the sampler, ledger, a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from wattledger.agent import version
 from wattledger.agent.accounting import MAX_TOKENS_PER_CALL, Accounting, Span, procfs_start_ticks
 from wattledger.agent.config import AgentConfig
 from wattledger.agent.http_api import ServerStartError
-from wattledger.agent.ledger import Ledger, WorkloadProcessFigures
+from wattledger.agent.ledger import NS_PER_S, Ledger, OwnerAttribution, WorkloadProcessFigures
 from wattledger.agent.sampler import SampleSink, Sampler, SinkGuard
 from wattledger.agent.span_activity import SpanActivitySource
 from wattledger.exporters.jsonl import JsonlRecorder
@@ -162,7 +163,10 @@ class Agent:
             gpu.set_activity_source(span_source)
         if host is not None:
             self.accounting.add_process_listener(self._on_workload_process)
-        self.ledger = Ledger(self.accounting, clock_ns=clock_ns)
+        self._pod_resources = None  # the kubelet client attribution opened, closed at stop()
+        self._owner_resolver = None  # attribution's resolver (its kubelet call in flight ends at stop())
+        attribution = self._owner_attribution(config, gpu, clock_ns) if config.attribution else None
+        self.ledger = Ledger(self.accounting, clock_ns=clock_ns, attribution=attribution)
         self.accounting.add_forget_listener(self.ledger.forget_workload)
         self.sampler = Sampler(self.ledger, gpu, host, config.interval_seconds,
                                host_interval_seconds=config.host_interval_seconds,
@@ -187,6 +191,60 @@ class Agent:
     @property
     def simulated(self) -> bool:
         return bool(self.gpu is not None and self.gpu.simulated)
+
+    def _owner_attribution(self, config: AgentConfig, gpu: GpuBackend | None,
+                           clock_ns: Callable[[], int]) -> OwnerAttribution:
+        """Who used the GPU (issue 13): the resolver that places a pid (the mock's scripted owners; /proc,
+        cgroups and the kubelet on a real node) and the accumulator's limits."""
+        from wattledger.agent.owners import ProcOwnerResolver, ScriptedOwnerResolver
+
+        resolver, unavailable = None, None
+        if isinstance(gpu, MockGpuBackend):
+            resolver = ScriptedOwnerResolver(gpu.scripted_owner_labels())
+        elif isinstance(gpu, ReplayGpuBackend):
+            unavailable = "replayed samples: their pids are the recording machine's, so only registered workloads"
+        elif gpu is None:
+            unavailable = "no GPU backend"
+        else:  # NVML, or NVML being retried
+            self._pod_resources = self._kubelet_client(config.kubelet_socket)
+            resolver = ProcOwnerResolver(procfs_root=config.procfs, pod_resources=self._pod_resources,
+                                         node_gpu_uuids=lambda: self._node_device_uuids(gpu), clock_ns=clock_ns)
+        self._owner_resolver = resolver
+        where = unavailable or (resolver.describe() if hasattr(resolver, "describe") else None)
+        if where:
+            self.notes.append(f"attribution: {where}")
+        self.notes.append(f"attribution on: at most {config.attribution_max_owners} owners with series of their "
+                          f"own (the rest: owner_kind=\"other\"), dropped {config.attribution_retention_seconds:g}s "
+                          "after they leave")
+        return OwnerAttribution(resolver, config.attribution_max_owners,
+                                round(config.attribution_retention_seconds * NS_PER_S), unavailable)
+
+    def _kubelet_client(self, socket: str):
+        """A pod-resources client, or None (one note says why) off Kubernetes, with the socket turned off, or
+        without the kubernetes extra: owners then come from /proc and cgroups alone."""
+        from wattledger.probes.pod_resources import PodResourcesClient, PodResourcesError
+
+        if not socket.strip():
+            self.notes.append("attribution: kubelet pod-resources off (kubelet_socket is empty); pods named from "
+                              "cgroups only")
+            return None
+        path = socket.strip().removeprefix("unix://").removeprefix("unix:")
+        # The directory, not the socket: mounted from the host, it lets the agent reconnect after a kubelet
+        # restart replaces the socket (probes/pod_resources.py).
+        if not os.path.isdir(os.path.dirname(path) or "/"):
+            self.notes.append(f"attribution: no kubelet pod-resources directory {os.path.dirname(path)} (not a "
+                              "Kubernetes node, or not mounted); pods named from their own files (/proc/PID/root) "
+                              "only")
+            return None
+        try:
+            return PodResourcesClient(path)
+        except PodResourcesError as err:  # GrpcNotInstalled: the kubernetes extra is missing
+            self.notes.append(f"attribution: {err}; pods named from their own files (/proc/PID/root) only")
+            return None
+
+    def _node_device_uuids(self, gpu: GpuBackend) -> set[str]:
+        """This node's GPU and MIG UUIDs, which the kubelet's device ids name."""
+        return {info.uuid for info in gpu.devices()} | self.ledger.mig_uuids()
 
     def _on_workload_process(self, workload: str, old_pid: int | None, new_pid: int | None) -> None:
         if old_pid is not None:
@@ -226,6 +284,11 @@ class Agent:
         for backend in (self.gpu, self.host):
             if backend is not None:
                 backend.close()
+        close_resolver = getattr(self._owner_resolver, "close", None)
+        if close_resolver is not None:
+            close_resolver()
+        if self._pod_resources is not None:
+            self._pod_resources.close()
 
     # -- the public face for in-process users (the measurement) -----------------------------------------
 

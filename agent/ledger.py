@@ -28,6 +28,12 @@ only to workloads that held the GPU through the whole gap. Whatever no workload 
 GPU's unattributed energy, so that for every GPU, at every scrape,
 ``sum(workload energy) + unattributed energy == GPU energy``.
 
+With owner attribution on (``attribution=OwnerAttribution(...)``, the ``attribution`` setting; issue 13,
+docs/attribution.md), each GPU interval also goes to ``agent.attribution``'s accumulator, split among the
+owners of the sample's processes (pods, units, commands, from the resolver) and the registered workloads
+(owners whose pids are declared), and the GPU's unattributed energy becomes what no owner was charged:
+``sum(owner energy) + unattributed == GPU energy`` across the GPUs. With it off, nothing of it runs.
+
 The sampler thread writes; scrapes call ``snapshot()``, which copies under the lock and returns plain
 data, so a scrape never waits on hardware and never sees half an update. Its ``gpu_figures``
 (:class:`GpuFigures`) are each GPU's exported values, present or None: exporters read those, never the
@@ -43,7 +49,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from wattledger.agent.accounting import (
     NO_RUN_STRETCHES,
@@ -51,6 +57,16 @@ from wattledger.agent.accounting import (
     GpuRunStretches,
     clip_run_stretches,
     time_shares,
+)
+from wattledger.agent.attribution import (
+    OTHER_OWNER,
+    AttributionAccumulator,
+    AttributionSnapshot,
+    DeclaredOwner,
+    OwnerUsage,
+    ProcessActivity,
+    owner_usages,
+    quanta_joules,
 )
 from wattledger.probes.base import ENGINES, GpuInfo, GpuSample, HostSample, MigInstance, ProbeStats, direct_slot_init
 
@@ -615,13 +631,297 @@ class LedgerSnapshot:
     xid_counts: dict[tuple[int, int], int]
     # Unexpected backend read errors, each logged once and then only counted: (gpu or None, probe, error) -> n.
     backend_error_counts: dict[tuple[int | None, str, str], int] = field(default_factory=dict)
+    # Owner attribution (issue 13): None while it is off, and then nothing of it is exported.
+    attribution: AttributionFigures | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Owner attribution (issue 13; the model is agent/attribution.py, its rules docs/attribution.md). Off unless
+# the ledger is given an ``OwnerAttribution``: then ``record_gpus`` takes one more branch per tick (not per
+# GPU), and every other path is as it was.
+
+# An owner's series labels: (owner_kind, namespace, pod, container, group). These tuples are the
+# accumulator's keys, so two processes of one owner (different command names) are one owner.
+OwnerKey = tuple[str, str, str, str, str]
+OWNER_LABEL_NAMES: tuple[str, ...] = ("owner_kind", "namespace", "pod", "container", "group")
+OTHER_OWNER_LABELS: OwnerKey = ("other", "", "", "", "")
+WORKLOAD_OWNER_KIND = "workload"  # a workload registered through the accounting API: group = its name
+ATTRIBUTION_OK = "ok"  # wattledger_attribution_status's reason while attribution works
+# How long a GPU's resolved process list is kept while the backend hands the same tuple again: the
+# resolver's own answers change on its own cadence (the kubelet is asked every few seconds), and NVML's
+# list is refreshed about once a second anyway (probes/nvml.py), which this matches.
+OWNER_RESOLVE_AGAIN_NS = NS_PER_S
+
+
+def workload_owner(name: str) -> OwnerKey:
+    """The owner key of a registered workload."""
+    return (WORKLOAD_OWNER_KIND, "", "", "", name)
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    """A reason label: one line, bounded (a label value that grows without bound is a cardinality bug)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerFigures:
+    """What one owner's series export: a keyed owner, or the "other" bucket (``OTHER_OWNER_LABELS``)."""
+
+    labels: OwnerKey
+    command: str  # the command name of its first process seen ("" for workloads and "other")
+    energy_joules: float  # counter: joules charged since it got its series
+    busy_seconds: float  # counter: seconds of GPU busy time charged to it, summed over GPUs
+    gpu_memory_bytes: int | None  # bytes its processes hold now, summed over the GPUs that are up; None: unknown
+    gpus: int  # GPUs (up now) whose newest interval it held
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionFigures:
+    """A snapshot's owner attribution. ``owners`` sorted by labels, "other" last.
+
+    ``unattributed_energy_joules`` (gpu index -> J) replaces the ledger's own unattributed figure when
+    attribution is on: the GPU's energy counter less what its owners were charged, so that
+    ``sum(owner energy) + sum(unattributed) == sum(GPU energy)`` on every read, until an owner leaves the
+    exposition (dropped after the retention, or demoted into "other": its series stops, as
+    docs/attribution.md explains, and Prometheus keeps what it scraped)."""
+
+    owners: tuple[OwnerFigures, ...]
+    unattributed_energy_joules: Mapping[int, float]
+    status_reason: str  # ATTRIBUTION_OK, or one line saying why owners cannot be found
+
+    @property
+    def working(self) -> bool:
+        return self.status_reason == ATTRIBUTION_OK
+
+
+class _ResolvedProcesses:
+    """One GPU's process list with each pid's owner, resolved on the sampler thread outside the lock."""
+
+    __slots__ = ("processes", "resolved_ns", "activities", "owner_of", "commands")
+
+    def __init__(self, processes: object, resolved_ns: int, activities: tuple[ProcessActivity, ...],
+                 owner_of: dict[int, OwnerKey | None], commands: dict[OwnerKey, str]):
+        self.processes = processes  # the sample's tuple itself: the same object again needs no work
+        self.resolved_ns = resolved_ns
+        self.activities = activities
+        self.owner_of = owner_of
+        self.commands = commands
+
+
+_NOTHING_RESOLVED = _ResolvedProcesses(None, 0, (), {}, {})
+
+
+class OwnerAttribution:
+    """Feeds ``AttributionAccumulator`` from the ledger, one GPU interval at a time, and builds the owners'
+    exported figures.
+
+    ``resolver``: an ``agent.owners.OwnerResolver`` (``resolve(pid, gpu_uuid=...)`` -> labels with
+    ``kind, namespace, pod, container, group, command``, or None; ``refresh(now_ns)`` every tick; an
+    optional ``status()``, one line when owners cannot be found), or None when no pid can be placed (a
+    replay: its pids are the recording machine's). ``unavailable_reason``: one line for
+    ``wattledger_attribution_status`` when attribution cannot work at all.
+
+    Threads: ``prepare`` runs on the sampler thread before the ledger's lock is taken (the resolver's slow
+    work never holds up a scrape); ``record``, ``declare_pids``, ``reset`` and ``figures`` run under it."""
+
+    def __init__(self, resolver: object | None, max_owners: int, retention_ns: int,
+                 unavailable_reason: str | None = None):
+        self._resolver = resolver
+        self._max_owners = max_owners
+        self._retention_ns = retention_ns
+        self._unavailable_reason = unavailable_reason
+        # The resolver's last failures (one line each), cleared when the same call works again: its
+        # refresh at the last tick, and its resolve for each GPU's newest process list.
+        self._refresh_error: str | None = None
+        self._resolve_errors: dict[int, str | None] = {}
+        self._pending: dict[int, _ResolvedProcesses] = {}
+        self._declared_pids: dict[str, frozenset[int]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """A new device list (``Ledger.set_devices``): the GPUs' energy counters start again, so do the
+        owners' totals (a counter reset, which ``rate()`` handles)."""
+        self._accumulator = AttributionAccumulator(self._max_owners, self._retention_ns)
+        self._resolved: dict[int, _ResolvedProcesses] = {}
+        self._pending.clear()
+        self._latest: dict[int, list[OwnerUsage]] = {}  # gpu -> the owners of its newest interval
+        self._held_pids: dict[int, frozenset[int]] = {}  # gpu -> pids listed at its previous sample
+        self._commands: dict[OwnerKey, str] = {}
+        self._exported_unattributed: dict[int, float] = {}
+
+    # -- sampler thread, outside the ledger's lock
+
+    def prepare(self, samples: Sequence[GpuSample], now_ns: int) -> None:
+        """The resolver's tick, and the owners of every process list that is new (or old enough to ask
+        again). Never raises: a failing resolver places no one and says so in the status."""
+        resolver = self._resolver
+        if resolver is not None:
+            try:
+                resolver.refresh(now_ns)
+                self._refresh_error = None
+            except Exception as err:  # noqa: BLE001 - the sampler must go on whatever the resolver does
+                self._refresh_error = _one_line(f"owner resolver failed: {type(err).__name__}: {err}")
+        for sample in samples:
+            if not sample.up:
+                continue
+            cached = self._resolved.get(sample.index, _NOTHING_RESOLVED)
+            if cached.processes is sample.processes and now_ns - cached.resolved_ns < OWNER_RESOLVE_AGAIN_NS:
+                continue
+            self._pending[sample.index] = self._resolve(sample.index, sample.uuid, sample.processes, now_ns)
+
+    def _resolve(self, index: int, gpu_uuid: str, processes: tuple | None, now_ns: int) -> _ResolvedProcesses:
+        activities, owner_of, commands = [], {}, {}
+        self._resolve_errors[index] = None
+        for process in processes or ():
+            activities.append(ProcessActivity(process.pid, process.sm_utilization_ratio, process.memory_used_bytes))
+            labels = self._owner_labels(index, process.pid, gpu_uuid)
+            key = None if labels is None else (labels.kind, labels.namespace, labels.pod, labels.container,
+                                               labels.group)
+            owner_of[process.pid] = key
+            if key is not None:
+                commands.setdefault(key, labels.command)
+        return _ResolvedProcesses(processes, now_ns, tuple(activities), owner_of, commands)
+
+    def _owner_labels(self, index: int, pid: int, gpu_uuid: str):
+        if self._resolver is None:
+            return None
+        try:
+            return self._resolver.resolve(pid, gpu_uuid=gpu_uuid)
+        except Exception as err:  # noqa: BLE001 - as in prepare: that pid is placed nowhere
+            self._resolve_errors[index] = _one_line(f"owner resolver failed: {type(err).__name__}: {err}")
+            return None
+
+    # -- under the ledger's lock
+
+    def declare_pids(self, declared: dict[str, frozenset[int]]) -> None:
+        """The pids of each registered workload (its process and the descendants the host probe sees)."""
+        self._declared_pids = declared
+
+    def record(self, state: GpuLedger, sample: GpuSample, energy_since_ns: int | None, energy_total: float,
+               previous_ns: int | None, stretches: GpuRunStretches) -> None:
+        """One sample the ledger has just recorded into ``state``; the arguments after it are ``state``'s
+        energy cursor, energy total and previous up sample time from before it. Charges the interval since
+        the previous energy reading (docs/attribution.md, "What the wiring needs")."""
+        index = sample.index
+        pending = self._pending.pop(index, None)
+        if pending is not None:
+            self._resolved[index] = pending
+            for key, command in pending.commands.items():
+                self._commands.setdefault(key, command)
+        if state.last is not sample:
+            return  # not recorded (no newer than the last one)
+        end_ns = sample.monotonic_ns
+        if energy_since_ns is not None and state.energy_since_ns != energy_since_ns:
+            start_ns, energy = energy_since_ns, state.energy.total - energy_total
+            # As _account decides: consecutive up samples, each with energy, or a gap nobody measured.
+            observed = previous_ns == energy_since_ns
+        elif previous_ns is not None:  # no energy reading this sample: its owners are seen, nothing is charged
+            start_ns, energy, observed = previous_ns, None, True
+        else:
+            return  # the energy counter's baseline, or the first sample back from a loss without energy
+        resolved = self._resolved.get(index, _NOTHING_RESOLVED)
+        activities = resolved.activities
+        if not observed:
+            # Across a gap, only what held the GPU on both sides of it: a process listed now may have
+            # started at any time in the gap, whose power profile nobody knows.
+            before = self._held_pids.get(index, frozenset())
+            activities = tuple(a for a in activities if a.pid in before)
+        self._held_pids[index] = frozenset(resolved.owner_of)
+        declared = self._declared_owners(stretches, start_ns, end_ns, observed)
+        usages = owner_usages(activities, declared, resolved.owner_of.get)
+        busy = _ratio(sample.utilization_gpu_ratio) if observed and energy is not None else None
+        self._accumulator.add_interval(index, start_ns, end_ns, energy, busy, usages)
+        self._latest[index] = usages
+
+    def _declared_owners(self, stretches: GpuRunStretches, start_ns: int, end_ns: int,
+                         observed: bool) -> list[DeclaredOwner]:
+        """The registered workloads holding the GPU in [start_ns, end_ns): with their run stretches, or,
+        across a gap, those that held it throughout (as ``_charge`` does for workload energy)."""
+        clipped = clip_run_stretches(stretches, start_ns, end_ns)
+        if not clipped:
+            return []
+        pids = self._declared_pids
+        if not observed:
+            return [DeclaredOwner(workload_owner(name), pids.get(name, frozenset()))
+                    for name in _held_throughout(clipped, start_ns, end_ns)]
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for name, lo, hi in clipped:
+            spans.setdefault(name, []).append((lo, hi))
+        return [DeclaredOwner(workload_owner(name), pids.get(name, frozenset()), tuple(pieces))
+                for name, pieces in spans.items()]
+
+    def figures(self, now_ns: int, gpus: Sequence[GpuLedger]) -> AttributionFigures:
+        """The exported figures as of now (one accumulator read: call once per snapshot). ``gpus``: the
+        snapshot's copies, for which GPUs are up and their energy totals."""
+        read = self._accumulator.snapshot(now_ns)
+        keyed = {o.key for o in read.owners if o.key is not OTHER_OWNER}
+        memory, held = self._holdings(gpus, keyed)
+        rows: dict[OwnerKey, list] = {}  # labels -> [command, joules, busy seconds, memory, gpus]
+        for totals in read.owners:
+            labels = OTHER_OWNER_LABELS if totals.key is OTHER_OWNER else totals.key
+            row = rows.get(labels)
+            if row is None:  # (a resolved owner whose labels are "other"'s adds into it: one series each)
+                row = rows[labels] = [self._commands.get(totals.key, ""), 0.0, 0.0, None, 0]
+            row[1] += totals.energy_joules
+            row[2] += totals.busy_seconds
+            if totals.key in memory:
+                row[3] = (row[3] or 0) + memory[totals.key]
+            elif row[3] is None and totals.key not in held:
+                row[3] = 0  # known to hold nothing now: it holds no GPU that is up
+            row[4] += held.get(totals.key, 0)
+        owners = tuple(OwnerFigures(labels, *row) for labels, row in
+                       sorted(rows.items(), key=lambda item: (item[0] == OTHER_OWNER_LABELS, item[0])))
+        return AttributionFigures(owners, self._unattributed(read, gpus), self._status_reason())
+
+    def _holdings(self, gpus: Sequence[GpuLedger], keyed: set) -> tuple[dict, dict]:
+        """(key -> bytes held now, key -> GPUs held now) over the GPUs that are up; owners without a key
+        of their own count as ``OTHER_OWNER``. An owner whose memory is unknown on every GPU it holds is
+        not in the first."""
+        memory: dict[object, int] = {}
+        held: dict[object, int] = {}
+        for gpu in gpus:
+            if not gpu.up:
+                continue
+            here = set()
+            for usage in self._latest.get(gpu.info.index, ()):
+                key = usage.key if usage.key in keyed else OTHER_OWNER
+                if key not in here:
+                    here.add(key)
+                    held[key] = held.get(key, 0) + 1
+                if usage.memory_bytes is not None and usage.memory_bytes >= 0:
+                    memory[key] = memory.get(key, 0) + usage.memory_bytes
+        return memory, held
+
+    def _unattributed(self, read: AttributionSnapshot, gpus: Sequence[GpuLedger]) -> dict[int, float]:
+        """Each GPU's energy counter less what its owners were charged (exact, in quanta), kept from going
+        down by a float rounding of the difference."""
+        out = {}
+        for gpu in gpus:
+            index = gpu.info.index
+            charged = read.counted_energy_quanta.get(index, 0) - read.unattributed_energy_quanta.get(index, 0)
+            value = max(self._exported_unattributed.get(index, 0.0), gpu.energy.total - quanta_joules(charged))
+            self._exported_unattributed[index] = out[index] = value
+        return out
+
+    def _status_reason(self) -> str:
+        if self._unavailable_reason:
+            return _one_line(self._unavailable_reason)
+        failure = self._refresh_error or next((e for e in self._resolve_errors.values() if e), None)
+        if failure:
+            return failure
+        status = getattr(self._resolver, "status", None)
+        text = status() if callable(status) else None
+        return _one_line(text) if text else ATTRIBUTION_OK
 
 
 class Ledger:
     """Keeps the integrated series. Written by the sampler thread, read by any number of scrapers."""
 
-    def __init__(self, accounting: Accounting | None = None, clock_ns: Callable[[], int] = time.monotonic_ns):
+    def __init__(self, accounting: Accounting | None = None, clock_ns: Callable[[], int] = time.monotonic_ns,
+                 attribution: OwnerAttribution | None = None):
         self._accounting = accounting
+        self._attribution = attribution
         self._clock_ns = clock_ns
         self._lock = threading.Lock()
         self._backend: str | None = None
@@ -642,6 +942,18 @@ class Ledger:
         # The accounting's run stretches per GPU, and the generation they were copied at (see record_gpus).
         self._stretches: dict[int, GpuRunStretches] = {}
         self._stretches_generation: int | None = None
+        # Registered workloads' pids (attribution only): the accounting's, and the host probe's descendants.
+        self._workload_pids: dict[str, int] = {}
+        self._workload_descendants: dict[int, frozenset[int]] = {}
+
+    @property
+    def attribution_enabled(self) -> bool:
+        return self._attribution is not None
+
+    def mig_uuids(self) -> set[str]:
+        """The MIG instances' UUIDs in the GPUs' newest samples (the kubelet names MIG devices by them)."""
+        with self._lock:
+            return {m.uuid for g in self._gpus.values() if g.last is not None for m in g.last.mig_instances or ()}
 
     # -- writes (sampler thread) ----------------------------------------------------------------
 
@@ -651,8 +963,13 @@ class Ledger:
             self._simulated = simulated
             self._gpus = {info.index: _LiveGpuLedger(info) for info in infos}
             self._stretches_generation = None  # the new records learn their stretches at the next tick
+            if self._attribution is not None:
+                self._attribution.reset()
 
     def record_gpus(self, samples: Sequence[GpuSample]) -> None:
+        attribution = self._attribution
+        if attribution is not None:
+            attribution.prepare(samples, self._clock_ns())
         with self._lock:
             accounting = self._accounting
             if accounting is not None and accounting.run_stretches_generation != self._stretches_generation:
@@ -661,11 +978,17 @@ class Ledger:
                 self._stretches_generation, self._stretches = accounting.run_stretches()
                 for index, state in self._gpus.items():
                     state.set_run_stretches(self._stretches.get(index, NO_RUN_STRETCHES))
+                if attribution is not None:
+                    self._workload_pids = accounting.pids()
+                    self._declare_workload_pids()
             gpus = self._gpus
-            for sample in samples:
-                state = gpus.get(sample.index)
-                if state is not None:
-                    self._record_gpu(state, sample)
+            if attribution is None:
+                for sample in samples:
+                    state = gpus.get(sample.index)
+                    if state is not None:
+                        self._record_gpu(state, sample)
+            else:
+                self._record_gpus_attributed(attribution, samples)
             self._last_record_ns = self._clock_ns()
             self._records += 1
             if accounting is not None and self._records % 100 == 0:
@@ -675,6 +998,26 @@ class Ledger:
                            if t is not None]
                 if cursors:
                     accounting.forget_intervals_before(min(cursors))
+
+    def _record_gpus_attributed(self, attribution: OwnerAttribution, samples: Sequence[GpuSample]) -> None:
+        """``_record_gpu`` for each sample, then its interval to the owner attribution (with the cursors
+        from before the sample, which ``_record_gpu`` moves)."""
+        gpus = self._gpus
+        for sample in samples:
+            state = gpus.get(sample.index)
+            if state is None:
+                continue
+            before = (state.energy_since_ns, state.energy.total, state.previous_ns)
+            self._record_gpu(state, sample)
+            if sample.up:
+                attribution.record(state, sample, *before, self._stretches.get(sample.index, NO_RUN_STRETCHES))
+
+    def _declare_workload_pids(self) -> None:
+        """Each registered workload's pids, for the attribution: its process and the descendants the host
+        probe reports (a GPU process is often a child of the registered one)."""
+        descendants = self._workload_descendants
+        self._attribution.declare_pids({
+            name: frozenset({pid}) | descendants.get(pid, frozenset()) for name, pid in self._workload_pids.items()})
 
     def _record_gpu(self, state: _LiveGpuLedger, sample: GpuSample) -> None:
         """One sample into its GPU's series.
@@ -940,6 +1283,14 @@ class Ledger:
                 name: WorkloadProcessFigures(int(a[0]), float(a[1]), int(a[2]), int(a[3]))
                 for name, a in figures.items()
             }
+            if self._attribution is not None:
+                self._workload_pids = pids
+                descendants: dict[int, set[int]] = {}
+                for process in sample.processes:
+                    if process.root_pid is not None:
+                        descendants.setdefault(process.root_pid, set()).add(process.pid)
+                self._workload_descendants = {root: frozenset(p) for root, p in descendants.items()}
+                self._declare_workload_pids()
             self._last_record_ns = self._clock_ns()
 
     def _workload_cpu_total(self, name: str, readings: dict[int, float | None]) -> float:
@@ -1039,6 +1390,9 @@ class Ledger:
             age = None
             if self._last_record_ns is not None:
                 age = max(0.0, (self._clock_ns() - self._last_record_ns) / NS_PER_S)
+            attribution = None
+            if self._attribution is not None:
+                attribution = self._attribution.figures(self._clock_ns(), gpus)
             copied = dict(
                 backend=self._backend,
                 simulated=self._simulated,
@@ -1058,7 +1412,22 @@ class Ledger:
                 sample_age_seconds=age,
                 xid_counts=dict(self._xid_counts),
                 backend_error_counts=dict(self._backend_error_counts),
+                attribution=attribution,
             )
         # The exported figures come from this snapshot's own copies, so outside the lock (the sampler
         # waits for none of it) and at scrape time (the per-sample path never pays for them).
-        return LedgerSnapshot(gpu_figures=tuple(map(_export_figures, gpus)), **copied)
+        gpu_figures = tuple(map(_export_figures, gpus))
+        if attribution is not None:
+            gpu_figures = _with_owner_unattributed(gpu_figures, attribution)
+        return LedgerSnapshot(gpu_figures=gpu_figures, **copied)
+
+
+def _with_owner_unattributed(figures: tuple[GpuFigures, ...],
+                             attribution: AttributionFigures) -> tuple[GpuFigures, ...]:
+    """With attribution on, a GPU's unattributed energy is what no owner was charged (registered workloads
+    are owners), present exactly where its energy is."""
+    unattributed = attribution.unattributed_energy_joules
+    return tuple(
+        replace(gpu, unattributed_energy_joules=unattributed.get(gpu.info.index, gpu.energy_joules))
+        if gpu.energy_joules is not None else gpu
+        for gpu in figures)

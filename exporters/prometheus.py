@@ -20,7 +20,14 @@ from operator import attrgetter
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from wattledger.agent.ledger import UTILIZATION_BUCKETS, GpuFigures, Histogram, Ledger, LedgerSnapshot
+from wattledger.agent.ledger import (
+    OWNER_LABEL_NAMES,
+    UTILIZATION_BUCKETS,
+    GpuFigures,
+    Histogram,
+    Ledger,
+    LedgerSnapshot,
+)
 from wattledger.exporters.render import CounterFamily, GaugeFamily, HistogramFamily
 
 P = "wattledger_"
@@ -84,13 +91,19 @@ def _gauge_fields(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     yield throttle_active
 
 
+_UNATTRIBUTED_HELP = ("GPU energy charged to no workload: time no workload held the GPU, and gaps (device lost, "
+                      "energy unreadable) no workload held throughout. Workload energy plus this is the GPU's "
+                      "energy.")
+_UNATTRIBUTED_TO_OWNERS_HELP = ("GPU energy charged to no owner (attribution on; registered workloads are owners): "
+                                "time nobody held the GPU, activity of processes no owner claims, gaps. Owner "
+                                "energy plus this is the GPUs' energy.")
+
+
 def _gpu_counters(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     energy = CounterFamily(P + "gpu_energy_joules", "Energy used by the GPU, from the hardware counter; "
                            "kept monotonic across driver resets.", labels=_GPU)
-    unattributed = CounterFamily(P + "gpu_unattributed_energy_joules", "GPU energy charged to no workload: "
-                                 "time no workload held the GPU, and gaps (device lost, energy unreadable) "
-                                 "no workload held throughout. Workload energy plus this is the GPU's "
-                                 "energy.", labels=_GPU)
+    unattributed = CounterFamily(P + "gpu_unattributed_energy_joules", _UNATTRIBUTED_HELP if snapshot.attribution
+                                 is None else _UNATTRIBUTED_TO_OWNERS_HELP, labels=_GPU)
     busy = CounterFamily(P + "gpu_busy_seconds", "Seconds the engine was busy, integrated at the sample "
                          "rate: rate() is the exact mean utilization over any window.", labels=_GPU + ["engine"])
     throttle = CounterFamily(P + "gpu_throttle_seconds", "Seconds the clocks were held back, by reason.",
@@ -233,6 +246,40 @@ def _workloads(snapshot: LedgerSnapshot) -> Iterator[Metric]:
     yield from (resident, cpu, locked, pinned)
 
 
+_OWNER = list(OWNER_LABEL_NAMES)
+
+
+def _owners(snapshot: LedgerSnapshot) -> Iterator[Metric]:
+    """Who used the GPUs (issue 13, docs/attribution.md): only with attribution on, so that with it off
+    the exposition is what it was. One row per owner with a series of its own, and "other"."""
+    figures = snapshot.attribution
+    if figures is None:
+        return
+    energy = CounterFamily(P + "owner_energy_joules", "GPU energy charged to the owner since its series began "
+                           "(all GPUs). Owners plus the GPUs' unattributed energy add up to the GPUs' energy.",
+                           labels=_OWNER)
+    busy = CounterFamily(P + "owner_busy_seconds", "Seconds of GPU busy time charged to the owner, summed over "
+                         "GPUs: its share of each GPU's busy time (NVML per-process utilization).", labels=_OWNER)
+    memory = GaugeFamily(P + "owner_gpu_memory_bytes", "GPU memory the owner's processes hold now, summed over "
+                         "GPUs.", labels=_OWNER)
+    gpus = GaugeFamily(P + "owner_gpus", "GPUs the owner held in its newest interval.", labels=_OWNER)
+    info = GaugeFamily(P + "owner_info", "The owner's command name (its first process seen; value 1).",
+                       labels=_OWNER + ["command"])
+    for owner in figures.owners:
+        labels = list(owner.labels)
+        energy.add_metric(labels, owner.energy_joules)
+        busy.add_metric(labels, owner.busy_seconds)
+        if owner.gpu_memory_bytes is not None:
+            memory.add_metric(labels, owner.gpu_memory_bytes)
+        gpus.add_metric(labels, owner.gpus)
+        info.add_metric(labels + [owner.command], 1.0)
+    yield from (energy, busy, memory, gpus, info)
+    status = GaugeFamily(P + "attribution_status", "1 while owners can be found; 0 with the reason why not "
+                         "(no host PIDs, no kubelet, ...).", labels=["reason"])
+    status.add_metric([figures.status_reason], 1.0 if figures.working else 0.0)
+    yield status
+
+
 def _self(snapshot: LedgerSnapshot, version: str) -> Iterator[Metric]:
     success = GaugeFamily(P + "probe_success", "1 if the probe's last read succeeded.", labels=["probe"])
     duration = GaugeFamily(P + "probe_duration_seconds", "How long the probe's last read took.",
@@ -278,6 +325,7 @@ class LedgerCollector(Collector):
         yield from _gpu_counters(snapshot)
         yield from _host(snapshot)
         yield from _workloads(snapshot)
+        yield from _owners(snapshot)
         yield from _self(snapshot, self._version)
 
 

@@ -175,7 +175,7 @@ def test_devices_lists_fields_and_says_simulated():
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("wattledger: SIMULATED")
     assert "GPU 1: NVIDIA H100 80GB HBM3 [SIMULATED]" in result.stdout
-    assert re.search(r"processes\s+not available: the mock does not simulate", result.stdout)
+    assert re.search(r"processes\s+not available: no processes scripted", result.stdout)
     data = json.loads(subprocess.run(WATTLEDGER + ["devices", "--backend", "mock", "--json"], capture_output=True,
                                      text=True, timeout=30).stdout)
     assert data["simulated"] is True and data["gpus"][0]["fields"]["power_watts"]["supported"] is True

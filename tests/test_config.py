@@ -48,6 +48,11 @@ def test_defaults():
     ({"mock_faults": ["explode"]}, {}, "mock-fault"),
     ({"token": "short"}, {}, "16 characters"),
     ({"record": "/no/such/dir/x.jsonl"}, {}, "does not exist"),
+    ({"attribution_max_owners": -1}, {}, "attribution-max-owners must be 0-10000"),
+    ({"attribution_max_owners": 10_001}, {}, "attribution-max-owners must be 0-10000"),
+    ({"attribution_retention": "30s"}, {}, "attribution-retention must be at least 60s"),
+    ({}, {"WATTLEDGER_ATTRIBUTION": "perhaps"}, "environment: attribution: expected true or false"),
+    ({"kubelet_socket": "kubelet.sock"}, {}, "kubelet-socket must be an absolute path"),
 ])
 def test_bad_settings_give_one_line_errors(flags, environ, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -62,3 +67,15 @@ def test_bad_config_files(tmp_path):
         build_config({}, {}, str(broken))
     with pytest.raises(ConfigError, match="cannot read"):
         build_config({}, {}, str(tmp_path / "missing.toml"))
+
+
+def test_attribution_is_off_by_default_and_its_settings_come_from_every_source(tmp_path):
+    default = build_config({}, {})
+    assert (default.attribution, default.attribution_max_owners, default.attribution_retention_seconds,
+            default.kubelet_socket) == (False, 50, 600.0, "/var/lib/kubelet/pod-resources/kubelet.sock")
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\nattribution = true\nattribution_retention = "2m"\nkubelet_socket = "/k.sock"\n')
+    config = build_config({"attribution_max_owners": "7"}, {"WATTLEDGER_KUBELET_SOCKET": ""}, str(path))
+    assert (config.attribution, config.attribution_max_owners, config.attribution_retention_seconds,
+            config.kubelet_socket) == (True, 7, 120.0, "")
+    assert build_config({"attribution_max_owners": 0}, {}).attribution_max_owners == 0  # all in "other"

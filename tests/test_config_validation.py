@@ -25,7 +25,8 @@ from wattledger.agent.config import (
 REPO = Path(__file__).resolve().parent.parent
 SETTING_KEYS = ("address", "port", "interval", "host_interval", "backend", "mock_gpus", "mock_preset", "mock_faults",
                 "mock_delay", "replay", "replay_speed", "replay_loop", "record", "procfs", "sysfs", "token",
-                "max_workloads", "workload_name_pattern", "log_level")
+                "max_workloads", "workload_name_pattern", "log_level", "attribution", "attribution_max_owners",
+                "attribution_retention", "kubelet_socket")
 
 
 def toml_value(value) -> str:
@@ -49,7 +50,8 @@ def toml_value(value) -> str:
 
 _SCALARS = (st.integers(min_value=-2**63, max_value=2**63 - 1) | st.floats() | st.booleans() | st.text(max_size=12)
             | st.sampled_from(["100ms", "0.5", "mock", "replay", "0", "65535", "70000", "nan", "inf", " ", "", "1e999",
-                               "gpu_lost:gpu=0:at=1", "h100-sxm-80gb", "debug"]))
+                               "gpu_lost:gpu=0:at=1", "h100-sxm-80gb", "debug", "10m", "59s", "true",
+                               "/var/lib/kubelet/pod-resources/kubelet.sock", "unix:///run/k.sock"]))
 _VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
                        | st.dictionaries(st.sampled_from(["a", "port"]), inner, max_size=2), max_leaves=4)
 
@@ -88,6 +90,11 @@ def assert_usable(config: AgentConfig) -> None:
         assert getattr(config, name) is None or isinstance(getattr(config, name), str), name
     if config.token is not None:
         assert config.token.strip() == config.token and len(config.token) >= 16
+    assert isinstance(config.attribution, bool)
+    assert isinstance(config.attribution_max_owners, int) and 0 <= config.attribution_max_owners <= 10_000
+    assert math.isfinite(config.attribution_retention_seconds) and config.attribution_retention_seconds >= 60
+    assert isinstance(config.kubelet_socket, str)
+    assert config.kubelet_socket.strip() == "" or config.kubelet_socket.strip().startswith(("/", "unix:"))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -144,6 +151,10 @@ def test_any_environment_value_gives_a_usable_config_or_one_line(values):
     ("[agent]\ninterval = [1]\n", "interval: expected a duration"),
     ("[agent]\nhost_interval = true\n", "host_interval: expected a duration"),
     ("[agent]\nmock_delay = nan\n", "mock_delay: expected a finite duration"),
+    ("[agent]\nattribution = \"maybe\"\n", "attribution: expected true or false"),
+    ("[agent]\nattribution_max_owners = 2.5\n", "attribution_max_owners: expected an integer"),
+    ("[agent]\nattribution_retention = nan\n", "attribution_retention: expected a finite duration"),
+    ("[agent]\nkubelet_socket = 1\n", "kubelet_socket: expected a string"),
 ])
 def test_toml_values_of_the_wrong_type_or_not_finite(tmp_path, body, message):
     path = write_toml(tmp_path, body)
@@ -152,7 +163,8 @@ def test_toml_values_of_the_wrong_type_or_not_finite(tmp_path, body, message):
 
 def test_nan_interval_is_refused_even_on_a_config_built_in_code():
     # nan fails every comparison, so a check written as ``value < minimum`` lets it through.
-    for name in ("interval_seconds", "host_interval_seconds", "mock_delay_seconds", "replay_speed"):
+    for name in ("interval_seconds", "host_interval_seconds", "mock_delay_seconds", "replay_speed",
+                 "attribution_retention_seconds"):
         with pytest.raises(ConfigError):
             validate(dataclasses.replace(AgentConfig(), **{name: math.nan}))
 
@@ -279,7 +291,7 @@ def test_record_with_a_nul_character_is_one_line():
     refused("NUL character", {"record": "samples\x00.jsonl"}, {})
 
 
-@pytest.mark.parametrize("key", ["replay", "record", "procfs", "address", "token", "mock_faults"])
+@pytest.mark.parametrize("key", ["replay", "record", "procfs", "address", "token", "mock_faults", "kubelet_socket"])
 def test_a_nul_in_any_string_setting_from_toml_is_one_line(tmp_path, key):
     value = '["a\\u0000b"]' if key == "mock_faults" else '"a\\u0000b"'
     refused("NUL", {}, {}, str(write_toml(tmp_path, f"[agent]\n{key} = {value}\n")))

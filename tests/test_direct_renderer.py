@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from test_golden_exposition import GOLDEN, build_mock_registry
 from wattledger.agent.ledger import UTILIZATION_BUCKETS, GpuFigures, Histogram, LedgerSnapshot
-from wattledger.agent.ledger import WorkloadProcessFigures
+from wattledger.agent.ledger import ATTRIBUTION_OK, AttributionFigures, OwnerFigures, WorkloadProcessFigures
 from wattledger.exporters.prometheus import LedgerCollector, SinkStatusCollector, _cumulative
 from wattledger.exporters.render import (
     CounterFamily,
@@ -94,6 +94,18 @@ def gpu_figures(draw, index: int) -> GpuFigures:
 
 
 @st.composite
+def attribution_figures(draw) -> AttributionFigures:
+    """Owner attribution's figures (issue 13): owners with odd label values, "other", a status."""
+    owners = draw(st.lists(st.builds(
+        OwnerFigures, st.tuples(odd_text, odd_text, odd_text, odd_text, odd_text), odd_text, counter_value,
+        counter_value, st.none() | st.integers(0, 2**50), st.integers(0, 64)),
+        max_size=3, unique_by=lambda o: o.labels))
+    reason = draw(st.sampled_from([ATTRIBUTION_OK]) | odd_text)
+    return AttributionFigures(tuple(owners), draw(st.dictionaries(st.integers(0, 3), counter_value, max_size=2)),
+                              reason)
+
+
+@st.composite
 def snapshots(draw) -> LedgerSnapshot:
     gpus = tuple(draw(gpu_figures(i)) for i in range(draw(st.integers(0, 3))))
     indexes = st.integers(0, 3)
@@ -124,6 +136,7 @@ def snapshots(draw) -> LedgerSnapshot:
         xid_counts=draw(st.dictionaries(st.tuples(indexes, st.integers(0, 200)), st.integers(0, 2**40), max_size=2)),
         backend_error_counts=draw(st.dictionaries(st.tuples(st.none() | indexes, odd_text, odd_text),
                                                   st.integers(0, 2**40), max_size=2)),
+        attribution=draw(st.none() | attribution_figures()),
     )
 
 
