@@ -10,6 +10,7 @@ services. Flags and WATTLEDGER_* settings in the manifests are checked against t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -312,6 +313,108 @@ def test_service_and_servicemonitor_select_the_agent():
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics" and endpoint["interval"] == "15s"
     # The alert rules in deploy/prometheus match job="wattledger": the job comes from this Service label.
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "wattledger"
+
+
+# -- Kubernetes: the attribution component -----------------------------------------------------------
+
+ATTRIBUTION = K8S / "attribution"
+POD_RESOURCES_DIR = "/var/lib/kubelet/pod-resources"
+
+
+def _kustomize(folder: Path) -> list[dict]:
+    """``kustomize build folder`` (or ``kubectl kustomize``) as objects; skips without either tool."""
+    tool = shutil.which("kustomize") or shutil.which("kubectl")
+    if tool is None:
+        pytest.skip("neither kustomize nor kubectl is installed")
+    command = [tool, "build", str(folder)] if tool.endswith("kustomize") else [tool, "kustomize", str(folder)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"{tool} could not run: {err}")
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def with_attribution(tmp_path_factory) -> dict[str, dict]:
+    """The base rendered through an overlay that adds the attribution component, as the README says to
+    use it (kustomize refuses an overlay inside its base's folder, so the overlay is a temporary one)."""
+    overlay = tmp_path_factory.mktemp("overlay")
+    base = Path(os.path.relpath(K8S, overlay))
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(base)], "components": [str(base / "attribution")]}))
+    return {d["kind"]: d for d in _kustomize(overlay)}
+
+
+@pytest.fixture(scope="module")
+def without_attribution() -> dict[str, dict]:
+    return {d["kind"]: d for d in _kustomize(K8S)}
+
+
+def test_attribution_is_a_component_the_base_does_not_include():
+    (component,) = yaml_documents(ATTRIBUTION / "kustomization.yaml")
+    assert component["kind"] == "Component" and component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    base = yaml_documents(K8S / "kustomization.yaml")[0]
+    assert "components" not in base and "attribution" not in " ".join(base["resources"])
+    assert POD_RESOURCES_DIR not in (K8S / "daemonset.yaml").read_text(encoding="utf-8")
+
+
+def test_attribution_adds_host_pid_the_kubelet_socket_and_the_flag(with_attribution):
+    pod = with_attribution["DaemonSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["hostPID"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    (name,) = [n for n, v in volumes.items() if v.get("hostPath", {}).get("path") == POD_RESOURCES_DIR]
+    assert volumes[name]["hostPath"]["type"] == "Directory"  # the kubelet recreates the socket on restart
+    assert mounts[name]["readOnly"] is True and mounts[name]["mountPath"] == POD_RESOURCES_DIR
+    assert container["args"].count("--attribution") == 1
+    endpoint = with_attribution["ServiceMonitor"]["spec"]["endpoints"][0]
+    assert endpoint["honorLabels"] is True  # owners' namespace/pod labels are not renamed exported_*
+
+
+def test_attribution_keeps_the_base_capability_set_and_changes_nothing_else(with_attribution,
+                                                                           without_attribution):
+    on = with_attribution["DaemonSet"]["spec"]["template"]["spec"]
+    off = without_attribution["DaemonSet"]["spec"]["template"]["spec"]
+    (container_on,), (container_off,) = on["containers"], off["containers"]
+    security = container_on["securityContext"]
+    assert security["capabilities"] == container_off["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security.get("privileged", False) is False
+    assert on["securityContext"]["seccompProfile"] == off["securityContext"]["seccompProfile"]
+    assert on.get("hostNetwork", False) is False and on.get("hostIPC", False) is False
+    # Everything else is the base's: only these fields may differ (uid 0 reaches the root-owned socket).
+    expected_changes = {"hostPID", "volumes", "securityContext"}
+    assert {k for k in on.keys() | off.keys() if on.get(k) != off.get(k)} - {"containers"} <= expected_changes
+    container_changes = {k for k in container_on.keys() | container_off.keys()
+                         if container_on.get(k) != container_off.get(k)}
+    assert container_changes <= {"args", "volumeMounts", "securityContext"}
+    changed_security = {k for k in security.keys() | container_off["securityContext"].keys()
+                        if security.get(k) != container_off["securityContext"].get(k)}
+    assert changed_security <= {"runAsUser", "runAsGroup", "runAsNonRoot"}
+    assert container_on["args"][:-1] == container_off["args"]
+    for kind in ("Namespace", "Service"):
+        assert with_attribution[kind] == without_attribution[kind]
+
+
+def test_attribution_renders_valid_objects(with_attribution):
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (test extra)")
+    import jsonschema
+    from kubernetes_validate import utils
+
+    for doc in with_attribution.values():
+        if doc["kind"] == "ServiceMonitor":
+            jsonschema.validate(doc, SERVICEMONITOR_SCHEMA)
+        else:
+            utils.validate(doc, utils.latest_version(), strict=True)
+
+
+def test_attribution_flags_are_the_agents(with_attribution):
+    (container,) = with_attribution["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", "x" * 16) for e in container["env"]}
+    _check_agent_settings(env, container["args"])
 
 
 # -- systemd ------------------------------------------------------------------------------------------
