@@ -21,7 +21,12 @@ tests):
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,3 +154,20 @@ class _Handler(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(
             kubelet.answer, request_deserializer=classes["ListPodResourcesRequest"].FromString,
             response_serializer=classes["ListPodResourcesResponse"].SerializeToString)
+
+
+@contextlib.contextmanager
+def running_kubelet(prefix: str, directory_mode: int | None = None) -> Iterator[FakeKubelet]:
+    """A started FakeKubelet on a socket in a fresh folder under /tmp, stopped and removed afterwards.
+
+    /tmp, not pytest's tmp_path: a short path stays below the 108-byte sun_path limit, and pytest's base
+    folder is mode 0700, which a test connecting as another user cannot pass (``directory_mode`` opens it)."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    if directory_mode is not None:
+        os.chmod(directory, directory_mode)
+    kubelet = FakeKubelet(os.path.join(directory, "kubelet.sock")).start()
+    try:
+        yield kubelet
+    finally:
+        kubelet.stop()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -134,11 +133,8 @@ def kubelet_server():
     pytest.importorskip("grpc")
     import pod_resources_server
 
-    directory = tempfile.mkdtemp(prefix="wl-owners-")  # short: below the 108-byte sun_path limit
-    kubelet = pod_resources_server.FakeKubelet(os.path.join(directory, "kubelet.sock")).start()
-    yield kubelet
-    kubelet.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    with pod_resources_server.running_kubelet("wl-owners-") as kubelet:
+        yield kubelet
 
 
 @pytest.fixture

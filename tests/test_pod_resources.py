@@ -37,14 +37,9 @@ def kubelet_server():
     pytest.importorskip("grpc")
     import pod_resources_server
 
-    # Not tmp_path_factory: its base directory is root's, mode 0700, and the permission test needs another
-    # user to reach the socket itself. A short /tmp path also stays below the 108-byte sun_path limit.
-    directory = tempfile.mkdtemp(prefix="wl-kubelet-")
-    os.chmod(directory, 0o755)
-    kubelet = pod_resources_server.FakeKubelet(os.path.join(directory, "kubelet.sock")).start()
-    yield kubelet
-    kubelet.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    # Mode 0755: the permission test connects as another user, who must reach the socket itself.
+    with pod_resources_server.running_kubelet("wl-kubelet-", directory_mode=0o755) as kubelet:
+        yield kubelet
 
 
 @pytest.fixture
