@@ -44,6 +44,10 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mock-fault", dest="mock_faults", action="append", default=s, metavar="FAULT",
                         help="scheduled fault for the mock, e.g. gpu_lost:gpu=0:at=10:until=20, "
                              "energy_reset:at=30, field_unsupported:field=power_watts:at=5, init_failure")
+    parser.add_argument("--mock-processes", default=s, metavar="FILE",
+                        help="scripted compute processes for the mock (--backend mock): a JSON list of "
+                             '{"gpu", "pid", "sm_share", "memory_bytes", "labels"} objects, e.g. labels '
+                             '{"namespace": "llm", "pod": "vllm-0"}; what --attribution charges')
     parser.add_argument("--mock-delay", default=s, metavar="DURATION",
                         help="how far the span-driven mock runs behind the clock, so spans reported when they "
                              "end are known in time (default 1s)")
@@ -133,6 +137,9 @@ def run_agent(config: AgentConfig) -> int:
         agent = Agent(config)
     except ProbeUnavailable as err:
         return _probe_failure(err)
+    except ConfigError as err:  # the --mock-processes file changed between validation and start
+        print(f"wattledger: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as err:  # e.g. the --record file cannot be created
         print(f"wattledger: cannot start: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_FAILED
@@ -194,6 +201,9 @@ def run_devices(config: AgentConfig, as_json: bool) -> int:
         opened = open_gpu_backend(config, retry_nvml=False)  # one reading: no waiting for NVML
     except ProbeUnavailable as err:
         return _probe_failure(err)
+    except ConfigError as err:  # as in run_agent
+        print(f"wattledger: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     gpu = opened.backend
     if config.backend == "auto" and gpu is not None and gpu.name == "mock":
         return _no_gpu_found(gpu, opened.notes, as_json)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from wattledger.agent.accounting import DEFAULT_MAX_WORKLOADS, DEFAULT_NAME_PATT
 from wattledger.agent.sampler import DEFAULT_HOST_INTERVAL_SECONDS, DEFAULT_INTERVAL_SECONDS, MIN_INTERVAL_SECONDS
 from wattledger.probes.mock import parse_fault
 from wattledger.probes.mock_presets import PRESETS
+from wattledger.probes.mock_processes import ScriptedProcesses
 from wattledger.probes.pod_resources import DEFAULT_SOCKET_PATH as DEFAULT_KUBELET_SOCKET
 
 # 9478 is free of the neighbours: dcgm-exporter 9400, node_exporter 9100, nvidia_gpu_exporter 9835.
@@ -53,6 +55,9 @@ class AgentConfig:
     mock_gpus: int = 1
     mock_preset: str = "h100-sxm-80gb"
     mock_faults: list[str] = field(default_factory=list)
+    # A JSON file of scripted compute processes for the mock (probes/mock_processes.py): who runs on each
+    # simulated GPU, with what SM share and memory, under which owner labels. None: no processes.
+    mock_processes: str | None = None
     # Spans arrive when they end: the span-driven mock simulates this far behind the clock.
     mock_delay_seconds: float = 1.0
     replay: str | None = None
@@ -282,6 +287,7 @@ def validate(config: AgentConfig) -> None:
     _validate_intervals(config)
     _validate_backend(config)
     _validate_mock(config)
+    _validate_mock_processes(config)
     _require(1 <= config.max_workloads <= 10_000, "max-workloads must be 1-10000")
     try:
         re.compile(config.workload_name_pattern)
@@ -354,6 +360,50 @@ def _validate_mock(config: AgentConfig) -> None:
         _require(fault.gpu is None or fault.gpu < config.mock_gpus,
                  f"mock-fault {text!r}: there is no GPU {fault.gpu} (the mock has GPUs 0-{config.mock_gpus - 1}; "
                  "see --mock-gpus)")
+
+
+def _validate_mock_processes(config: AgentConfig) -> None:
+    """The ``mock_processes`` file is for the mock alone, and must load (``load_mock_processes``) onto its GPUs."""
+    if not config.mock_processes:
+        return
+    _require(config.backend == "mock",
+             f"mock-processes goes with --backend mock (it scripts the simulated GPUs' processes), got backend "
+             f"{config.backend}")
+    script = load_mock_processes(config.mock_processes)
+    outside = sorted(gpu for gpu in script.gpus() if gpu >= config.mock_gpus)
+    if outside:
+        raise ConfigError(f"mock-processes: {config.mock_processes}: a process is on GPU {outside[0]}, but the mock "
+                          f"has GPUs 0-{config.mock_gpus - 1} (see --mock-gpus)")
+
+
+def load_mock_processes(path: str) -> ScriptedProcesses:
+    """The mock's scripted processes from a JSON file: a list of objects as ``ScriptedProcesses.from_spec``
+    takes them. ConfigError (one line naming the file, and the entry where one is at fault) for a file that
+    cannot be read, is not JSON, or holds a bad entry, owner labels that no owner resolver takes included
+    (agent/owners.py's ``labels_from_mapping``)."""
+    from wattledger.agent.owners import labels_from_mapping  # only a config naming the file needs it
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise ConfigError(f"mock-processes: cannot read {path}: {err.strerror or err}") from None
+    try:
+        # json.loads takes bytes in UTF-8, -16 or -32 (RFC 8259 section 8.1); anything else is a ValueError.
+        spec = json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"mock-processes: {path} is not JSON: {reason}") from None
+    try:
+        script = ScriptedProcesses.from_spec(spec)
+        for number, process in enumerate(script):
+            try:
+                labels_from_mapping(process.labels)
+            except ValueError as err:
+                raise ValueError(f"processes[{number}]: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"mock-processes: {path}: {err}") from None
+    return script
 
 
 def check_record_path(text: str) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from wattledger.agent import version
 from wattledger.agent.accounting import MAX_TOKENS_PER_CALL, Accounting, Span, procfs_start_ticks
-from wattledger.agent.config import AgentConfig
+from wattledger.agent.config import AgentConfig, load_mock_processes
 from wattledger.agent.http_api import ServerStartError
 from wattledger.agent.ledger import NS_PER_S, Ledger, OwnerAttribution, WorkloadProcessFigures
 from wattledger.agent.sampler import SampleSink, Sampler, SinkGuard
@@ -83,8 +83,9 @@ def open_gpu_backend(
 
     Raises ``ProbeUnavailable`` (one line) when ``backend`` is ``nvml`` and NVML does not open, and when
     it is ``auto`` on a machine with an NVIDIA driver but ``retry_nvml`` is off (``wattledger devices``,
-    which reads once). ``open_nvml`` (tests) replaces ``NvmlBackend(clock_ns=clock_ns)``; ``dev_root`` is
-    where the NVIDIA device nodes are looked for.
+    which reads once); ``ConfigError`` (one line) when the ``mock_processes`` file no longer loads.
+    ``open_nvml`` (tests) replaces ``NvmlBackend(clock_ns=clock_ns)``; ``dev_root`` is where the NVIDIA
+    device nodes are looked for.
     """
     notes: list[str] = []
     if config.backend in ("auto", "nvml"):
@@ -114,14 +115,20 @@ def open_gpu_backend(
         notes.append(f"replaying {config.replay} at {config.replay_speed:g}x{label}")
         return OpenedGpuBackend(backend, notes)
     faults = [parse_fault(text) for text in config.mock_faults]
+    # Read again here (validate() read it too): the file is the user's, and may have changed since; a bad
+    # one is a ConfigError, one line, as at validation.
+    processes = load_mock_processes(config.mock_processes) if config.mock_processes else None
     try:
         backend = MockGpuBackend(config.mock_gpus, config.mock_preset, clock_ns=clock_ns, faults=faults,
-                                 delay_s=config.mock_delay_seconds)
+                                 delay_s=config.mock_delay_seconds, processes=processes)
     except ProbeUnavailable as err:
         notes.append(f"no GPU data: {err}; running the host probes only")
         return OpenedGpuBackend(None, notes)
     notes.append(f"SIMULATED: mock GPU backend, {config.mock_gpus} x {backend.spec.model_name} "
                  f"(preset {config.mock_preset}); every GPU figure is simulated")
+    if processes is not None:
+        notes.append(f"SIMULATED: {len(processes)} scripted process(es) from {config.mock_processes} on GPU(s) "
+                     f"{', '.join(str(gpu) for gpu in sorted(processes.gpus())) or 'none'}")
     return OpenedGpuBackend(backend, notes)
 
 

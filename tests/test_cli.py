@@ -130,6 +130,9 @@ def test_replay_of_a_recording_serves_the_recorded_gpus(tmp_path):
     (["frobnicate"], "invalid choice"),
     (["devices", "--replay", "/no/such/file.jsonl"], "cannot read replay file"),
     (["agent", "--backend", "mock", "--record", "/proc/forbidden.jsonl"], "not writable"),
+    (["agent", "--mock-processes", "/no/such/processes.json"], "goes with --backend mock"),
+    (["agent", "--backend", "mock", "--mock-processes", "/no/such/processes.json"], "cannot read"),
+    (["devices", "--backend", "mock", "--mock-processes", "/proc/self/status"], "is not JSON"),
 ])
 def test_bad_usage_is_one_line_and_changes_nothing(args, message, tmp_path):
     result = subprocess.run(WATTLEDGER + args, capture_output=True, text=True, timeout=30, cwd=tmp_path)
@@ -143,6 +146,14 @@ def test_bad_usage_is_one_line_and_changes_nothing(args, message, tmp_path):
 def test_usage_errors_exit_2():
     result = subprocess.run(WATTLEDGER + ["agent", "--interval", "1ms"], capture_output=True, text=True)
     assert result.returncode == 2
+    bad_file = subprocess.run(WATTLEDGER + ["agent", "--backend", "mock", "--mock-processes", "/no/such.json"],
+                              capture_output=True, text=True, timeout=30)
+    assert bad_file.returncode == 2
+
+
+def test_agent_help_lists_the_mock_processes_file():
+    result = subprocess.run(WATTLEDGER + ["agent", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "--mock-processes FILE" in result.stdout
 
 
 def test_port_in_use_is_one_line():

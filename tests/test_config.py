@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -79,3 +81,50 @@ def test_attribution_is_off_by_default_and_its_settings_come_from_every_source(t
     assert (config.attribution, config.attribution_max_owners, config.attribution_retention_seconds,
             config.kubelet_socket) == (True, 7, 120.0, "")
     assert build_config({"attribution_max_owners": 0}, {}).attribution_max_owners == 0  # all in "other"
+
+
+MOCK_PROCESS = {"gpu": 0, "pid": 4242, "sm_share": 0.5, "memory_bytes": 2**30,
+                "labels": {"namespace": "llm", "pod": "vllm-0", "container": "vllm"}}
+
+
+def test_mock_processes_come_from_a_json_file_named_by_any_source(tmp_path):
+    from wattledger.agent.config import load_mock_processes
+
+    path = tmp_path / "processes.json"
+    path.write_text(json.dumps([MOCK_PROCESS, dict(MOCK_PROCESS, gpu=1, pid=7, sm_share=[[0, 0.2], [5, 0.4]],
+                                                   labels={"group": "trainer.service"})]))
+    toml = tmp_path / "agent.toml"
+    toml.write_text(f'[agent]\nbackend = "mock"\nmock_gpus = 2\nmock_processes = {json.dumps(str(path))}\n')
+    for flags, environ, config_file in (({}, {}, str(toml)), ({}, {"WATTLEDGER_MOCK_PROCESSES": str(path)}, str(toml)),
+                                        ({"mock_processes": str(path)}, {}, str(toml))):
+        assert build_config(flags, environ, config_file).mock_processes == str(path)
+    script = load_mock_processes(str(path))
+    assert [p.pid for p in script] == [4242, 7] and script.owner_labels()[7] == {"group": "trainer.service"}
+    assert build_config({}, {}).mock_processes is None
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    (None, {}, "mock-processes: cannot read .*: No such file or directory"),
+    ("[{", {}, "is not JSON: Expecting"),
+    (b"\xff\xfe\xff", {}, "is not JSON"),
+    ("{}", {}, "scripted processes must be a list of tables"),
+    ([dict(MOCK_PROCESS, sm_share=1.5)], {}, r"processes\[0\]: sm_share must be a ratio from 0 to 1"),
+    ([{"gpu": 0}], {}, r"processes\[0\]: missing pid, sm_share, memory_bytes, labels"),
+    ([MOCK_PROCESS, dict(MOCK_PROCESS, colour="red")], {}, r"processes\[1\]: unknown key 'colour'"),
+    ([dict(MOCK_PROCESS, labels={"team": "a"})], {}, r"processes\[0\]: owner labels may only be"),
+    ([dict(MOCK_PROCESS, labels={"kind": "tenant"})], {}, r"processes\[0\]: owner kind must be one of"),
+    ([dict(MOCK_PROCESS, gpu=2)], {"mock_gpus": 2}, "a process is on GPU 2, but the mock has GPUs 0-1"),
+    ([MOCK_PROCESS], {"backend": "nvml"}, "mock-processes goes with --backend mock .*, got backend nvml"),
+    ([MOCK_PROCESS], {"backend": "auto"}, "goes with --backend mock"),
+])
+def test_a_bad_mock_processes_file_is_one_line(tmp_path, content, flags, message):
+    path = tmp_path / "processes.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, list):
+        path.write_text(json.dumps(content))
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        build_config({"backend": "mock", **flags, "mock_processes": str(path)}, {})
+    assert "\n" not in str(err.value)

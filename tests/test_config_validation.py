@@ -19,6 +19,7 @@ from wattledger.agent.config import (
     AgentConfig,
     ConfigError,
     build_config,
+    load_mock_processes,
     validate,
 )
 
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 SETTING_KEYS = ("address", "port", "interval", "host_interval", "backend", "mock_gpus", "mock_preset", "mock_faults",
                 "mock_delay", "replay", "replay_speed", "replay_loop", "record", "procfs", "sysfs", "token",
                 "max_workloads", "workload_name_pattern", "log_level", "attribution", "attribution_max_owners",
-                "attribution_retention", "kubelet_socket")
+                "attribution_retention", "kubelet_socket", "mock_processes")
 
 
 def toml_value(value) -> str:
@@ -94,6 +95,9 @@ def assert_usable(config: AgentConfig) -> None:
     assert isinstance(config.attribution_max_owners, int) and 0 <= config.attribution_max_owners <= 10_000
     assert math.isfinite(config.attribution_retention_seconds) and config.attribution_retention_seconds >= 60
     assert isinstance(config.kubelet_socket, str)
+    if config.mock_processes:  # named only with the mock, and a file that loads onto its GPUs
+        assert config.backend == "mock"
+        assert all(p.gpu < config.mock_gpus for p in load_mock_processes(config.mock_processes))
     assert config.kubelet_socket.strip() == "" or config.kubelet_socket.strip().startswith(("/", "unix:"))
 
 
@@ -295,3 +299,41 @@ def test_record_with_a_nul_character_is_one_line():
 def test_a_nul_in_any_string_setting_from_toml_is_one_line(tmp_path, key):
     value = '["a\\u0000b"]' if key == "mock_faults" else '"a\\u0000b"'
     refused("NUL", {}, {}, str(write_toml(tmp_path, f"[agent]\n{key} = {value}\n")))
+
+
+# JSON a --mock-processes file may hold: any shape, with the spec's keys and values near their edges.
+_JSON_SCALARS = (st.none() | st.booleans() | st.integers(min_value=-2, max_value=2**64) | st.floats()
+                 | st.text(max_size=8) | st.sampled_from(["gpu", "pid", "labels", "pod", "kind", "unit"]))
+_SPEC_KEYS = st.sampled_from(["gpu", "pid", "sm_share", "memory_bytes", "labels", "start_s", "end_s",
+                              "tensor_ratio", "dram_ratio", "pod", "group", "kind", "x"])
+_JSON_VALUES = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(_SPEC_KEYS, inner, max_size=6), max_leaves=12)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=_JSON_VALUES | st.lists(st.dictionaries(_SPEC_KEYS, _JSON_VALUES, max_size=6), max_size=3))
+def test_any_json_in_a_mock_processes_file_gives_a_usable_config_or_one_line(tmp_path, document):
+    path = tmp_path / "processes.json"
+    path.write_text(json.dumps(document))  # nan and inf included: json writes (and reads) NaN and Infinity
+    try:
+        config = build_config({"backend": "mock", "mock_gpus": 2, "mock_processes": str(path)}, {})
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(path) in str(err)
+    else:
+        assert_usable(config)
+
+
+def test_a_mock_processes_file_broken_after_validation_is_one_line_at_start(tmp_path):
+    """The daemon reads the file again when it opens the mock: a file changed in between is a ConfigError
+    (which the command line prints as one line, exit 2), not a traceback."""
+    from wattledger.agent.daemon import open_gpu_backend
+
+    path = tmp_path / "processes.json"
+    path.write_text(json.dumps([{"gpu": 0, "pid": 1, "sm_share": 0.5, "memory_bytes": 0, "labels": {}}]))
+    config = build_config({"backend": "mock", "mock_processes": str(path)}, {})
+    opened = open_gpu_backend(config)
+    assert len(opened.backend.scripted_processes) == 1 and "1 scripted process(es)" in opened.notes[-1]
+    opened.backend.close()
+    path.write_text("[")
+    with pytest.raises(ConfigError, match="is not JSON"):
+        open_gpu_backend(config)
