@@ -200,13 +200,18 @@ def _decode_utf8(data: bytes, path: str) -> str:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}, line {line})") from None
 
 
-def load_toml(path: str) -> dict:
-    """The agent settings of a TOML file: the ``[agent]`` table, or the top level when there is none."""
+def _read_file_bytes(path: str, failure: str) -> bytes:
+    """The file's bytes; ConfigError ``failure: reason`` (one line) when it cannot be read."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            return handle.read()
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+        raise ConfigError(f"{failure}: {err.strerror or err}") from None
+
+
+def load_toml(path: str) -> dict:
+    """The agent settings of a TOML file: the ``[agent]`` table, or the top level when there is none."""
+    data = _read_file_bytes(path, f"cannot read config file {path}")
     try:
         document = tomllib.loads(_decode_utf8(data, path))
     except tomllib.TOMLDecodeError as err:
@@ -383,11 +388,7 @@ def load_mock_processes(path: str) -> ScriptedProcesses:
     (agent/owners.py's ``labels_from_mapping``)."""
     from wattledger.agent.owners import labels_from_mapping  # only a config naming the file needs it
 
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        raise ConfigError(f"mock-processes: cannot read {path}: {err.strerror or err}") from None
+    data = _read_file_bytes(path, f"mock-processes: cannot read {path}")
     try:
         # json.loads takes bytes in UTF-8, -16 or -32 (RFC 8259 section 8.1); anything else is a ValueError.
         spec = json.loads(data)

@@ -17,7 +17,6 @@ file's pods.
 from __future__ import annotations
 
 import json
-import math
 import signal
 
 import pytest
@@ -25,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from fakes import FakeClock, run_ticks
 from test_cli import get, start_agent, wait_for
-from test_direct_renderer import call_wsgi
+from test_attribution_wiring import owner_rows, scrape_metrics as scrape, total
 from wattledger.agent.config import build_config
 from wattledger.agent.daemon import Agent
 from wattledger.agent.http_api import make_app
@@ -58,26 +57,6 @@ def series_key(labels: dict) -> tuple[str, str, str, str, str]:
     kind = "pod" if labels.get("pod") else "unit" if labels.get("group", "").endswith(".service") else "command"
     return (kind, labels.get("namespace", ""), labels.get("pod", ""), labels.get("container", ""),
             labels.get("group", ""))
-
-
-def scrape(app) -> dict[str, list]:
-    """/metrics as prometheus_client parses it: sample name -> [(labels, value)]."""
-    status, _, body = call_wsgi(app, "/metrics")
-    assert status.startswith("200")
-    out: dict[str, list] = {}
-    for family in parse_text(body.decode()):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
-
-
-def owner_rows(metrics: dict, name: str) -> dict[tuple, float]:
-    return {(s["owner_kind"], s["namespace"], s["pod"], s["container"], s["group"]): v
-            for s, v in metrics.get(name, [])}
-
-
-def total(metrics: dict, name: str) -> float:
-    return math.fsum(v for _, v in metrics.get(name, []))
 
 
 def energy_fraction(script, gpu: int, pid: int, start_s: float, end_s: float) -> float:

@@ -152,14 +152,18 @@ class Rig:
             self.ledger.record_gpus(self.gpus.samples(self.clock.now_ns))
 
     def scrape(self) -> dict[str, list]:
-        """/metrics as prometheus_client parses it: sample name -> [(labels, value)]."""
-        status, _, body = call_wsgi(self.app, "/metrics")
-        assert status.startswith("200")
-        out: dict[str, list] = {}
-        for family in parse_text(body.decode()):
-            for sample in family.samples:
-                out.setdefault(sample.name, []).append((sample.labels, sample.value))
-        return out
+        return scrape_metrics(self.app)
+
+
+def scrape_metrics(app) -> dict[str, list]:
+    """/metrics as prometheus_client parses it: sample name -> [(labels, value)]."""
+    status, _, body = call_wsgi(app, "/metrics")
+    assert status.startswith("200")
+    out: dict[str, list] = {}
+    for family in parse_text(body.decode()):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
 
 
 def owner_rows(metrics: dict, name: str) -> dict[tuple, float]:
@@ -320,11 +324,7 @@ def test_the_agent_wires_the_mocks_scripted_processes_to_owner_series():
     try:
         assert agent.ledger.attribution_enabled
         run_ticks(agent.sampler, clock, 6.0)
-        app = make_app(agent.accounting, agent.registry, lambda: True)
-        metrics: dict[str, list] = {}
-        for family in parse_text(call_wsgi(app, "/metrics")[2].decode()):
-            for sample in family.samples:
-                metrics.setdefault(sample.name, []).append((sample.labels, sample.value))
+        metrics = scrape_metrics(make_app(agent.accounting, agent.registry, lambda: True))
         assert_identity(metrics)
         busy = owner_rows(metrics, "wattledger_owner_busy_seconds_total")
         # The process list's shares lag its refresh (about a second, as NVML's): compare from the first one.
@@ -351,11 +351,7 @@ def test_on_nvml_the_agent_resolves_owners_from_proc_and_says_what_it_does_witho
         assert isinstance(agent._owner_resolver, ProcOwnerResolver) and agent._pod_resources is None
         assert any(note in line for line in agent.notes), agent.notes
         run_ticks(agent.sampler, clock, 2.0)
-        app = make_app(agent.accounting, agent.registry, lambda: True)
-        metrics: dict[str, list] = {}
-        for family in parse_text(call_wsgi(app, "/metrics")[2].decode()):
-            for sample in family.samples:
-                metrics.setdefault(sample.name, []).append((sample.labels, sample.value))
+        metrics = scrape_metrics(make_app(agent.accounting, agent.registry, lambda: True))
         # Whoever /proc says the stub's pid is on this machine (if anyone), the energy adds up.
         assert_identity(metrics)
         assert len(metrics["wattledger_attribution_status"]) == 1

@@ -90,7 +90,7 @@ def test_the_measurement_rules_show_in_the_summary(bench_run):
         assert regime["duration_seconds"] >= 5
         checks = {c["check"]: c for c in regime["validity"]}
         assert checks["window length"]["passed"] and checks["counter resolution"]["passed"], name
-        assert checks["counter vs integrated power"]["passed"], checks["counter vs integrated power"]
+        assert checks["counter vs integrated power"]["passed"], (name, checks["counter vs integrated power"])
         dynamic, gross = regime["joules_per_token"]["dynamic"], regime["joules_per_token"]["gross"]
         assert 0 < dynamic < gross
         cost = regime["cost_usd_per_million_tokens"]
