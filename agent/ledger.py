@@ -676,6 +676,17 @@ class OwnerFigures:
     gpus: int  # GPUs (up now) whose newest interval it held
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class IdleAllocation:
+    """GPUs the kubelet allocated to one container (of one resource) whose pod runs no process on a GPU."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource: str  # e.g. "nvidia.com/gpu", "nvidia.com/mig-1g.10gb"
+    devices: int  # device ids allocated (a time-sliced or MPS replica counts as one)
+
+
 @dataclass(frozen=True, slots=True)
 class AttributionFigures:
     """A snapshot's owner attribution. ``owners`` sorted by labels, "other" last.
@@ -689,6 +700,9 @@ class AttributionFigures:
     owners: tuple[OwnerFigures, ...]
     unattributed_energy_joules: Mapping[int, float]
     status_reason: str  # ATTRIBUTION_OK, or one line saying why owners cannot be found
+    # Who holds idle GPUs: the kubelet's allocations on this node whose pod had no process on a GPU lately
+    # (``ProcOwnerResolver.pods_without_processes``), sorted; () off Kubernetes.
+    idle_allocations: tuple[IdleAllocation, ...] = ()
 
     @property
     def working(self) -> bool:
@@ -737,6 +751,7 @@ class OwnerAttribution:
         self._resolve_errors: dict[int, str | None] = {}
         self._pending: dict[int, _ResolvedProcesses] = {}
         self._declared_pids: dict[str, frozenset[int]] = {}
+        self._idle_allocations: tuple[IdleAllocation, ...] = ()  # replaced whole by prepare (one store)
         self.reset()
 
     def reset(self) -> None:
@@ -762,6 +777,7 @@ class OwnerAttribution:
                 self._refresh_error = None
             except Exception as err:  # noqa: BLE001 - the sampler must go on whatever the resolver does
                 self._refresh_error = _one_line(f"owner resolver failed: {type(err).__name__}: {err}")
+            self._idle_allocations = _idle_allocations(resolver)
         for sample in samples:
             if not sample.up:
                 continue
@@ -872,7 +888,8 @@ class OwnerAttribution:
             row[4] += held.get(totals.key, 0)
         owners = tuple(OwnerFigures(labels, *row) for labels, row in
                        sorted(rows.items(), key=lambda item: (item[0] == OTHER_OWNER_LABELS, item[0])))
-        return AttributionFigures(owners, self._unattributed(read, gpus), self._status_reason())
+        return AttributionFigures(owners, self._unattributed(read, gpus), self._status_reason(),
+                                  self._idle_allocations)
 
     def _holdings(self, gpus: Sequence[GpuLedger], keyed: set) -> tuple[dict, dict]:
         """(key -> bytes held now, key -> GPUs held now) over the GPUs that are up; owners without a key
@@ -913,6 +930,20 @@ class OwnerAttribution:
         status = getattr(self._resolver, "status", None)
         text = status() if callable(status) else None
         return _one_line(text) if text else ATTRIBUTION_OK
+
+
+def _idle_allocations(resolver: object) -> tuple[IdleAllocation, ...]:
+    """The resolver's pods holding GPUs without a process on them (a resolver without a kubelet has none);
+    a failing call gives none rather than stopping the tick."""
+    listed = getattr(resolver, "pods_without_processes", None)
+    if not callable(listed):
+        return ()
+    try:
+        allocations = listed()
+    except Exception:  # noqa: BLE001 - the same resolver's refresh error is already in the status
+        return ()
+    return tuple(sorted(IdleAllocation(a.namespace, a.pod, a.container, a.resource_name, len(a.device_ids))
+                        for a in allocations))
 
 
 class Ledger:

@@ -274,10 +274,23 @@ def _owners(snapshot: LedgerSnapshot) -> Iterator[Metric]:
         gpus.add_metric(labels, owner.gpus)
         info.add_metric(labels + [owner.command], 1.0)
     yield from (energy, busy, memory, gpus, info)
+    yield _idle_allocations(figures)
     status = GaugeFamily(P + "attribution_status", "1 while owners can be found; 0 with the reason why not "
                          "(no host PIDs, no kubelet, ...).", labels=["reason"])
     status.add_metric([figures.status_reason], 1.0 if figures.working else 0.0)
     yield status
+
+
+def _idle_allocations(figures) -> Metric:
+    """Who holds idle GPUs on Kubernetes: allocations with no process behind them (one row per container
+    and resource, so bounded by the node's GPU pods)."""
+    idle = GaugeFamily(P + "pod_gpus_without_processes", "GPUs (device ids) the kubelet allocated to the "
+                       "container whose pod ran no process on a GPU lately: held, and idle.",
+                       labels=["namespace", "pod", "container", "resource"])
+    for allocation in figures.idle_allocations:
+        idle.add_metric([allocation.namespace, allocation.pod, allocation.container, allocation.resource],
+                        allocation.devices)
+    return idle
 
 
 def _self(snapshot: LedgerSnapshot, version: str) -> Iterator[Metric]:

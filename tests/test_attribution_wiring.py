@@ -52,6 +52,8 @@ class FakeResolver:
         self.refreshes = 0
         self.status_line: str | None = None
         self.failure: Exception | None = None
+        self.idle: tuple = ()  # what pods_without_processes answers (PodGpuAllocation records)
+        self.idle_failure: Exception | None = None
 
     def resolve(self, pid: int, gpu_uuid: str | None = None) -> Labels | None:
         if self.failure is not None:
@@ -63,6 +65,11 @@ class FakeResolver:
 
     def status(self) -> str | None:
         return self.status_line
+
+    def pods_without_processes(self) -> tuple:
+        if self.idle_failure is not None:
+            raise self.idle_failure
+        return self.idle
 
 
 @dataclass(frozen=True)
@@ -293,6 +300,32 @@ def test_a_resolver_that_cannot_place_owners_says_why_and_one_that_fails_stops_n
     rig.resolver.failure = None
     rig.run_to(4.0)  # the next lists resolve again
     assert rig.scrape()["wattledger_attribution_status"] == [({"reason": ATTRIBUTION_OK}, 1.0)]
+
+
+def test_pods_holding_gpus_without_processes_are_exported_and_follow_the_kubelet():
+    from wattledger.probes.pod_resources import PodGpuAllocation, parse_device_id
+
+    def allocation(namespace, pod, container, resource, *ids):
+        return PodGpuAllocation(namespace, pod, container, resource, tuple(parse_device_id(i) for i in ids))
+
+    rig = Rig(SHARED, gpus=2)
+    rig.run_to(0.5)
+    assert "wattledger_pod_gpus_without_processes" not in rig.scrape()  # off Kubernetes: no rows
+    rig.resolver.idle = (allocation("research", "notebook-3", "lab", "nvidia.com/gpu", "GPU-aa", "GPU-bb"),
+                         allocation("llm", "vllm-2", "vllm", "nvidia.com/gpu.shared", "GPU-cc::1"))
+    rig.run_to(1.0)
+    rows = {(s["namespace"], s["pod"], s["container"], s["resource"]): v
+            for s, v in rig.scrape()["wattledger_pod_gpus_without_processes"]}
+    assert rows == {("research", "notebook-3", "lab", "nvidia.com/gpu"): 2.0,
+                    ("llm", "vllm-2", "vllm", "nvidia.com/gpu.shared"): 1.0}
+    rig.resolver.idle_failure = OSError("kubelet view broken")  # a failing call lists nobody, stops nothing
+    rig.run_to(1.5)
+    metrics = rig.scrape()
+    assert "wattledger_pod_gpus_without_processes" not in metrics
+    assert_identity(metrics)
+    rig.resolver.idle_failure, rig.resolver.idle = None, ()  # the notebook got a process: it leaves the list
+    rig.run_to(2.0)
+    assert "wattledger_pod_gpus_without_processes" not in rig.scrape()
 
 
 def test_with_attribution_off_nothing_changes():
