@@ -10,6 +10,19 @@ import torch
 from wattledger.workloads.model import ModelConfig, default_dtype, model_config, pick_device
 
 
+@dataclass(frozen=True)
+class SimulatedTiming:
+    """Run on a simulated device's time (``workloads/device_time.py``, ``workloads/paced_clock.py``).
+
+    ``device``: the mock preset it simulates ("h100-sxm-80gb", "h200-141gb"); ``timing_preset``: the model
+    whose work sets each step's device time and activity ("8b"), which may be larger than the one the CPU
+    computes (``RunOptions.preset``, e.g. "tiny"): the CPU still runs a real model for the tokens and the
+    control flow (arrivals, batching, tool calls, spill)."""
+
+    device: str = "h100-sxm-80gb"
+    timing_preset: str = "8b"
+
+
 @dataclass
 class RunOptions:
     """Options every workload takes (``wattledger workload NAME --preset --duration --device --seed``)."""
@@ -20,6 +33,9 @@ class RunOptions:
     seed: int = 0
     compile: bool = False  # torch.compile the decode step / train step (CUDA graphs on GPU)
     gpus: list[int] = field(default_factory=lambda: [0])  # GPU indices reported to the agent
+    # On the mock GPU: the simulated device the workload's timing follows (issue 14), or None (the CPU's own
+    # time, as before). See ``SimulatedTiming``.
+    simulation: SimulatedTiming | None = None
 
     def resolve(self) -> tuple[ModelConfig, torch.device, torch.dtype]:
         device = pick_device(self.device)
