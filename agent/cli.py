@@ -87,6 +87,10 @@ def make_parser() -> argparse.ArgumentParser:
     agent.add_argument("--kubelet-socket", default=s, metavar="PATH",
                        help='the kubelet pod-resources socket (default '
                             '/var/lib/kubelet/pod-resources/kubelet.sock; "" = none)')
+    agent.add_argument("--engine", dest="engines", action="append", default=s, metavar="URL",
+                       help="a serving engine's /metrics (vLLM, SGLang, TGI), e.g. http://127.0.0.1:8000/metrics: "
+                            "its tokens are charged to the owner of the process listening on that port, as "
+                            "wattledger_owner_tokens_total (off Kubernetes; needs --attribution; repeatable)")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=s)
     _add_backend_flags(agent)
 

@@ -74,6 +74,9 @@ class AgentConfig:
     attribution_max_owners: int = DEFAULT_ATTRIBUTION_MAX_OWNERS  # owners with series of their own; the rest: "other"
     attribution_retention_seconds: float = DEFAULT_ATTRIBUTION_RETENTION_SECONDS
     kubelet_socket: str = DEFAULT_KUBELET_SOCKET  # the kubelet's pod-resources socket; "" does without it
+    # Serving engines' /metrics URLs whose tokens are charged to the owner of the process listening on the
+    # URL's port (off Kubernetes; agent/engines.py). Needs attribution.
+    engines: list[str] = field(default_factory=list)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
@@ -233,7 +236,8 @@ def _key_to_field(key: str) -> str | None:
     if key in _FIELDS:
         return key
     aliases = {"interval": "interval_seconds", "host_interval": "host_interval_seconds", "path_procfs": "procfs", "path_sysfs": "sysfs",
-               "mock_delay": "mock_delay_seconds", "attribution_retention": "attribution_retention_seconds"}
+               "mock_delay": "mock_delay_seconds", "attribution_retention": "attribution_retention_seconds",
+               "engine": "engines"}
     return aliases.get(key)
 
 
@@ -320,6 +324,26 @@ def _validate_attribution(config: AgentConfig) -> None:
     socket = config.kubelet_socket.strip()
     _require(not socket or socket.startswith(("/", "unix:")),
              f"kubelet-socket must be an absolute path (or unix:///path; empty to do without), got {socket!r}")
+    _validate_engines(config)
+
+
+def _validate_engines(config: AgentConfig) -> None:
+    """Each engine URL parses (http/https, a host, a port or the scheme's), once each, and attribution is on
+    (the tokens are charged to owners)."""
+    from wattledger.agent.engines import parse_engine_url
+
+    if not config.engines:
+        return
+    _require(config.attribution, "engine: charging an engine's tokens to its owner needs attribution "
+             "(--attribution, or attribution = true)")
+    for url in config.engines:
+        try:
+            parse_engine_url(url)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    repeated = sorted({url for url in config.engines if config.engines.count(url) > 1})
+    if repeated:
+        raise ConfigError(f"engine {repeated[0]!r} is given twice (one engine per URL)")
 
 
 def check_port(port: int, allow_zero: bool = True) -> None:

@@ -31,6 +31,7 @@ from wattledger.agent.http_api import ServerStartError
 from wattledger.agent.ledger import NS_PER_S, Ledger, OwnerAttribution, WorkloadProcessFigures
 from wattledger.agent.sampler import SampleSink, Sampler, SinkGuard
 from wattledger.agent.span_activity import SpanActivitySource
+from wattledger.exporters.engine_tokens import EngineTokensCollector
 from wattledger.exporters.jsonl import JsonlRecorder
 from wattledger.exporters.prometheus import LateSpansCollector, SinkStatusCollector, make_registry
 from wattledger.probes.base import FieldStatus, GpuBackend, GpuInfo, HostBackend, ProbeUnavailable
@@ -172,6 +173,7 @@ class Agent:
             self.accounting.add_process_listener(self._on_workload_process)
         self._pod_resources = None  # the kubelet client attribution opened, closed at stop()
         self._owner_resolver = None  # attribution's resolver (its kubelet call in flight ends at stop())
+        self.engine_watcher = None  # reads --engine URLs' token counters (agent/engines.py), started at start()
         attribution = self._owner_attribution(config, gpu, clock_ns) if config.attribution else None
         self.ledger = Ledger(self.accounting, clock_ns=clock_ns, attribution=attribution)
         self.accounting.add_forget_listener(self.ledger.forget_workload)
@@ -184,6 +186,8 @@ class Agent:
         self.registry.register(SinkStatusCollector(self.sampler.sink_status))
         if span_source is not None:
             self.registry.register(LateSpansCollector(span_source.late))
+        if self.engine_watcher is not None:
+            self.registry.register(EngineTokensCollector(self.engine_watcher))
         self.recorder: JsonlRecorder | None = None
         if config.record:
             self.recorder = JsonlRecorder(config.record, gpu.name if gpu else None, bool(gpu and gpu.simulated),
@@ -216,6 +220,7 @@ class Agent:
             self._pod_resources = self._kubelet_client(config.kubelet_socket)
             resolver = ProcOwnerResolver(procfs_root=config.procfs, pod_resources=self._pod_resources,
                                          node_gpu_uuids=lambda: self._node_device_uuids(gpu), clock_ns=clock_ns)
+        resolver = self._with_engines(config, resolver, unavailable)
         self._owner_resolver = resolver
         where = unavailable or (resolver.describe() if hasattr(resolver, "describe") else None)
         if where:
@@ -225,6 +230,21 @@ class Agent:
                           "after they leave")
         return OwnerAttribution(resolver, config.attribution_max_owners,
                                 round(config.attribution_retention_seconds * NS_PER_S), unavailable)
+
+    def _with_engines(self, config: AgentConfig, resolver, unavailable: str | None):
+        """``resolver`` wrapped so that the configured engines' processes are their owners, with the engines'
+        tokens read on their own thread (agent/engines.py); ``resolver`` itself without engines."""
+        if not config.engines:
+            return resolver
+        if resolver is None:
+            self.notes.append(f"engines: not read ({unavailable}): their tokens have no owner to go to")
+            return resolver
+        from wattledger.agent.engines import EngineAwareResolver, EngineWatcher
+
+        self.engine_watcher = EngineWatcher(config.engines, procfs_root=config.procfs,
+                                            retention_s=config.attribution_retention_seconds)
+        self.notes.append(self.engine_watcher.describe())
+        return EngineAwareResolver(resolver, self.engine_watcher)
 
     def _kubelet_client(self, socket: str):
         """A pod-resources client, or None (one note says why) off Kubernetes, with the socket turned off, or
@@ -265,6 +285,8 @@ class Agent:
     def start(self) -> None:
         """Start sampling, then serving (raises ServerStartError if the port cannot be bound)."""
         self.sampler.start()
+        if self.engine_watcher is not None:
+            self.engine_watcher.start()
         if self._serve_http:
             from wattledger.agent.http_api import make_app, serve
 
@@ -274,6 +296,8 @@ class Agent:
                 self.server = serve(app, self.config.address, self.config.port)
             except Exception:
                 self.sampler.stop()
+                if self.engine_watcher is not None:
+                    self.engine_watcher.stop()
                 raise
 
     @property
@@ -286,6 +310,8 @@ class Agent:
             self.server.shutdown()
             self.server = None
         self.sampler.stop()
+        if self.engine_watcher is not None:
+            self.engine_watcher.stop()
         if self.recorder is not None:
             self.recorder.close()
         for backend in (self.gpu, self.host):

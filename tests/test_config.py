@@ -55,6 +55,9 @@ def test_defaults():
     ({"attribution_retention": "30s"}, {}, "attribution-retention must be at least 60s"),
     ({}, {"WATTLEDGER_ATTRIBUTION": "perhaps"}, "environment: attribution: expected true or false"),
     ({"kubelet_socket": "kubelet.sock"}, {}, "kubelet-socket must be an absolute path"),
+    ({"engines": ["http://127.0.0.1:8000/metrics"]}, {}, "engine: charging an engine's tokens .* needs attribution"),
+    ({"attribution": True, "engines": ["tcp://127.0.0.1:8000"]}, {}, "expected an http:// or https:// URL"),
+    ({}, {"WATTLEDGER_ATTRIBUTION": "1", "WATTLEDGER_ENGINES": "http://h:0x1f/metrics"}, "is not a URL"),
 ])
 def test_bad_settings_give_one_line_errors(flags, environ, message):
     with pytest.raises(ConfigError, match=message) as err:
