@@ -28,12 +28,12 @@ import bisect
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from wattledger.agent.accounting import Accounting, AccountingError, Span
-from wattledger.probes.activity import flatten
-from wattledger.probes.activity import IDLE, Activity, ActivitySegment
+from wattledger.probes.activity import IDLE, Activity, ActivitySegment, WorkloadProcess, flatten
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ DEFAULT_MAX_PENDING_SPANS = 10_000
 # Late spans are logged at most this often (with the totals so far), so a reporter that is always late
 # does not flood the log.
 LATE_LOG_INTERVAL_SECONDS = 60.0
+
+# How long each GPU's simulated spans are kept for ``workload_processes`` when nobody asks for them (a GPU
+# that is lost, a mock that never lists processes): the mock asks about every ``process_interval_s``
+# (1 s) and each question lets the source forget what came before it, so this only bounds the memory.
+# ASSUMPTION: no process-list refresh window is longer than a minute.
+WORKLOAD_HISTORY_NS = 60 * NS_PER_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +99,13 @@ class SpanActivitySource:
         self._defaults = dict(defaults)
         self._max_pending = max_pending_spans
         self._lock = threading.Lock()
-        # gpu -> [(start_ns, arrival number, end_ns, activity)] sorted; the arrival number keeps the
-        # order total without comparing activities.
-        self._pending: dict[int, list[tuple[int, int, int, Activity]]] = {}
-        self._active: dict[int, list[tuple[int, int, Activity]]] = {}
+        # gpu -> [(start_ns, arrival number, end_ns, activity, workload)] sorted; the arrival number keeps
+        # the order total without comparing activities.
+        self._pending: dict[int, list[tuple[int, int, int, Activity, str]]] = {}
+        self._active: dict[int, list[tuple[int, int, Activity, str]]] = {}
+        # gpu -> (query start_ns, query end_ns, its spans as (start_ns, end_ns, activity, workload)) for
+        # each query that had any, oldest first: what workload_processes integrates per workload.
+        self._simulated: dict[int, deque[tuple[int, int, list[tuple[int, int, Activity, str]]]]] = {}
         self._held = 0
         self._arrivals = 0
         self._simulated_up_to: dict[int, int] = {}
@@ -130,8 +139,8 @@ class SpanActivitySource:
                     f"too many pending spans: the mock holds at most {self._max_pending} span-GPU entries not yet "
                     f"simulated ({self._held} now); retry in a second", status=429)
             late = [self._late_ns_locked(gpu, start, end, key) for gpu, start, end, _, key in entries]
-            for gpu, start, end, activity, _ in kept:
-                bisect.insort(self._pending.setdefault(gpu, []), (start, self._arrivals, end, activity))
+            for gpu, start, end, activity, key in kept:
+                bisect.insort(self._pending.setdefault(gpu, []), (start, self._arrivals, end, activity, key[0]))
                 self._arrivals += 1
             self._held += len(kept)
             late = [ns for ns in late if ns > 0]
@@ -180,7 +189,7 @@ class SpanActivitySource:
         with self._lock:
             pending = self._pending.get(gpu, [])
             reached = bisect.bisect_left(pending, (end_ns,))  # those that begin before this query ends
-            active = self._active.get(gpu, []) + [(s, e, a) for s, _, e, a in pending[:reached]]
+            active = self._active.get(gpu, []) + [(s, e, a, w) for s, _, e, a, w in pending[:reached]]
             del pending[:reached]
             candidates = [entry for entry in active if entry[1] > start_ns]
             # What ends within this query is simulated once it returns: only longer spans stay.
@@ -189,8 +198,18 @@ class SpanActivitySource:
             self._active[gpu] = kept
             self._simulated_up_to[gpu] = end_ns
             self._note_open_spans_locked(gpu, open_spans, end_ns)
-            candidates += [(s.start_ns, end_ns, self._activity(s)) for s in open_spans]
-        return flatten(candidates, start_ns, end_ns)
+            candidates += [(s.start_ns, end_ns, self._activity(s), s.workload) for s in open_spans]
+            if candidates:
+                self._remember_simulated_locked(gpu, start_ns, end_ns, candidates)
+        return flatten([(s, e, a) for s, e, a, _ in candidates], start_ns, end_ns)
+
+    def _remember_simulated_locked(self, gpu: int, start_ns: int, end_ns: int,
+                                   candidates: list[tuple[int, int, Activity, str]]) -> None:
+        """Keep one query's spans for ``workload_processes`` (at most ``WORKLOAD_HISTORY_NS`` of them)."""
+        history = self._simulated.setdefault(gpu, deque())
+        history.append((start_ns, end_ns, candidates))
+        while history[0][1] <= end_ns - WORKLOAD_HISTORY_NS:
+            history.popleft()
 
     def _note_open_spans_locked(self, gpu: int, open_spans: list[Span], end_ns: int) -> None:
         """Remember how far this GPU's open spans are simulated; forget spans no longer open (their closed
@@ -203,3 +222,69 @@ class SpanActivitySource:
 
     def allocated_bytes(self, gpu: int) -> int:
         return self._accounting.declared_memory_bytes(gpu)
+
+    def workload_processes(self, gpu: int, start_ns: int, end_ns: int) -> list[WorkloadProcess]:
+        """The registered processes that drove ``gpu`` in [start_ns, end_ns) (probes/activity.py's
+        ``WorkloadProcessSource``): each running workload with a pid whose simulated spans (not idle ones)
+        overlap the interval, with the time-weighted means of its spans' activities over the whole
+        interval and the memory it declared on ``gpu``. A workload without a pid is no process; workloads
+        that name one pid are one process (their spans combine with ``max``, their memory adds up). Only
+        what the mock simulated counts (late spans do not), and what ended before ``start_ns`` is forgotten.
+        """
+        if end_ns <= start_ns:
+            return []
+        owners = self._pid_owners(gpu)  # before our lock: the accounting's lock comes first (see _admit)
+        with self._lock:
+            intervals = self._intervals_by_pid_locked(gpu, start_ns, end_ns, owners)
+        return [_mean_process(pid, flatten(pieces, start_ns, end_ns), start_ns, end_ns, owners[pid][1])
+                for pid, pieces in sorted(intervals.items())]
+
+    def _pid_owners(self, gpu: int) -> dict[int, tuple[frozenset[str], int]]:
+        """pid -> (the running workloads registered with it, the memory they declared on ``gpu``)."""
+        owners: dict[int, tuple[frozenset[str], int]] = {}
+        for view in self._accounting.workloads():
+            if view.pid is not None and view.running:
+                names, memory = owners.get(view.pid, (frozenset(), 0))
+                owners[view.pid] = (names | {view.name}, memory + view.memory_bytes.get(gpu, 0))
+        return owners
+
+    def _intervals_by_pid_locked(self, gpu: int, start_ns: int, end_ns: int,
+                                 owners: Mapping[int, tuple[frozenset[str], int]]) -> dict[int, list]:
+        """pid -> its spans' ``(start_ns, end_ns, activity)`` within [start_ns, end_ns), each clipped to the
+        query that simulated it (queries do not overlap, so neither do one span's pieces)."""
+        history = self._simulated.get(gpu)
+        if not history:
+            return {}
+        while history and history[0][1] <= start_ns:
+            history.popleft()  # asked from start_ns on: nothing before it is asked for again
+        pid_of = {name: pid for pid, (names, _) in owners.items() for name in names}
+        out: dict[int, list] = {}
+        for query_start, query_end, entries in history:
+            if query_start >= end_ns:
+                break
+            lo_bound, hi_bound = max(query_start, start_ns), min(query_end, end_ns)
+            for span_start, span_end, activity, workload in entries:
+                pid = pid_of.get(workload)
+                lo, hi = max(span_start, lo_bound), min(span_end, hi_bound)
+                if pid is None or lo >= hi or activity == IDLE:
+                    continue
+                pieces = out.setdefault(pid, [])
+                last = pieces[-1] if pieces else None
+                if last is not None and last[1] == lo and last[2] is activity:
+                    pieces[-1] = (last[0], hi, activity)  # one long span, queried piece by piece: one piece
+                else:
+                    pieces.append((lo, hi, activity))
+        return out
+
+
+def _mean_process(pid: int, segments: list[ActivitySegment], start_ns: int, end_ns: int,
+                  memory_bytes: int) -> WorkloadProcess:
+    """One process's time-weighted mean activity over [start_ns, end_ns) from its (flattened) segments."""
+    span_ns = end_ns - start_ns
+    sm = tensor = dram = 0.0
+    for seg in segments:
+        length = seg.end_ns - seg.start_ns
+        sm += length * seg.activity.sm
+        tensor += length * seg.activity.tensor
+        dram += length * seg.activity.dram
+    return WorkloadProcess(pid, sm / span_ns, tensor / span_ns, dram / span_ns, memory_bytes)

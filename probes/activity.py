@@ -64,6 +64,33 @@ class ActivitySource(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class WorkloadProcess:
+    """A registered workload's process on one GPU over an interval, as the activity source simulated it.
+
+    The ratios are time-weighted means over the whole interval (0..1) of the ``sm``, ``tensor`` and
+    ``dram`` fields of the activities its spans drove on that GPU (its overlapping spans combine with
+    ``max``, as everything on one device does); ``memory_bytes``: the GPU memory its workload declared
+    on that GPU, in bytes.
+    """
+
+    pid: int
+    sm_ratio: float
+    tensor_ratio: float
+    dram_ratio: float
+    memory_bytes: int
+
+
+class WorkloadProcessSource(Protocol):
+    """An activity source that also knows which registered processes drove each GPU (optional: the mock
+    lists them as compute processes when its source has this method, probes/mock_processes.py)."""
+
+    def workload_processes(self, gpu: int, start_ns: int, end_ns: int) -> list[WorkloadProcess]:
+        """The processes whose spans covered ``gpu`` somewhere in [start_ns, end_ns), which the mock has
+        already simulated, in pid order. The source may forget what it simulated before ``start_ns``."""
+        ...
+
+
 def combine(activities: Sequence[Activity]) -> Activity:
     """Field-wise maximum of activities that overlap in time."""
     if len(activities) == 1:

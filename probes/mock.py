@@ -14,7 +14,9 @@ Physics, per device (constants in ``mock_presets``; the assumptions are labelled
 - a first-order lag from power to die temperature;
 - memory used = what the activity source says workloads declared, plus what scripted processes hold;
 - with scripted processes (``processes=``, probes/mock_processes.py), the GPU is as busy as the sum of
-  their shares, and each sample's ``processes`` lists them with their shares, refreshed at NVML's ~1 Hz.
+  their shares, and each sample's ``processes`` lists them with their shares, refreshed at NVML's ~1 Hz;
+- with an activity source that knows the registered workloads' processes (``workload_processes``, as the
+  agent's span source does), those are listed too, with their spans' shares, scripted processes or not.
 
 Activity between samples is integrated exactly (it is piecewise constant), so ``true_energy_joules``
 is the ground truth the tests compare the exported counter against.
@@ -332,8 +334,9 @@ class MockGpuBackend(FixedGpuBackend):
         processes: ScriptedProcesses | None = None,
         process_interval_s: float = 1.0,
     ):
-        """``processes``: simulated compute processes (None: no process lists, as before they existed);
-        ``process_interval_s``: how often their list is refreshed, as NvmlBackend's."""
+        """``processes``: simulated compute processes (None: none scripted; then the samples list processes
+        only when ``activity`` knows the workloads', see ``lists_processes``); ``process_interval_s``: how
+        often the lists are refreshed, as NvmlBackend's."""
         if not 1 <= count <= 64:
             raise ValueError("the mock simulates 1 to 64 GPUs")
         self.spec = lookup_preset(preset)
@@ -345,12 +348,16 @@ class MockGpuBackend(FixedGpuBackend):
         self._clock_ns = clock_ns
         self._delay_ns = round(delay_s * NS_PER_S)
         self._source = activity
+        self._workload_lister = getattr(activity, "workload_processes", None)
         self._faults = tuple(faults)
         self._fired: set[int] = set()  # energy_reset faults already applied
         start = self._sim_now()
         self._start_ns = start
-        self._processes = (
-            None if processes is None else ProcessSimulation(processes, start, count, process_interval_s))
+        self._scripted = processes
+        # Always there (with an empty script when none is given): the source that lists workloads' processes
+        # may be set later (set_activity_source), and the lists need their refresh times from the start.
+        self._processes = ProcessSimulation(
+            ScriptedProcesses(()) if processes is None else processes, start, count, process_interval_s)
         self._gpus = [_SimulatedGpu(i, self.spec, start, limit) for i in range(count)]
         self._unsupported: dict[int, frozenset[str]] = {i: frozenset() for i in range(count)}
         self._infos = [
@@ -372,6 +379,13 @@ class MockGpuBackend(FixedGpuBackend):
 
     def set_activity_source(self, source: ActivitySource) -> None:
         self._source = source
+        self._workload_lister = getattr(source, "workload_processes", None)
+
+    @property
+    def lists_processes(self) -> bool:
+        """Whether samples carry process lists: processes are scripted, or the activity source lists the
+        registered workloads' (``WorkloadProcessSource``); else ``processes`` is None, unsupported."""
+        return self._scripted is not None or self._workload_lister is not None
 
     @property
     def activity_source(self) -> ActivitySource | None:
@@ -389,12 +403,12 @@ class MockGpuBackend(FixedGpuBackend):
     @property
     def scripted_processes(self) -> ScriptedProcesses | None:
         """The simulated processes (``mean_sm_share`` is their ground truth), or None."""
-        return None if self._processes is None else self._processes.script
+        return self._scripted
 
     def scripted_owner_labels(self) -> dict[int, dict[str, str]]:
         """pid -> the owner labels scripted for it (for agent/owners.py's ScriptedOwnerResolver); {} when
         no process is scripted."""
-        return {} if self._processes is None else self._processes.script.owner_labels()
+        return {} if self._scripted is None else self._scripted.owner_labels()
 
     def true_energy_joules(self, index: int) -> float:
         """Ground truth: the exact simulated energy of a device since the backend started."""
@@ -430,7 +444,7 @@ class MockGpuBackend(FixedGpuBackend):
         for gpu in self._gpus:
             if now > gpu.now_ns:
                 segments = self._source.segments(gpu.index, gpu.now_ns, now) if self._source else []
-                if self._processes is not None:
+                if self._scripted is not None:
                     segments = self._processes.with_segments(gpu.index, gpu.now_ns, now, segments)
                 gpu.advance(now, segments)
         if self._faults:
@@ -439,7 +453,7 @@ class MockGpuBackend(FixedGpuBackend):
         for gpu, info in zip(self._gpus, self._infos):
             if self._faults and self._is_lost(gpu.index, now):
                 gpu.has_sampled = False  # GPM-style ratios restart after the device comes back
-                if self._processes is not None:
+                if self.lists_processes:
                     self._processes.forget(gpu.index)  # as NVML's list and per-process samples are
                 samples.append(GpuSample(index=gpu.index, uuid=info.uuid, monotonic_ns=gpu.now_ns, up=False))
                 continue
@@ -488,9 +502,11 @@ class MockGpuBackend(FixedGpuBackend):
         gpu.has_sampled = True
         allocated = self._source.allocated_bytes(gpu.index) if self._source else 0
         processes = None
-        if self._processes is not None:
+        if self._scripted is not None:
             allocated += self._processes.memory_bytes(gpu.index, now)
-            processes = self._processes.process_list(gpu.index, now)
+        if self._scripted is not None or self._workload_lister is not None:
+            # Workloads add no memory here: allocated_bytes already holds what they declared.
+            processes = self._processes.process_list(gpu.index, now, self._workload_lister)
         temperature = round(gpu.temperature_celsius, 1)
         # Keyword arguments straight into the constructor: a dict of them built and unpacked per sample
         # was a fifth of the mock's cost.
@@ -534,7 +550,7 @@ class MockGpuBackend(FixedGpuBackend):
             FieldStatus(name, name not in unsupported, "simulated field_unsupported fault" if name in unsupported else None)
             for name in FAULTABLE_FIELDS
         ]
-        if self._processes is None:
+        if not self.lists_processes:
             statuses.append(FieldStatus("processes", False, "no processes scripted for the mock"))
         else:
             statuses += [FieldStatus("processes", True), FieldStatus("process_utilization", True)]

@@ -27,6 +27,18 @@ What the mock makes of them (probes/mock.py):
   probes/nvml_processes.py turns NVML's per-process samples into shares. A process that ended within the
   interval is not on the list, as on NVML, whose list is what holds memory now.
 - The GPU's memory used adds the memory of the processes alive now.
+- Registered workloads are processes too, when the activity source knows them (``workload_processes``,
+  ``WorkloadProcessSource`` in probes/activity.py: the agent's span source lists each running workload
+  with a pid whose spans drove the GPU): each refresh adds them with ``sm_utilization_ratio`` the mean
+  ``sm`` of their spans over the refresh interval and ``memory_controller_utilization_ratio`` the mean
+  ``dram``, and the memory their workload declared, as NVML would list the workload's process. They add
+  nothing to the GPU's activity or memory used (the source already drives both), so energy is as
+  without them. A workload whose spans ended before the interval is not listed. A pid both scripted and
+  registered on one GPU is listed once, as the scripted process (its share and memory): the script is
+  the test's explicit statement of that process. The lists are simulated even with no process scripted.
+  The workloads' shares come from their own spans, while the GPU's activity combines workloads and
+  scripted processes with ``max``: shares summing above the busy ratio are data the attribution
+  normalises (docs/attribution.md, rule 3), as they are on NVML.
 
 Nothing here is measured: the mock is a simulator and every figure it gives is labelled simulated.
 """
@@ -35,14 +47,17 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from wattledger.probes.activity import IDLE, Activity, ActivitySegment, flatten
+from wattledger.probes.activity import IDLE, Activity, ActivitySegment, WorkloadProcess, flatten
 from wattledger.probes.base import GpuProcess
 
 NS_PER_S = 1_000_000_000
 _FOREVER_NS = 2**62  # the end of a piece that lasts as long as the run
+
+# ``WorkloadProcessSource.workload_processes``: (gpu, start_ns, end_ns) -> the workloads' processes.
+WorkloadProcessLister = Callable[[int, int, int], list[WorkloadProcess]]
 
 # The keys ``ScriptedProcesses.from_spec`` takes, required first.
 SPEC_REQUIRED_KEYS = ("gpu", "pid", "sm_share", "memory_bytes", "labels")
@@ -368,15 +383,20 @@ class ProcessSimulation:
         piece = schedule.pieces[schedule.index_at(now_ns - self._origin_ns)]
         return sum(member.memory_bytes for member in piece.members)
 
-    def process_list(self, gpu: int, now_ns: int) -> tuple[GpuProcess, ...]:
+    def process_list(self, gpu: int, now_ns: int,
+                     workloads: WorkloadProcessLister | None = None) -> tuple[GpuProcess, ...]:
         """The GPU's process list at ``now_ns``: refreshed once ``process_interval_s`` has passed since the
         last refresh (or on the first call, or after ``forget``), else the last one again. The first refresh
-        covers the interval before it, clipped at the backend's start, as NVML's first read does."""
+        covers the interval before it, clipped at the backend's start, as NVML's first read does.
+        ``workloads``: the activity source's ``workload_processes``, whose processes each refresh adds
+        after the scripted ones (a pid in both: the scripted one, see the module docstring)."""
         listed_at = self._listed_at_ns.get(gpu)
         if listed_at is not None and now_ns - listed_at < self._interval_ns:
             return self._lists[gpu]
         window_start = max(now_ns - (self._interval_ns if listed_at is None else now_ns - listed_at), self._origin_ns)
         listed = self._refreshed(gpu, window_start, now_ns)
+        if workloads is not None and now_ns > window_start:
+            listed = _with_workloads(listed, workloads(gpu, window_start, now_ns))
         self._lists[gpu] = listed
         if now_ns > window_start:
             self._listed_at_ns[gpu] = now_ns
@@ -414,3 +434,17 @@ class ProcessSimulation:
         """The device was lost: its list is gone, and the first after it is back covers a fresh interval."""
         self._lists.pop(gpu, None)
         self._listed_at_ns.pop(gpu, None)
+
+
+def _with_workloads(scripted: tuple[GpuProcess, ...], workloads: Sequence[WorkloadProcess]) -> tuple[GpuProcess, ...]:
+    """The scripted list, then each workload process whose pid is not scripted on this GPU."""
+    taken = {process.pid for process in scripted}
+    return scripted + tuple(
+        GpuProcess(
+            pid=w.pid,
+            memory_used_bytes=w.memory_bytes,
+            sm_utilization_ratio=min(w.sm_ratio, 1.0),
+            memory_controller_utilization_ratio=min(w.dram_ratio, 1.0),
+        )
+        for w in workloads if w.pid not in taken
+    )
