@@ -91,6 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
                        help="a serving engine's /metrics (vLLM, SGLang, TGI), e.g. http://127.0.0.1:8000/metrics: "
                             "its tokens are charged to the owner of the process listening on that port, as "
                             "wattledger_owner_tokens_total (off Kubernetes; needs --attribution; repeatable)")
+    agent.add_argument("--engine-interval", default=s, metavar="DURATION",
+                       help="how often each --engine is read (default 5s)")
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=s)
     _add_backend_flags(agent)
 

@@ -39,6 +39,8 @@ DEFAULT_ATTRIBUTION_RETENTION_SECONDS = 600.0
 # accumulator drops an owner only after reading it, docs/attribution.md "Reads come first"): at least
 # Prometheus' default scrape_interval, 1m (prometheus.io/docs/prometheus/latest/configuration/configuration/).
 MIN_ATTRIBUTION_RETENTION_SECONDS = 60.0
+DEFAULT_ENGINE_INTERVAL_SECONDS = 5.0  # ASSUMPTION: a few reads per 1m scrape; an engine's counters move per step
+ENGINE_INTERVAL_RANGE_SECONDS = (0.05, 3600.0)
 
 
 class ConfigError(ValueError):
@@ -77,6 +79,9 @@ class AgentConfig:
     # Serving engines' /metrics URLs whose tokens are charged to the owner of the process listening on the
     # URL's port (off Kubernetes; agent/engines.py). Needs attribution.
     engines: list[str] = field(default_factory=list)
+    # How often each engine's /metrics is read (s): its counters are cumulative, so a slower read loses
+    # nothing, it only makes the owner's token counter move in larger steps.
+    engine_interval_seconds: float = DEFAULT_ENGINE_INTERVAL_SECONDS
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
@@ -172,7 +177,7 @@ def _as_string(value: object) -> str:
 
 
 _DURATION_FIELDS = ("interval_seconds", "host_interval_seconds", "mock_delay_seconds",
-                    "attribution_retention_seconds")
+                    "attribution_retention_seconds", "engine_interval_seconds")
 _CONVERTERS = {"int": _as_int, "float": _as_float, "bool": _as_bool, "list[str]": _as_string_list,
                "str": _as_string, "str | None": _as_string}
 
@@ -237,7 +242,7 @@ def _key_to_field(key: str) -> str | None:
         return key
     aliases = {"interval": "interval_seconds", "host_interval": "host_interval_seconds", "path_procfs": "procfs", "path_sysfs": "sysfs",
                "mock_delay": "mock_delay_seconds", "attribution_retention": "attribution_retention_seconds",
-               "engine": "engines"}
+               "engine": "engines", "engine_interval": "engine_interval_seconds"}
     return aliases.get(key)
 
 
@@ -336,6 +341,9 @@ def _validate_engines(config: AgentConfig) -> None:
         return
     _require(config.attribution, "engine: charging an engine's tokens to its owner needs attribution "
              "(--attribution, or attribution = true)")
+    low, high = ENGINE_INTERVAL_RANGE_SECONDS
+    _require(low <= config.engine_interval_seconds <= high,
+             f"engine-interval must be {low * 1000:g}ms to {high / 3600:g}h, got {config.engine_interval_seconds:g}s")
     for url in config.engines:
         try:
             parse_engine_url(url)

@@ -242,6 +242,7 @@ class Agent:
         from wattledger.agent.engines import EngineAwareResolver, EngineWatcher
 
         self.engine_watcher = EngineWatcher(config.engines, procfs_root=config.procfs,
+                                            interval_s=config.engine_interval_seconds,
                                             retention_s=config.attribution_retention_seconds)
         self.notes.append(self.engine_watcher.describe())
         return EngineAwareResolver(resolver, self.engine_watcher)

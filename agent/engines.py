@@ -66,7 +66,7 @@ from wattledger.probes.listening_socket import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENGINE_INTERVAL_S = 5.0  # ASSUMPTION: a few reads per 1m scrape; an engine's counters move per step
+DEFAULT_ENGINE_INTERVAL_S = 5.0  # as agent/config.py's engine_interval default
 DEFAULT_PORTS = {"http": 80, "https": 443}  # RFC 9110 section 4.2
 STATUS_OK = "ok"
 MODEL_LABEL = "model_name"  # vLLM's and SGLang's served-model label (probes/engine_counters.py)

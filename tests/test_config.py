@@ -58,11 +58,25 @@ def test_defaults():
     ({"engines": ["http://127.0.0.1:8000/metrics"]}, {}, "engine: charging an engine's tokens .* needs attribution"),
     ({"attribution": True, "engines": ["tcp://127.0.0.1:8000"]}, {}, "expected an http:// or https:// URL"),
     ({}, {"WATTLEDGER_ATTRIBUTION": "1", "WATTLEDGER_ENGINES": "http://h:0x1f/metrics"}, "is not a URL"),
+    ({"attribution": True, "engines": ["http://127.0.0.1:8000/metrics"], "engine_interval": "10ms"}, {},
+     "engine-interval must be 50ms to 1h, got 0.01s"),
+    ({}, {"WATTLEDGER_ATTRIBUTION": "1", "WATTLEDGER_ENGINES": "http://127.0.0.1:8000/metrics",
+          "WATTLEDGER_ENGINE_INTERVAL": "soon"}, "environment: engine_interval"),
 ])
 def test_bad_settings_give_one_line_errors(flags, environ, message):
     with pytest.raises(ConfigError, match=message) as err:
         build_config(flags, environ)
     assert "\n" not in str(err.value)
+
+
+def test_the_engine_interval_is_a_duration_from_any_source(tmp_path):
+    url = "http://127.0.0.1:8000/metrics"
+    assert build_config({"attribution": True, "engines": [url]}, {}).engine_interval_seconds == 5.0
+    assert build_config({"attribution": True, "engines": [url], "engine_interval": "250ms"},
+                        {}).engine_interval_seconds == 0.25
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[agent]\nattribution = true\nengines = ["{url}"]\nengine-interval = "30s"\n')
+    assert build_config({}, {}, str(path)).engine_interval_seconds == 30.0
 
 
 def test_bad_config_files(tmp_path):

@@ -4,7 +4,10 @@ serve vLLM's and SGLang's real exposition text (tests/fixtures/engines/) with to
 the scrape config attaches each engine's `namespace` and `pod` labels, as a ServiceMonitor would; the
 shipped rules (deploy/prometheus/rules/*.yml) join the two. Checked: each pod's J/token
 (`wattledger:pod_energy_per_token:joules_rate5m`) equals the energy the agent charged to that pod over
-the tokens its engine served, within 2%, and every query of the fleet dashboard's engine row returns data.
+the tokens its engine served, within 2%; off Kubernetes, an engine the agent is told the URL of (--engine)
+gets the same check on its owner (a systemd unit) through wattledger:owner_energy_per_token:joules_rate5m;
+and every query of the fleet dashboard's engine row returns data (a pod holding a GPU with no process
+included).
 
 Everything listens on 127.0.0.1 and is stopped at the end. Missing Prometheus: fails in CI, skips
 elsewhere (prometheus_server.require_tools).
@@ -13,6 +16,7 @@ elsewhere (prometheus_server.require_tools).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
@@ -108,19 +112,25 @@ class FakeEngine:
 
 # The agent on the mock with attribution on and the scripted processes of a JSON file (argv[1]), started
 # through the daemon's own API (Agent(config, gpu=MockGpuBackend(processes=...))), which the command line
-# has no flag for; it prints the line prometheus_server.Agent waits for, and stops on SIGTERM.
+# has no flag for; it prints the line prometheus_server.Agent waits for, and stops on SIGTERM. The mock has
+# no kubelet: argv[3] lists the pods its resolver reports as holding GPUs without a process (what
+# ProcOwnerResolver.pods_without_processes gives on a node), so the idle-holders query has a pod to show.
 SCRIPTED_AGENT = """
 import json, signal, sys, threading
 from wattledger.agent.config import build_config
 from wattledger.agent.daemon import Agent
 from wattledger.probes.mock import MockGpuBackend
 from wattledger.probes.mock_processes import ScriptedProcesses
+from wattledger.probes.pod_resources import PodGpuAllocation, parse_device_id
 
 processes = ScriptedProcesses.from_spec(json.load(open(sys.argv[1])))
 gpus = int(sys.argv[2])
+idle = tuple(PodGpuAllocation(a["namespace"], a["pod"], a["container"], "nvidia.com/gpu",
+                              tuple(parse_device_id(d) for d in a["devices"])) for a in json.loads(sys.argv[3]))
 config = build_config({"backend": "mock", "mock_gpus": gpus, "address": "127.0.0.1", "port": 0,
-                       "attribution": True}, {})
+                       "attribution": True, "engines": json.loads(sys.argv[4]), "engine_interval": "100ms"}, {})
 agent = Agent(config, gpu=MockGpuBackend(gpus, processes=processes))
+agent._owner_resolver.pods_without_processes = lambda: idle
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 agent.start()
@@ -133,15 +143,30 @@ agent.stop()
 class ScriptedAgent(Agent):
     """prometheus_server.Agent, started with SCRIPTED_AGENT on ``spec`` instead of the command line."""
 
-    def __init__(self, spec: Path, gpus: int):
+    def __init__(self, spec: Path, gpus: int, idle_pods: list[dict], engine_urls: list[str]):
         super().__init__(gpus=gpus)
-        self.args = [sys.executable, "-c", SCRIPTED_AGENT, str(spec), str(gpus)]
+        self.args = [sys.executable, "-c", SCRIPTED_AGENT, str(spec), str(gpus), json.dumps(idle_pods),
+                     json.dumps(engine_urls)]
+
+
+# A notebook pod the "kubelet" allocated a GPU to, with no process on it: who holds an idle GPU.
+IDLE_PODS = [{"namespace": "research", "pod": "notebook-3", "container": "lab", "devices": ["GPU-idle-0"]}]
+
+
+# Off Kubernetes: a vLLM engine the agent is told the URL of (--engine). It listens in this test process,
+# which the mock scripts as the process holding the third GPU, owned by a systemd unit: the agent finds the
+# listener through /proc/net/tcp and charges the engine's tokens to that unit, whose energy it charges too.
+HOST_ENGINE = {"gpu": len(PODS), "sm_share": 0.5, "labels": {"kind": "unit", "group": "vllm.service"},
+               "tokens_per_s": 300.0}
 
 
 def _process_spec() -> list[dict]:
-    return [{"gpu": pod["gpu"], "pid": pod["pid"], "sm_share": pod["sm_share"], "memory_bytes": 20 << 30,
+    pods = [{"gpu": pod["gpu"], "pid": pod["pid"], "sm_share": pod["sm_share"], "memory_bytes": 20 << 30,
              "labels": {"namespace": NAMESPACE, "pod": name, "container": name.split("-")[0]}}
             for name, pod in PODS.items()]
+    host = {"gpu": HOST_ENGINE["gpu"], "pid": os.getpid(), "sm_share": HOST_ENGINE["sm_share"],
+            "memory_bytes": 30 << 30, "labels": HOST_ENGINE["labels"]}
+    return pods + [host]
 
 
 def _prometheus_config(agent: str, engines: dict[str, FakeEngine]) -> dict:
@@ -153,6 +178,11 @@ def _prometheus_config(agent: str, engines: dict[str, FakeEngine]) -> dict:
             "job_name": PODS[name]["counter"].split(":")[0], "scrape_interval": SCRAPE, "scrape_timeout": SCRAPE,
             "static_configs": [{"targets": [engine.address], "labels": {"namespace": NAMESPACE, "pod": name}}]})
     return config
+
+
+def _unit_energy(metrics: dict) -> float:
+    return sum(v for (name, labels), v in metrics.items()
+               if name == "wattledger_owner_energy_joules_total" and ("group", "vllm.service") in labels)
 
 
 def _pod_energy(metrics: dict, pod: str) -> float:
@@ -185,7 +215,11 @@ def test_pod_joules_per_token_from_engine_counters_and_attribution(tmp_path, mon
     spec = tmp_path / "processes.json"
     spec.write_text(json.dumps(_process_spec()))
 
-    with ScriptedAgent(spec, gpus=len(PODS)) as agent, _engine("vllm-0") as vllm, _engine("sglang-0") as sglang:
+    host_engine = FakeEngine(FIXTURES / "vllm.prom", PODS["vllm-0"]["counter"], PODS["vllm-0"]["prompt"],
+                             HOST_ENGINE["tokens_per_s"])
+    with (host_engine, ScriptedAgent(spec, gpus=len(PODS) + 1, idle_pods=IDLE_PODS,
+                                     engine_urls=[f"http://{host_engine.address}/metrics"]) as agent,
+          _engine("vllm-0") as vllm, _engine("sglang-0") as sglang):
         engines = {"vllm-0": vllm, "sglang-0": sglang}
         config = _prometheus_config(agent.address, engines)
         monkeypatch.setattr(prometheus_server, "render_config", lambda target, interval: config)
@@ -194,14 +228,18 @@ def test_pod_joules_per_token_from_engine_counters_and_attribution(tmp_path, mon
             # here start the same span as the series the rules read.
             a_wall = time.time()
             a_metrics, a_tokens = agent.metrics(), {pod: engines[pod].generated() for pod in PODS}
+            a_host = host_engine.generated()
             _wait_for(lambda: all(prom.query(f'wattledger:pod_energy_per_token:joules_rate5m{{pod="{pod}"}}')
                                   for pod in PODS), 30, "J/token of both pods")
+            _wait_for(lambda: prom.query('wattledger:owner_energy_per_token:joules_rate5m{group="vllm.service"}'),
+                      30, "J/token of the engine off Kubernetes")
             bad = [r["name"] for g in prom.api("rules")["groups"] for r in g["rules"] if r.get("health") == "err"]
             assert not bad, f"rules failing to evaluate: {bad}"
 
             time.sleep(max(0.0, a_wall + SPAN_S - time.time()))
             b_wall = time.time()
             b_metrics, b_tokens = agent.metrics(), {pod: engines[pod].generated() for pod in PODS}
+            b_host = host_engine.generated()
             time.sleep(0.5)  # let Prometheus ingest the scrapes and evaluate the rules up to b
             for pod in PODS:
                 energy = _pod_energy(b_metrics, pod) - _pod_energy(a_metrics, pod)
@@ -215,6 +253,16 @@ def test_pod_joules_per_token_from_engine_counters_and_attribution(tmp_path, mon
                       f"({recorded / ledger - 1:+.2%})")
                 assert recorded == pytest.approx(ledger, rel=TOLERANCE), (pod, recorded, ledger)
                 assert sample["metric"]["model_name"]  # the engine's own model label came through
+
+            # Off Kubernetes: the unit's energy over the tokens its engine served, as the agent counted them.
+            energy, tokens = _unit_energy(b_metrics) - _unit_energy(a_metrics), b_host - a_host
+            assert energy > 0 and tokens > 0, (energy, tokens)
+            (sample,) = prom.query('wattledger:owner_energy_per_token:joules_rate5m{group="vllm.service"}', at=b_wall)
+            recorded, ledger = float(sample["value"][1]), energy / tokens
+            print(f"J/token vllm.service (--engine): agent/engine {ledger:.6g}, recorded {recorded:.6g} "
+                  f"({recorded / ledger - 1:+.2%})")
+            assert recorded == pytest.approx(ledger, rel=TOLERANCE), (recorded, ledger)
+            assert sample["metric"]["owner_kind"] == "unit" and sample["metric"]["model_name"]
 
             variables = dashboard_variables()
             queries = _engine_row_queries()

@@ -57,11 +57,12 @@ def _golden_metric_names() -> set[str]:
 
 # Series the agent exposes only with attribution on (`--attribution`), so absent from the golden
 # exposition (rendered with it off): the per-owner series of docs/attribution.md, labelled owner_kind,
-# namespace, pod, container, group. The fleet dashboard's "Owners holding idle GPUs" panel reads them.
+# namespace, pod, container, group, and the kubelet's allocations without a process (namespace, pod,
+# container, resource). The fleet dashboard's "Who holds idle GPUs" panel reads them.
 ATTRIBUTION_METRICS = {
     "wattledger_owner_energy_joules_total", "wattledger_owner_busy_seconds_total",
     "wattledger_owner_gpu_memory_bytes", "wattledger_owner_gpus", "wattledger_owner_info",
-    "wattledger_attribution_status",
+    "wattledger_attribution_status", "wattledger_pod_gpus_without_processes",
 }
 KNOWN_METRICS = _golden_metric_names() | set(rule_names("record")) | ATTRIBUTION_METRICS
 
