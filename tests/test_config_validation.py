@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 SETTING_KEYS = ("address", "port", "interval", "host_interval", "backend", "mock_gpus", "mock_preset", "mock_faults",
                 "mock_delay", "replay", "replay_speed", "replay_loop", "record", "procfs", "sysfs", "token",
                 "max_workloads", "workload_name_pattern", "log_level", "attribution", "attribution_max_owners",
-                "attribution_retention", "kubelet_socket", "mock_processes")
+                "attribution_retention", "kubelet_socket", "mock_processes", "engine_interval")
 
 
 def toml_value(value) -> str:
