@@ -17,6 +17,14 @@ Every session draws its lengths, tool times and appended token ids from its own 
 by (seed, session number), so two runs with one seed run the same sessions whatever the timing; with
 ``batch_decode=False`` each session's logits are then independent of which others share the GPU.
 
+On the simulated device (``RunOptions.simulation``, issue 14) the loop runs on a ``PacedClock``: each forward
+pass still runs on the CPU, then costs the device time of its work with the timing preset's shape
+(``simulated_serving.SimulatedServing``) at the token scale: each computed token stands for k =
+round(1 / length_scale) simulated ones (8 for tiny), so the simulated sessions have the trace's real lengths;
+a tool call lasts its drawn time on the schedule (the CPU's tool work runs meanwhile and is stopped at its
+scheduled end), trace time unscaled as on a GPU; a spill or restore costs its bytes (of the timing preset's
+KV, at the simulated contexts) over the host link.
+
 Figures and their sources: docs/workload-figures.md, "Agentic" and "KV cache and spill to host DRAM".
 """
 
@@ -34,13 +42,16 @@ import re
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from wattledger.workloads.simulated_serving import SimulatedServing, simulated_tokens, token_scale_for
 from wattledger.workloads.common import RunOptions, summary_header
 from wattledger.workloads.flags import number_flag, parsed_flag
 from wattledger.workloads.model import KVCache, ModelConfig, StaticDecoder, Transformer, build_model, padded_batch
+from wattledger.workloads.paced_clock import PacedClock
 from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, TRANSFER_ACTIVITY, Reporter
 
 log = logging.getLogger(__name__)
@@ -87,6 +98,22 @@ LENGTH_REFERENCE_TOKENS = 8192
 # (TraceLab: 59% of step time) but a 78% busy "GPU"; 0.1 gives 83% and 45%; 0.07 gives 71% and about 64%,
 # a GPU busy between always (training) and mostly idle (chat), which is what the mock telemetry shows.
 CPU_TOOL_TIME_SCALE = 0.07
+# On the simulated device, a spill or restore of the timing preset's KV (bf16, as served on an H100) costs
+# bytes / host link rate: H100 pinned copies at about 53 GB/s GPU->host and 35 GB/s host->GPU
+# (docs/measurement.md, from an nvbandwidth issue report). ASSUMPTION: offload-pageable uses the
+# same rates (no published pageable figure in the reference; a pageable copy is usually slower).
+GPU_TO_HOST_BYTES_PER_S = 53e9
+HOST_TO_GPU_BYTES_PER_S = 35e9
+SIMULATED_KV_DTYPE = torch.bfloat16
+# On the simulated device the tiny model's token lengths are the trace's times length_scale (its 1K cache:
+# 0.125) and each computed token stands for token_scale = round(1 / length_scale) simulated ones, so the
+# simulated steps run the trace's lengths. Tool times (when tool_time_scale is None) are then scaled by
+# length_scale x token_scale (1 at the default scales: trace time), so a session's tool : GPU time keeps
+# the trace's proportion (TraceLab: tools 59% of step time).
+# ASSUMPTION: there a tool call's CPU work is SIMULATED_TOOL_ROUNDS rounds (about a millisecond each), not
+# its whole duration: the CPU stands in for the GPU, and tool threads spinning for seconds starve the model
+# loop that must keep up with the simulated device (seen: 0.47 s of lag with 3 sessions on 2 cores).
+SIMULATED_TOOL_ROUNDS = 1
 
 # Back-to-back main-loop spans of one kind and activity closer than this are reported as one (decode steps
 # a millisecond apart would otherwise be a thousand spans a second).
@@ -124,11 +151,14 @@ class AgenticConfig:
     tool_median_seconds: float = TOOL_MEDIAN_SECONDS  # tool-call duration (lognormal, trace time)
     tool_sigma: float = TOOL_SIGMA
     tool_time_cap_seconds: float = TOOL_TIME_CAP_SECONDS  # cap on the trace time, before the scale
-    tool_time_scale: float | None = None  # multiplies tool time; None = 1 on CUDA, CPU_TOOL_TIME_SCALE on CPU
+    tool_time_scale: float | None = None  # multiplies tool time; None = 1 on CUDA, CPU_TOOL_TIME_SCALE on CPU,
+    # length_scale x token_scale on the simulated device (1 at the default scales)
     steps_median: float = STEPS_MEDIAN  # steps per session (lognormal)
     steps_sigma: float = STEPS_SIGMA
     steps_max: int = STEPS_MAX
     length_scale: float | None = None  # multiplies token lengths; None = min(1, max_len / 8192)
+    # Simulated device only: simulated tokens per computed token; None = round(1 / length_scale)
+    token_scale: int | None = None
     max_len: int | None = None  # cache tokens per session; None = the model's max_seq_len
     compaction_threshold_tokens: int | None = None  # None = min(64K, max_len)
     compaction_keep_tokens: int | None = None  # tail kept on compaction; None = a quarter of the threshold
@@ -162,6 +192,7 @@ class AgenticConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 20:
                 raise ValueError(f"{name} must be a number from 0 to 20, got {value!r}")
         positive("steps_max", self.steps_max, integer=True)
+        positive("token_scale", self.token_scale, integer=True)
         positive("max_len", self.max_len, integer=True)
         positive("compaction_threshold_tokens", self.compaction_threshold_tokens, integer=True)
         positive("compaction_keep_tokens", self.compaction_keep_tokens, integer=True)
@@ -183,6 +214,7 @@ class Plan:
     sessions: int
     tool_time_scale: float
     length_scale: float
+    token_scale: int  # simulated tokens per computed token (1 unless simulated)
     max_len: int
     threshold: int
     keep: int
@@ -192,8 +224,11 @@ class Plan:
     budget_tokens: int | None
 
 
-def plan(config: AgenticConfig, model: ModelConfig, device: torch.device, dtype: torch.dtype) -> Plan:
-    """Resolve the automatic values and check they fit the model; ValueError (one line) if not."""
+def plan(config: AgenticConfig, model: ModelConfig, device: torch.device, dtype: torch.dtype,
+         simulated: bool = False) -> Plan:
+    """Resolve the automatic values and check they fit the model; ValueError (one line) if not.
+    ``simulated``: the timing is a simulated GPU's (the token scale applies, and tool times scale with the
+    simulated lengths: ``SIMULATED_TOOL_ROUNDS``' comment)."""
     config.validate()
     cuda = device.type == "cuda"
     max_len = config.max_len or model.max_seq_len
@@ -221,10 +256,13 @@ def plan(config: AgenticConfig, model: ModelConfig, device: torch.device, dtype:
                 f"KV budget {config.kv_budget_bytes} bytes holds {budget_tokens} tokens ({bytes_per_token} bytes "
                 f"each), fewer than one session's largest context ({threshold}); raise --kv-budget or lower "
                 "--compaction-threshold")
+    length_scale = config.length_scale or min(1.0, max_len / LENGTH_REFERENCE_TOKENS)
+    token_scale = (config.token_scale or token_scale_for(length_scale)) if simulated else 1
+    default_tool_scale = 1.0 if cuda else length_scale * token_scale if simulated else CPU_TOOL_TIME_SCALE
     return Plan(
         sessions=sessions,
-        tool_time_scale=config.tool_time_scale or (1.0 if cuda else CPU_TOOL_TIME_SCALE),
-        length_scale=config.length_scale or min(1.0, max_len / LENGTH_REFERENCE_TOKENS),
+        tool_time_scale=config.tool_time_scale or default_tool_scale,
+        length_scale=length_scale, token_scale=token_scale,
         max_len=max_len, threshold=threshold, keep=keep, appended_cap=appended_cap, output_cap=output_cap,
         kv_bytes_per_token=bytes_per_token, budget_tokens=budget_tokens,
     )
@@ -263,8 +301,10 @@ class ToolWork:
     bytes_processed: int
 
 
-def tool_work(seconds: float, seed: int, cancel: threading.Event | None = None) -> ToolWork:
-    """Keep the calling thread busy for ``seconds`` of wall time with what agent tools do on a CPU.
+def tool_work(seconds: float, seed: int, cancel: threading.Event | None = None,
+              max_rounds: int | None = None) -> ToolWork:
+    """Keep the calling thread busy for ``seconds`` of wall time with what agent tools do on a CPU
+    (or for at most ``max_rounds`` rounds).
 
     Each round hashes a 64 KiB buffer (SHA-256), compresses it (zlib level 6) and parses a generated JSON
     payload of about 3 KB; rounds repeat until the deadline (at least one). ``cancel`` ends it early. Most
@@ -285,10 +325,21 @@ def tool_work(seconds: float, seed: int, cancel: threading.Event | None = None) 
         zlib.compress(buffer, 6)
         json.loads(payload)
         rounds += 1
-        if time.monotonic_ns() >= deadline or (cancel is not None and cancel.is_set()):
+        if (time.monotonic_ns() >= deadline or (cancel is not None and cancel.is_set())
+                or (max_rounds is not None and rounds >= max_rounds)):
             break
     return ToolWork(start_ns, time.monotonic_ns(), time.thread_time() - cpu_start, rounds,
                     rounds * (2 * len(buffer) + len(encoded)))
+
+
+class _EitherEvent:
+    """Set when either event is: a simulated tool call ends at its scheduled end or when the run stops."""
+
+    def __init__(self, first: threading.Event, second: threading.Event):
+        self._events = (first, second)
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self._events)
 
 
 # -- Sessions -----------------------------------------------------------------------------------------------
@@ -327,6 +378,10 @@ class _Session:
     tool_future: concurrent.futures.Future | None = None
     gpu_seconds: float = 0.0  # time of the forward passes it took part in
     tool_seconds: float = 0.0
+    # Simulated device only: the tool call's scheduled bounds (ns) and the event that ends its CPU work.
+    tool_start_ns: int = 0
+    tool_end_ns: int = 0
+    tool_done: threading.Event | None = None
 
 
 def _lognormal(rng: random.Random, median: float, sigma: float) -> float:
@@ -334,13 +389,18 @@ def _lognormal(rng: random.Random, median: float, sigma: float) -> float:
 
 
 class _SpanLog:
-    """Reports the main loop's back-to-back spans, merging neighbours of one kind and activity."""
+    """Reports the main loop's back-to-back spans, merging neighbours of one kind and activity (or, with
+    ``merge=False``, each at once: simulated steps each carry their own activity)."""
 
-    def __init__(self, reporter: Reporter):
+    def __init__(self, reporter: Reporter, merge: bool = True):
         self._reporter = reporter
+        self._merge = merge
         self._open: list | None = None  # [kind, start_ns, end_ns, activity]
 
     def add(self, kind: str, start_ns: int, end_ns: int, activity) -> None:
+        if not self._merge:
+            self._reporter.span(kind, start_ns, end_ns, activity)
+            return
         current = self._open
         # A merged span is held here until its kind changes, which can be seconds of back-to-back decode:
         # past the mock GPU's lag, so the mock lost its activity. Held at most the reporter's merge length.
@@ -367,11 +427,13 @@ class _Transfers:
     events; the main stream waits on those events (no CPU wait) before it touches the slot or the restored
     KV, and the durations are read once the events have completed (polled each loop turn, all at the end).
     Otherwise (CPU, or ``offload-pageable``): plain copies, timed on the CPU clock; on CUDA the stream is
-    synchronised around a pageable copy, which blocks anyway.
+    synchronised around a pageable copy, which blocks anyway. With ``timed=False`` (the simulated device) a
+    move is a plain copy, neither timed nor reported: the run costs it from its bytes.
     """
 
-    def __init__(self, device: torch.device, policy: str, spans: _SpanLog, reporter: Reporter):
-        self.asynchronous = device.type == "cuda" and policy == "offload"
+    def __init__(self, device: torch.device, policy: str, spans: _SpanLog, reporter: Reporter, timed: bool = True):
+        self.asynchronous = device.type == "cuda" and policy == "offload" and timed
+        self.timed = timed
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device=device) if self.asynchronous else None
         self._spans = spans
@@ -447,6 +509,8 @@ class _Transfers:
     def _finish_sync(self, start_ns: int) -> None:
         if self.cuda:
             torch.cuda.current_stream().synchronize()
+        if not self.timed:
+            return
         end_ns = time.monotonic_ns()
         self.seconds += (end_ns - start_ns) / 1e9
         self._spans.add("transfer", start_ns, end_ns, TRANSFER_ACTIVITY)
@@ -456,14 +520,20 @@ class _Transfers:
 
 
 class _AgenticRun:
-    def __init__(self, config: AgenticConfig, options: RunOptions, reporter: Reporter, stop: threading.Event):
+    def __init__(self, config: AgenticConfig, options: RunOptions, reporter: Reporter, stop: threading.Event,
+                 wall_ns: Callable[[], int] = time.monotonic_ns):
         self.config = config
         self.options = options
         self.reporter = reporter
         self.stop = stop
+        self.wall_ns = wall_ns  # what a simulated run's PacedClock paces to
+        self.simulation: SimulatedServing | None = None  # set when the run starts, with options.simulation
+        self._now = time.monotonic_ns  # what the loop decides by: the paced clock when simulated
+        self._device_steps: list = []  # simulated: the DeviceSteps of the forward passes not yet spent
+        self.simulated_transfer_bytes = 0  # simulated: bytes of the timing preset's KV moved (B)
         model_config, self.device, self.dtype = options.resolve()
         self.model_config = model_config
-        self.plan = plan(config, model_config, self.device, self.dtype)
+        self.plan = plan(config, model_config, self.device, self.dtype, simulated=options.simulation is not None)
         self.model: Transformer = build_model(model_config, self.device, self.dtype, seed=options.seed).eval()
         # One slot per concurrent session (plus the static decoder's spare slot for padding rows).
         slots = self.plan.sessions + (1 if options.compile else 0)
@@ -473,8 +543,9 @@ class _AgenticRun:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         reporter.set_memory(weights + self.cache.nbytes())
 
-        self.spans = _SpanLog(reporter)
-        self.transfers = _Transfers(self.device, config.spill_policy, self.spans, reporter)
+        simulated = options.simulation is not None
+        self.spans = _SpanLog(reporter, merge=not simulated)
+        self.transfers = _Transfers(self.device, config.spill_policy, self.spans, reporter, timed=not simulated)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.plan.sessions, thread_name_prefix="agentic-tool")
         self.cancel_tools = threading.Event()
 
@@ -508,10 +579,16 @@ class _AgenticRun:
 
     def run(self) -> dict:
         total = self.config.total_sessions
-        self.start_ns = time.monotonic_ns()
-        deadline_ns = self.start_ns + int(self.options.duration_s * 1e9)
         with torch.inference_mode():
-            while not self.stop.is_set() and time.monotonic_ns() < deadline_ns:
+            if self.options.simulation is not None:
+                self._warm_up()
+                clock = PacedClock(wall_ns=self.wall_ns, stop=self.stop)
+                self.simulation = SimulatedServing(self.options.simulation, clock, self.options.preset,
+                                                   self.plan.token_scale)
+                self._now = clock.now_ns
+            self.start_ns = self._now()
+            deadline_ns = self.start_ns + int(self.options.duration_s * 1e9)
+            while not self.stop.is_set() and self._now() < deadline_ns:
                 self._harvest_tool_calls()
                 self.transfers.poll()
                 while len(self.active) < self.plan.sessions and (total is None or self.sessions_started < total):
@@ -525,13 +602,23 @@ class _AgenticRun:
                     if self.ready:
                         raise RuntimeError("agentic: a ready session could not be admitted with nothing decoding")
                     self._wait_for_a_tool_call(deadline_ns)
-            end_ns = time.monotonic_ns()
+            end_ns = self._now()
             self.cancel_tools.set()
             self.pool.shutdown(wait=True)
             self._harvest_tool_calls(final=True)
             self.transfers.poll(wait=True)
             self.spans.flush()
         return self._summary((end_ns - self.start_ns) / 1e9)
+
+    def _warm_up(self) -> None:
+        """Before a simulated run's schedule starts: the first forward passes pay for allocator growth and
+        kernel selection (seen: the first steps 70-100 ms behind the simulated device), so run a prefill and
+        a decode on every slot first. Not reported: on the schedule it is the server's start-up."""
+        slots = list(range(self.plan.sessions))
+        self._forward([[0] * 4 for _ in slots], slots)
+        self._forward([[0] for _ in slots], slots)
+        for slot in slots:
+            self.cache.reset(slot)
 
     def _start_session(self) -> None:
         index = self.sessions_started
@@ -558,7 +645,7 @@ class _AgenticRun:
         s.step = _Step(appended=ids, output_tokens=output, tool_seconds=tool, tool_seed=tool_seed,
                        compact=context + appended + output > p.threshold, context_before=context)
         s.state = "ready"
-        s.idle_since_ns = time.monotonic_ns()
+        s.idle_since_ns = self._now()
         self.ready.append(s)
 
     # -- admission, eviction, restore ---------------------------------------------------------------------
@@ -593,6 +680,7 @@ class _AgenticRun:
                 s.host_kv, s.kv_dropped = None, False  # compaction prefills its tail anew: nothing to bring back
             elif s.host_kv is not None:
                 self.transfers.restore(self.cache, s.slot, s.host_kv)
+                self._simulated_transfer(s.kv_tokens, to_host=False)
                 self.restores += 1
                 self.restored_bytes += s.kv_tokens * self.plan.kv_bytes_per_token
                 s.host_kv = None
@@ -618,11 +706,28 @@ class _AgenticRun:
             v.kv_dropped = True
         else:
             v.host_kv = self.transfers.spill(self.cache, v.slot)
+            self._simulated_transfer(v.kv_tokens, to_host=True)
             self.spilled_bytes += v.kv_tokens * self.plan.kv_bytes_per_token
         self.cache.reset(v.slot)
         self.free_slots.append(v.slot)
         self.free_slots.sort()
         v.slot, v.reserved = None, 0
+
+    def _simulated_transfer(self, kv_tokens: int, to_host: bool) -> None:
+        """On the simulated device: the move of ``kv_tokens`` of the timing preset's KV costs its bytes over
+        the host link (the loop waits for it, as a synchronous copy does) and is reported with its rate."""
+        if self.simulation is None:
+            return
+        simulated_kv_tokens = kv_tokens * self.plan.token_scale  # the simulated context's KV
+        nbytes = simulated_kv_tokens * self.simulation.timing_config.kv_bytes_per_token(SIMULATED_KV_DTYPE)
+        rate = GPU_TO_HOST_BYTES_PER_S if to_host else HOST_TO_GPU_BYTES_PER_S
+        start_ns, end_ns = self.simulation.spend_seconds(nbytes / rate)
+        self.transfers.seconds += nbytes / rate
+        self.simulated_transfer_bytes += nbytes
+        # PCIe as the GPU sees it: a spill transmits, a restore receives.
+        activity = replace(TRANSFER_ACTIVITY, pcie_transmit_bytes_per_second=rate if to_host else 0.0,
+                           pcie_receive_bytes_per_second=0.0 if to_host else rate)
+        self.spans.add("transfer", start_ns, end_ns, activity)
 
     def _release(self, s: _Session) -> None:
         if s.slot is not None:
@@ -633,25 +738,43 @@ class _AgenticRun:
 
     # -- the GPU work -------------------------------------------------------------------------------------
 
-    def _forward(self, rows: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def _forward(self, rows: list[list[int]], slots: list[int], cached: list[int] | None = None,
+                 emits: bool = True) -> torch.Tensor:
+        """Prefill ``rows`` on their slots (``cached``: KV positions each already holds, for the simulated
+        device's work of the pass; ``emits``: the pass yields a token, so under a token scale its further
+        decode passes follow, not for a compaction's or a recompute's KV)."""
+        if self.simulation is not None and cached is not None:
+            chunks = [(len(r), c) for r, c in zip(rows, cached)]
+            self._device_steps.append(self.simulation.scaled_step([], chunks, prefill_emits=emits))
         tokens, lengths = padded_batch(rows, self.device)
         return self.model.forward_cached(tokens, lengths, slots, self.cache)
+
+    def _account(self, start_ns: int, activity, sessions: list[_Session]) -> None:
+        """The forward passes since ``start_ns`` are done: report them. On the CPU's clock, one span to now;
+        on the simulated device, each pass's device time spent on the schedule, with its own activity."""
+        if self.simulation is None:
+            self._account_compute(start_ns, time.monotonic_ns(), activity, sessions)
+            return
+        steps, self._device_steps = self._device_steps, []
+        for scaled in steps:
+            step_start_ns, step_end_ns = self.simulation.spend(scaled)
+            self._account_compute(step_start_ns, step_end_ns, scaled.step.activity, sessions)
 
     def _prefill_step(self, s: _Session) -> None:
         """Bring the session's context up to date on its slot and prefill the appended tokens."""
         step, p = s.step, self.plan
-        start_ns = time.monotonic_ns()
+        start_ns = self._now()
         if step.compact:
             # Keep the tail; its positions restart at 0, so its KV is computed anew.
             s.tokens = s.tokens[-p.keep:]
             self.cache.reset(s.slot)
             if len(s.tokens) > 1:
-                self._forward([s.tokens[:-1]], [s.slot])
+                self._forward([s.tokens[:-1]], [s.slot], [0], emits=False)
             s.kv_tokens = len(s.tokens) - 1
             self.compactions += 1
             self.compaction_tokens += s.kv_tokens
         elif s.kv_dropped:
-            self._forward([s.tokens[:s.kv_tokens]], [s.slot])
+            self._forward([s.tokens[:s.kv_tokens]], [s.slot], [0], emits=False)
             self.recomputed_tokens += s.kv_tokens
             self.restores += 1
             s.kv_dropped = False
@@ -660,20 +783,18 @@ class _AgenticRun:
             step.cached_tokens = s.kv_tokens
         new = s.tokens[s.kv_tokens:] + step.appended  # the last output token (fed now) and the tool's result
         s.tokens.extend(step.appended)
-        logits = self._forward([new], [s.slot])
+        logits = self._forward([new], [s.slot], [s.kv_tokens])
         first = logits.argmax(-1).tolist()  # waits for the device: the span ends here
-        end_ns = time.monotonic_ns()
         s.kv_tokens = len(s.tokens)
-        self._account_compute(start_ns, end_ns, PREFILL_ACTIVITY, [s])
-        self.reporter.add_tokens("prompt", len(step.appended))
-        self.appended_tokens += len(step.appended)
+        self._account(start_ns, PREFILL_ACTIVITY, [s])
+        self._add_tokens("prompt", len(step.appended))
         self.context_at_prefill.append(len(s.tokens))
         self.cached_tokens += step.cached_tokens
         self.prefill_context_tokens += len(s.tokens)
         if self.config.record_steps:
             step.prompt_ids = list(s.tokens)
         s.state = "decoding"
-        self.reporter.add_tokens("generated", 1)
+        self._add_tokens("generated", 1)
         self._emit(s, first[0], logits[0])
 
     def _decode_once(self) -> None:
@@ -681,27 +802,38 @@ class _AgenticRun:
         batch = list(self.decoding)
         groups = [batch] if self.config.batch_decode else [[s] for s in batch]
         for group in groups:
-            start_ns = time.monotonic_ns()
+            start_ns = self._now()
             slots = [s.slot for s in group]
+            if self.simulation is not None:
+                # Each session feeds its last token at position kv_tokens and attends to kv_tokens + 1 positions.
+                self._device_steps.append(self.simulation.scaled_step([s.kv_tokens + 1 for s in group], []))
             if self.decoder is not None:
                 logits = self.decoder.step([s.tokens[-1] for s in group], slots)
             else:
                 logits = self._forward([[s.tokens[-1]] for s in group], slots)
             chosen = logits.argmax(-1).tolist()  # waits for the device
-            end_ns = time.monotonic_ns()
-            self._account_compute(start_ns, end_ns, DECODE_ACTIVITY, group)
-            self.reporter.add_tokens("generated", len(group))
+            self._account(start_ns, DECODE_ACTIVITY, group)
+            self._add_tokens("generated", len(group))
             for s in group:
                 s.kv_tokens += 1
             for row, s in enumerate(group):
                 self._emit(s, chosen[row], logits[row])
 
+    def _add_tokens(self, kind: str, computed: int) -> None:
+        """Report and count ``computed`` tokens of ``kind`` ("prompt": appended, "generated"): simulated,
+        as the simulated tokens they stand for (the token scale)."""
+        tokens = simulated_tokens(computed, self.plan.token_scale)
+        self.reporter.add_tokens(kind, tokens)
+        if kind == "prompt":
+            self.appended_tokens += tokens
+        else:
+            self.generated_tokens += tokens
+
     def _emit(self, s: _Session, token: int, logits: torch.Tensor) -> None:
-        """A decoded token (the caller reported it): append it; the step ends at its output length."""
+        """A decoded token (the caller reported and counted it): append it; the step ends at its output length."""
         step = s.step
         s.tokens.append(token)
         step.generated.append(token)
-        self.generated_tokens += 1
         if self.config.record_steps:
             step.logits.append(logits.detach().float().cpu().clone())
         if len(step.generated) >= step.output_tokens:
@@ -727,12 +859,12 @@ class _AgenticRun:
                 "session": s.index, "step": s.steps_done - 1, "context_before": step.context_before,
                 "compacted": step.compact, "appended": len(step.appended), "generated": len(step.generated),
                 "context_after": len(s.tokens), "kv_came_back": step.kv_came_back,
+                "tool_seconds": step.tool_seconds,
                 "prompt_ids": step.prompt_ids, "tokens": list(step.generated), "logits": torch.stack(step.logits),
             })
         if self.steps % LOG_EVERY_STEPS == 0:
             log.info("agentic: %d steps, %d sessions done, %d spills, GPU compute %.1f s of %.1f s", self.steps,
-                     self.sessions_completed, self.spills, self.compute_seconds,
-                     (time.monotonic_ns() - self.start_ns) / 1e9)
+                     self.sessions_completed, self.spills, self.compute_seconds, (self._now() - self.start_ns) / 1e9)
         if s.steps_done >= s.steps_total:
             self._release(s)
             self.active.remove(s)
@@ -741,17 +873,34 @@ class _AgenticRun:
             return
         # The tool call: the session leaves the GPU while the CPU works.
         s.state = "tool"
-        s.idle_since_ns = time.monotonic_ns()
-        s.tool_future = self.pool.submit(tool_work, step.tool_seconds, step.tool_seed, self.cancel_tools)
+        s.idle_since_ns = self._now()
+        cancel, bound = self.cancel_tools, {}
+        if self.simulation is not None:
+            # It lasts its drawn time on the schedule; its CPU work is stopped at that end (or ends by itself
+            # after that much wall time), so a slow CPU never lengthens it.
+            s.tool_start_ns, s.tool_end_ns = s.idle_since_ns, s.idle_since_ns + round(step.tool_seconds * 1e9)
+            s.tool_done = threading.Event()
+            cancel, bound = _EitherEvent(self.cancel_tools, s.tool_done), {"max_rounds": SIMULATED_TOOL_ROUNDS}
+        s.tool_future = self.pool.submit(tool_work, step.tool_seconds, step.tool_seed, cancel, **bound)
 
     # -- tool calls ---------------------------------------------------------------------------------------
 
+    def _tool_call_over(self, s: _Session, final: bool) -> bool:
+        if self.simulation is None:
+            return s.tool_future.done()
+        return final or self._now() >= s.tool_end_ns
+
     def _harvest_tool_calls(self, final: bool = False) -> None:
-        for s in [o for o in self.active if o.state == "tool" and o.tool_future.done()]:
+        for s in [o for o in self.active if o.state == "tool" and self._tool_call_over(o, final)]:
+            if s.tool_done is not None:
+                s.tool_done.set()  # simulated: its scheduled end has come; the CPU work stops within a round
             work: ToolWork = s.tool_future.result()  # a failed tool call is a bug here: let it raise
             s.tool_future = None
-            seconds = (work.end_ns - work.start_ns) / 1e9
-            self.reporter.span("tool_call", work.start_ns, work.end_ns)
+            start_ns, end_ns = work.start_ns, work.end_ns
+            if self.simulation is not None:
+                start_ns, end_ns = s.tool_start_ns, min(s.tool_end_ns, self._now())
+            seconds = (end_ns - start_ns) / 1e9
+            self.reporter.span("tool_call", start_ns, end_ns)
             self.tool_calls += 1
             self.tool_seconds += seconds
             self.tool_cpu_seconds += work.cpu_seconds
@@ -760,11 +909,16 @@ class _AgenticRun:
                 self._begin_step(s)
 
     def _wait_for_a_tool_call(self, deadline_ns: int) -> None:
-        futures = [s.tool_future for s in self.active if s.state == "tool"]
-        timeout = max(0.0, min(IDLE_POLL_SECONDS, (deadline_ns - time.monotonic_ns()) / 1e9))
-        start_ns = time.monotonic_ns()
-        concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
-        end_ns = time.monotonic_ns()
+        in_tools = [s for s in self.active if s.state == "tool"]
+        start_ns = self._now()
+        if self.simulation is not None:
+            # The GPU idles until the first tool call's scheduled end (or the deadline).
+            self.simulation.clock.wait_until(min([deadline_ns, *(s.tool_end_ns for s in in_tools)]))
+        else:
+            timeout = max(0.0, min(IDLE_POLL_SECONDS, (deadline_ns - start_ns) / 1e9))
+            concurrent.futures.wait([s.tool_future for s in in_tools], timeout=timeout,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        end_ns = self._now()
         self.idle_seconds += (end_ns - start_ns) / 1e9
         self.spans.add("idle", start_ns, end_ns, None)
 
@@ -777,11 +931,15 @@ class _AgenticRun:
         shares = self.finished_tool_shares + [s.tool_seconds / (s.tool_seconds + s.gpu_seconds)
                                               for s in self.active if s.gpu_seconds > 0]
         contexts = self.context_at_prefill
+        # Simulated: the timing preset's KV bytes, which the transfer seconds were costed from.
         moved = self.spilled_bytes + self.restored_bytes
+        if self.simulation is not None:
+            moved = self.simulated_transfer_bytes
         c, p = self.config, self.plan
         summary.update({
             "config": {
                 "sessions": p.sessions, "total_sessions": c.total_sessions, "length_scale": p.length_scale,
+                "token_scale": p.token_scale,
                 "tool_time_scale": p.tool_time_scale, "tool_time_cap_seconds": c.tool_time_cap_seconds,
                 "max_len": p.max_len, "compaction_threshold_tokens": p.threshold,
                 "compaction_keep_tokens": p.keep, "kv_budget_bytes": c.kv_budget_bytes,
@@ -827,18 +985,26 @@ class _AgenticRun:
         })
         if c.record_steps:
             summary["steps_trace"] = self.trace
+        if self.simulation is not None:
+            summary["simulated_device"] = self.simulation.summary(wall, {"prompt": self.reporter.tokens["prompt"],
+                                                                         "generated": self.generated_tokens})
         return summary
 
 
-def run(config: AgenticConfig, options: RunOptions, reporter: Reporter, stop: threading.Event | None = None) -> dict:
+def run(config: AgenticConfig, options: RunOptions, reporter: Reporter, stop: threading.Event | None = None,
+        clock_ns: Callable[[], int] = time.monotonic_ns) -> dict:
     """Run the sessions until ``options.duration_s``, ``stop``, or ``config.total_sessions``; return the summary.
 
     The caller starts and stops ``reporter``. Tokens: appended -> "prompt", decoded -> "generated" (the
     KV recomputed after a spill or a compaction is compute, not new tokens). Spans: "compute" for prefill
     and decode, "tool_call" per tool call (overlapping other sessions' compute), "transfer" for spills and
     restores, "idle" while every session is in a tool call.
+
+    With ``options.simulation`` the run is on the simulated device's time (module docstring): a
+    ``PacedClock`` paced to ``clock_ns`` (the wall clock, injectable for tests) sleeping with ``stop.wait``;
+    the fractions are over the scheduled time and ``simulated_device`` holds the pacing report.
     """
-    runner = _AgenticRun(config, options, reporter, stop or threading.Event())
+    runner = _AgenticRun(config, options, reporter, stop or threading.Event(), clock_ns)
     threads_before = torch.get_num_threads()
     if runner.device.type == "cpu":
         # The tool threads need cores of their own: intra-op threads spinning on cores that tool calls

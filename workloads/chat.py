@@ -16,6 +16,15 @@ conversation tables (``lengths.py``). One loop serves them; at every step it
 
 A request admitted at a step joins the decode batch at the next one. With nothing to run the loop sleeps
 until the next arrival: no span is reported, the GPU's idle time is the absence of compute.
+
+On the simulated device (``RunOptions.simulation``, issue 14) the loop runs on a ``PacedClock``: each step
+still runs the CPU model (tokens, batching), then costs the device time of its work on the simulated GPU
+with the timing preset's shape (``simulated_serving.SimulatedServing``), and every decision reads the
+scheduled time. Each computed token stands for ``token_scale`` simulated ones (round(1 / length_scale): 5
+for tiny), so the simulated requests have the trace's real lengths: a step's prefill chunks at k times
+their lengths, fused with the first of k decode passes, is one span (seconds summed, activity weighted by
+seconds); the summary splits its time into prefill and decode by each part's own device time, and the
+tokens reported and counted are the simulated ones.
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ from wattledger.workloads.common import RunOptions, percentiles, seed_everything
 from wattledger.workloads.flags import number_flag, parsed_flag
 from wattledger.workloads.lengths import LengthSampler, fitted_scale
 from wattledger.workloads.model import KVCache, ModelConfig, StaticDecoder, bucket, build_model
+from wattledger.workloads.paced_clock import PacedClock
 from wattledger.workloads.reporter import DECODE_ACTIVITY, PREFILL_ACTIVITY, Reporter
+from wattledger.workloads.simulated_serving import SimulatedServing, simulated_tokens, token_scale_for
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +77,8 @@ class ChatConfig:
 
     ``trace``, when given, replaces generated traffic with explicit (arrival_s, prompt_tokens,
     output_tokens) requests (tests, replays). ``keep_requests`` puts per-request records in the summary.
+    ``token_scale``: on the simulated device, simulated tokens per computed token (``simulated_serving``;
+    None = round(1 / length_scale) for generated traffic, 1 for a trace); ignored on the CPU's own time.
 
     Defaults: the tiny preset on two CPU cores at the Azure 2023 conversation rate, starting at the
     trough; serving then takes a fraction of the wall time and the (mock) GPU is mostly idle.
@@ -85,6 +98,7 @@ class ChatConfig:
     max_len: int | None = None
     trace: tuple[tuple[float, int, int], ...] | None = None
     keep_requests: bool = False
+    token_scale: int | None = None
     log_every_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -96,6 +110,8 @@ class ChatConfig:
             raise ValueError(f"max length must be at least 2 tokens, got {self.max_len}")
         if self.length_scale is not None:
             LengthSampler(scale=self.length_scale)  # validates it
+        if self.token_scale is not None:
+            _positive_int("token scale", self.token_scale)
         if not (isinstance(self.log_every_s, (int, float)) and self.log_every_s > 0):
             raise ValueError(f"log interval must be positive seconds, got {self.log_every_s!r}")
         if self.trace is not None:
@@ -267,6 +283,13 @@ def _requests(config: ChatConfig, options: RunOptions, shape: _Shape,
     return requests
 
 
+def _arrival_ns(request: _Request) -> int:
+    """A request's arrival after the start, in whole ns rounded up: ``arrive`` and ``wake_ns`` compare the
+    same integer, so a wait until the next arrival always reaches it (on a schedule that moves only by
+    such waits, a float compared with a rounded integer could leave it 1 ns short forever)."""
+    return math.ceil(request.arrival_s * 1e9)
+
+
 class _Queue:
     """The requests from arrival to their last token: ``pending`` (not arrived yet), ``waiting`` (arrived,
     first come first served) and ``running`` (each holding a cache slot and its KV reservation)."""
@@ -283,7 +306,7 @@ class _Queue:
 
     def arrive(self, start_ns: int, now_ns: int) -> None:
         """Move the requests whose arrival time has come to ``waiting``."""
-        while self.pending and start_ns + self.pending[0].arrival_s * 1e9 <= now_ns:
+        while self.pending and start_ns + _arrival_ns(self.pending[0]) <= now_ns:
             self.waiting.append(self.pending.popleft())
 
     def admit(self, now_ns: int, cache: KVCache) -> list[_Request]:
@@ -301,14 +324,17 @@ class _Queue:
 
     def wake_ns(self, start_ns: int, end_ns: int) -> int:
         """When an idle server has something to do: the next arrival, or the end."""
-        return min(end_ns, start_ns + round(self.pending[0].arrival_s * 1e9)) if self.pending else end_ns
+        return min(end_ns, start_ns + _arrival_ns(self.pending[0])) if self.pending else end_ns
 
-    def retire(self, served: list[_Request], tokens: list[int], step: int, step_end_ns: int) -> None:
-        """Give each served request its token; those at their target length leave and free their slot."""
+    def retire(self, served: list[_Request], tokens: list[int], step: int, step_end_ns: int,
+               first_token_ns: int | None = None) -> None:
+        """Give each served request its token; those at their target length leave and free their slot.
+        ``first_token_ns``: when a request's first token was out, if before the step's end (simulated, token
+        scale above 1: at the end of the step's first pass)."""
         still_running = []
         for request, token in zip(served, tokens):
             if request.generated == 0:
-                request.first_token_ns = step_end_ns
+                request.first_token_ns = step_end_ns if first_token_ns is None else first_token_ns
                 request.admit_step = step
             request.generated += 1
             request.last_token = token
@@ -339,6 +365,7 @@ class _Server:
         self.reporter = reporter
         self.clock_ns = clock_ns
         self.clock = _StepClock(device, clock_ns)
+        self.token_scale = 1  # simulated tokens per computed token (set by the simulated run)
         reporter.set_memory(self.memory_bytes)
 
     def warm_up(self) -> float:
@@ -349,6 +376,16 @@ class _Server:
         self.reporter.span("compute", warm_start, warm_end, PREFILL_ACTIVITY)
         return (warm_end - warm_start) / 1e9
 
+    def simulated_warm_up(self, simulation: SimulatedServing) -> float:
+        """Warm up on the CPU, then cost the warm-up's work on the simulated device at the schedule's start
+        (its span, a prefill of 4 tokens and a decode for ``max_batch`` requests); returns its device seconds."""
+        _warm_up(self.model, self.cache, self.decoder, self.max_batch, self.device)
+        # One pass, unscaled: the warm-up is no request, only the server's first kernels.
+        device_step = simulation.step([5] * self.max_batch, [(4, 0)] * self.max_batch)
+        start_ns, end_ns = simulation.spend(device_step)
+        self.reporter.span("compute", start_ns, end_ns, device_step.activity)
+        return device_step.seconds
+
     def step(self, admitted: list[_Request], decoding: list[_Request], totals: _Totals) -> tuple[list[int], int]:
         """Prefill ``admitted``, decode one token for ``decoding``, read the tokens back; report the spans
         and tokens and add them to ``totals``. Returns (the tokens, admitted first, and the read's monotonic ns)."""
@@ -357,6 +394,37 @@ class _Server:
         # Announced now (its first span starts here, prefill if any), so an in-process mock GPU counts the
         # step while it runs: a step longer than the mock's lag (seen on a busy host) would come too late.
         reporter.span_started("compute", clock.start_ns, PREFILL_ACTIVITY if admitted else DECODE_ACTIVITY)
+        tokens = self._forward(admitted, decoding, clock)
+        step_end_ns = self.clock_ns()
+        mid_ns = clock.split(step_end_ns, bool(admitted), bool(decoding))
+        if admitted:
+            reporter.span("compute", clock.start_ns, mid_ns, PREFILL_ACTIVITY)
+        if decoding:
+            reporter.span("compute", mid_ns, step_end_ns, DECODE_ACTIVITY)
+        self._count(admitted, decoding, tokens, totals, (mid_ns - clock.start_ns) / 1e9, (step_end_ns - mid_ns) / 1e9)
+        return tokens, step_end_ns
+
+    def simulated_step(self, admitted: list[_Request], decoding: list[_Request], totals: _Totals,
+                       simulation: SimulatedServing) -> tuple[list[int], int, int]:
+        """``step`` on the simulated device: the CPU computes the tokens, the step costs the device time of
+        its work at the token scale (one span: prefill and the first decode pass fused, then the further
+        decode passes, ``SimulatedServing.scaled_step``), its time split into prefill and decode by each
+        part's own device time. Returns (the tokens, the step's scheduled end and the scheduled time the
+        admitted requests' first token was out, in ns)."""
+        prefill_chunks = [(r.prompt_tokens, 0) for r in admitted]
+        # A decoding request feeds its last token and attends to its prompt and every token generated so far.
+        contexts = [r.prompt_tokens + r.generated for r in decoding]
+        scaled = simulation.scaled_step(contexts, prefill_chunks)
+        self.reporter.span_started("compute", simulation.clock.now_ns(), scaled.step.activity)
+        tokens = self._forward(admitted, decoding, None)
+        start_ns, end_ns = simulation.spend(scaled)
+        self.reporter.span("compute", start_ns, end_ns, scaled.step.activity)
+        self._count(admitted, decoding, tokens, totals, scaled.prefill_seconds, scaled.decode_seconds)
+        first_token_ns = end_ns if len(scaled.parts) == 1 else start_ns + round(scaled.first_pass_seconds * 1e9)
+        return tokens, end_ns, first_token_ns
+
+    def _forward(self, admitted: list[_Request], decoding: list[_Request], clock: _StepClock | None) -> list[int]:
+        """The CPU (or GPU) model's step: prefill ``admitted``, decode ``decoding``, read the tokens back."""
         sampled = []
         if admitted:
             # Random prompt ids (content does not matter, lengths do); padding beyond each length is dropped.
@@ -365,7 +433,8 @@ class _Server:
             logits = self.model.forward_cached(prompts, [r.prompt_tokens for r in admitted],
                                                [r.slot for r in admitted], self.cache)
             sampled.append(logits.argmax(-1))
-        clock.between()
+        if clock is not None:
+            clock.between()
         if decoding:
             last = [r.last_token for r in decoding]
             slots = [r.slot for r in decoding]
@@ -374,25 +443,29 @@ class _Server:
             else:
                 logits = self.model.forward_cached(_column(last, self.device), [1] * len(decoding), slots, self.cache)
             sampled.append(logits.argmax(-1))
-        clock.before_sync()
+        if clock is not None:
+            clock.before_sync()
         # The step's one host sync: the tokens go back to their clients. Spans end after it.
-        tokens = (torch.cat(sampled) if len(sampled) > 1 else sampled[0]).tolist()
-        step_end_ns = self.clock_ns()
-        mid_ns = clock.split(step_end_ns, bool(admitted), bool(decoding))
+        return (torch.cat(sampled) if len(sampled) > 1 else sampled[0]).tolist()
+
+    def _count(self, admitted: list[_Request], decoding: list[_Request], tokens: list[int], totals: _Totals,
+               prefill_s: float, decode_s: float) -> None:
+        """Report the step's tokens (after its spans) and add the step to ``totals`` (seconds)."""
+        # Both always (each is 0 without its part): under a token scale the admitted requests' further
+        # decode passes are decode time even in a step with nothing else decoding.
+        totals.prefill_seconds += prefill_s
+        totals.decode_seconds += decode_s
         if admitted:
-            reporter.span("compute", clock.start_ns, mid_ns, PREFILL_ACTIVITY)
-            totals.prefill_seconds += (mid_ns - clock.start_ns) / 1e9
             totals.prefill_batches.append(len(admitted))
         if decoding:
-            reporter.span("compute", mid_ns, step_end_ns, DECODE_ACTIVITY)
-            totals.decode_seconds += (step_end_ns - mid_ns) / 1e9
             totals.decode_batches.append(len(decoding))
-        prompt_tokens = sum(r.prompt_tokens for r in admitted)
-        reporter.add_tokens("prompt", prompt_tokens)
-        reporter.add_tokens("generated", len(tokens))
+        # Simulated: each computed token stands for token_scale simulated ones (reported and counted).
+        prompt_tokens = simulated_tokens(sum(r.prompt_tokens for r in admitted), self.token_scale)
+        generated_tokens = simulated_tokens(len(tokens), self.token_scale)
+        self.reporter.add_tokens("prompt", prompt_tokens)
+        self.reporter.add_tokens("generated", generated_tokens)
         totals.prompt += prompt_tokens
-        totals.generated += len(tokens)
-        return tokens, step_end_ns
+        totals.generated += generated_tokens
 
 
 @torch.no_grad()
@@ -406,13 +479,18 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
     batch_size and prefill_batch_size ({mean, max} over decode and prefill steps), steps,
     arrival_rate_per_s (measured) and expected_arrival_rate_per_s (Lambda(T) / T), interarrival_cv
     (rate-rescaled; None for a trace), prompt_ and generated_tokens_per_s, prefill_ / decode_seconds,
-    busy_fraction (compute span time / wall time; the warm-up before the clock starts is reported as a
-    span but counted only in warm_up_seconds), the resolved settings, and ``requests`` (per-request
-    records with admission and last step numbers) when ``config.keep_requests``.
+    busy_fraction (compute span time / wall time, or device time / scheduled time when simulated; the
+    warm-up before the clock starts is reported as a span but counted only in warm_up_seconds), the resolved
+    settings, and ``requests`` (per-request records with admission and last step numbers) when
+    ``config.keep_requests``.
 
     ``clock_ns`` is the monotonic clock (ns) that arrivals, the deadline and every span read: the tests pass
     one that advances a fixed amount per reading, so which step a request joins does not depend on how fast
     the host runs the model. An idle wait still sleeps in real time (at most until the next arrival).
+
+    With ``options.simulation`` the loop reads a ``PacedClock`` paced to ``clock_ns`` (the wall clock) and
+    sleeping with ``stop.wait``: steps cost the simulated device's time, the figures above are over the
+    scheduled time, and ``simulated_device`` holds the pacing report (``SimulatedServing.summary``).
     """
     stop = stop if stop is not None else threading.Event()
     model_config, device, dtype = options.resolve()
@@ -420,7 +498,15 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
     arrivals_config = config.arrival_config()
     requests = _requests(config, options, shape, arrivals_config)
     server = _Server(config, options, model_config, device, dtype, shape.max_len, reporter, clock_ns)
-    warm_up_seconds = server.warm_up()
+    simulation = None
+    if options.simulation is None:
+        warm_up_seconds = server.warm_up()
+    else:
+        server.token_scale = _token_scale(config, shape)
+        simulation = SimulatedServing(options.simulation, PacedClock(wall_ns=clock_ns, stop=stop), options.preset,
+                                      server.token_scale)
+        clock_ns = simulation.clock  # from here on every decision and span reads the schedule
+        warm_up_seconds = server.simulated_warm_up(simulation)
 
     queue = _Queue(requests, config.max_batch, shape.kv_budget)
     totals = _Totals()
@@ -436,20 +522,30 @@ def run(config: ChatConfig, options: RunOptions, reporter: Reporter, stop: threa
         decoding = queue.running
         if not admitted and not decoding:
             # Nothing to run: sleep until the next arrival (or the end). No span: idle is no compute.
-            stop.wait(max(0.0, (queue.wake_ns(start_ns, end_ns) - now_ns) / 1e9))
+            if simulation is not None:
+                simulation.clock.wait_until(queue.wake_ns(start_ns, end_ns))
+            else:
+                stop.wait(max(0.0, (queue.wake_ns(start_ns, end_ns) - now_ns) / 1e9))
             continue
         totals.steps += 1
-        tokens, step_end_ns = server.step(admitted, decoding, totals)
-        queue.retire(admitted + decoding, tokens, totals.steps, step_end_ns)
+        first_token_ns = None
+        if simulation is not None:
+            tokens, step_end_ns, first_token_ns = server.simulated_step(admitted, decoding, totals, simulation)
+        else:
+            tokens, step_end_ns = server.step(admitted, decoding, totals)
+        queue.retire(admitted + decoding, tokens, totals.steps, step_end_ns, first_token_ns)
         if step_end_ns >= next_log_ns:
             next_log_ns += round(config.log_every_s * 1e9)
             _log_progress(queue, totals, (step_end_ns - start_ns) / 1e9)
 
     finished_ns = clock_ns()
     summary = _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config,
-                       shape, server.memory_bytes, warm_up_seconds)
+                       shape, server.memory_bytes, warm_up_seconds, server.token_scale)
     # Under --compile: whether every decode shape ran compiled, or dynamo's recompile limit sent some eager.
     summary["compile"] = server.decoder.compile_report() if server.decoder is not None else None
+    if simulation is not None:
+        summary["simulated_device"] = simulation.summary((finished_ns - start_ns) / 1e9,
+                                                         {"prompt": totals.prompt, "generated": totals.generated})
     return summary
 
 
@@ -459,8 +555,16 @@ def _log_progress(queue: _Queue, totals: _Totals, elapsed: float) -> None:
              totals.generated / elapsed, 100 * (totals.prefill_seconds + totals.decode_seconds) / elapsed)
 
 
+def _token_scale(config: ChatConfig, shape: _Shape) -> int:
+    """Simulated tokens per computed token: the config's, else round(1 / length_scale) for generated traffic
+    (the simulated requests then have the trace's real lengths) and 1 for a trace (its lengths as given)."""
+    if config.token_scale is not None:
+        return config.token_scale
+    return 1 if config.trace is not None else token_scale_for(shape.length_scale)
+
+
 def _summary(config, options, device, dtype, requests, totals, start_ns, finished_ns, arrivals_config,
-             shape: _Shape, memory_bytes, warm_up_seconds) -> dict:
+             shape: _Shape, memory_bytes, warm_up_seconds, token_scale: int = 1) -> dict:
     elapsed = (finished_ns - start_ns) / 1e9
     arrived = [r for r in requests if r.arrival_s * 1e9 <= finished_ns - start_ns]
     completed = [r for r in arrived if r.finished_ns]
@@ -470,7 +574,9 @@ def _summary(config, options, device, dtype, requests, totals, start_ns, finishe
 
     ttft = [since_arrival(r, r.first_token_ns) for r in arrived if r.first_token_ns]
     e2e = [since_arrival(r, r.finished_ns) for r in completed]
-    tpot = [(r.finished_ns - r.first_token_ns) / 1e9 / (r.output_tokens - 1) for r in completed if r.output_tokens > 1]
+    # Per output token as served: simulated, a request's output is token_scale times the computed one.
+    tpot = [(r.finished_ns - r.first_token_ns) / 1e9 / (simulated_tokens(r.output_tokens, token_scale) - 1)
+            for r in completed if simulated_tokens(r.output_tokens, token_scale) > 1]
     busy = totals.prefill_seconds + totals.decode_seconds
     summary = summary_header(WORKLOAD, options, device, dtype, elapsed,
                              {"prompt": totals.prompt, "generated": totals.generated})
