@@ -88,7 +88,7 @@ def _run_alone(monkeypatch, error: BaseException) -> tuple[dict, dict]:
     pytest.importorskip("torch")  # the run options (workloads.common) are torch's
     monkeypatch.setattr(bench_command, "AccountingReporter", _FakeReporter)
     monkeypatch.setitem(RAISES, "next", error)
-    session = SimpleNamespace(agent=SimpleNamespace(accounting_api=lambda: None))
+    session = SimpleNamespace(agent=SimpleNamespace(accounting_api=lambda: None), simulated=False, mock_preset=None)
     options = bench_command.BenchOptions(device="cpu")
     return bench_command._run_regime(session, "boom", 0.1, "tiny", options, bench_command.StopRequest(), (0,))
 
@@ -169,3 +169,82 @@ def test_the_bench_exits_1_when_a_regime_failed_and_0_when_none_did(monkeypatch,
     monkeypatch.setattr(cli, "print_table", lambda *args: None)
     monkeypatch.setattr(cli, "_console", lambda: table.console(file=io.StringIO()))
     assert cli.bench_main(["--backend", "mock", "--quick", "--output", str(tmp_path)]) == exit_code
+
+
+# -- issue 14: the regimes run on the simulated GPU's time on the mock, unless --cpu-timing -------------
+
+
+class _RecordingRegime:
+    """Stands in for a registry regime: records how the bench asked it to run."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def run_as_benchmarked(self, reporter, stop, **kwargs) -> dict:
+        self.calls.append(kwargs)
+        return {"workload": "recorded"}
+
+
+def _run_recorded(monkeypatch, simulated: bool, cpu_timing: bool) -> dict:
+    recording = _RecordingRegime()
+    monkeypatch.setattr(bench_command, "AccountingReporter", _FakeReporter)
+    monkeypatch.setattr(registry, "regime", lambda name: recording)
+    session = SimpleNamespace(agent=SimpleNamespace(accounting_api=lambda: None), simulated=simulated,
+                              mock_preset="h200-141gb" if simulated else None)
+    options = bench_command.BenchOptions(device="cpu", cpu_timing=cpu_timing)
+    summary, failure = bench_command._run_regime(session, "chat", 0.1, "tiny", options, bench_command.StopRequest(),
+                                                 (0,))
+    assert failure == {} and summary == {"workload": "recorded"}
+    (call,) = recording.calls
+    return call
+
+
+def test_on_the_mock_every_regime_runs_on_the_mock_presets_simulated_time_by_default(monkeypatch):
+    call = _run_recorded(monkeypatch, simulated=True, cpu_timing=False)
+    assert call["simulated_device"] == "h200-141gb" and call["timing_preset"] == "8b"
+
+
+def test_cpu_timing_keeps_the_cpus_own_time_on_the_mock(monkeypatch):
+    assert _run_recorded(monkeypatch, simulated=True, cpu_timing=True)["simulated_device"] is None
+
+
+def test_on_real_gpus_nothing_is_simulated(monkeypatch):
+    assert _run_recorded(monkeypatch, simulated=False, cpu_timing=False)["simulated_device"] is None
+
+
+def test_the_timing_settings_say_which_clock_the_regimes_ran_on():
+    mock = SimpleNamespace(simulated=True, mock_preset="h100-sxm-80gb")
+    assert bench_command.timing_settings(mock, bench_command.BenchOptions()) == {
+        "timing": "simulated", "simulated_device": "h100-sxm-80gb", "timing_preset": "8b"}
+    assert bench_command.timing_settings(mock, bench_command.BenchOptions(cpu_timing=True)) == {"timing": "cpu"}
+    assert bench_command.timing_settings(SimpleNamespace(simulated=False, mock_preset=None),
+                                         bench_command.BenchOptions()) == {}
+
+
+def test_the_cpu_timing_flag_reaches_the_bench_options(monkeypatch, tmp_path):
+    from wattledger.workloads.bench import cli, table
+
+    seen = []
+    monkeypatch.setattr(bench_command, "run_bench", lambda options, *args: (seen.append(options), (tmp_path, {}))[1])
+    monkeypatch.setattr(cli, "print_table", lambda *args: None)
+    monkeypatch.setattr(cli, "_console", lambda: table.console(file=io.StringIO()))
+    cli.bench_main(["--backend", "mock", "--quick", "--cpu-timing", "--output", str(tmp_path)])
+    cli.bench_main(["--backend", "mock", "--quick", "--output", str(tmp_path)])
+    assert [options.cpu_timing for options in seen] == [True, False]
+
+
+def test_run_as_benchmarked_builds_the_simulation_into_the_run_options(monkeypatch):
+    pytest.importorskip("torch")
+    from wattledger.workloads import common
+
+    seen = []
+    module = SimpleNamespace(ToyConfig=lambda: SimpleNamespace(), run=lambda config, options, reporter, stop:
+                             seen.append(options) or {})
+    toy = registry.Regime("toy", "toy_regime", "ToyConfig", "a toy regime", "generated", "#777777")
+    monkeypatch.setattr(registry.Regime, "load", lambda self: module)
+    monkeypatch.setattr(common, "configure_cpu_threads", lambda options: None)
+    kwargs = dict(preset="tiny", duration_s=1.0, device="cpu", seed=0, gpus=[0])
+    toy.run_as_benchmarked(None, None, simulated_device="h100-sxm-80gb", timing_preset="8b", **kwargs)
+    toy.run_as_benchmarked(None, None, **kwargs)
+    assert seen[0].simulation == common.SimulatedTiming(device="h100-sxm-80gb", timing_preset="8b")
+    assert seen[1].simulation is None

@@ -510,3 +510,63 @@ def test_a_profiled_commands_phase_is_reported_like_a_regime(tmp_path):
     assert len(image_sources(text)) == len(FIGURE_FILES)
     assert "vllm-serve (prompt tokens)" in text and "J/request" not in text
     assert "vllm-serve" in _closing_table(summary)
+
+
+# -- issue 14: regimes on a simulated device's time ---------------------------------------------------------
+
+SIMULATED_CALIBRATION = {"name": "H100 SXM", "mock_preset": "h100-sxm-80gb", "compute_efficiency": 0.6,
+                         "bandwidth_efficiency": 0.66, "overhead_s": 2e-4, "peak_bf16_flops": 989e12,
+                         "hbm_bytes_per_s": 3.35e12, "power_limit_watts": 700.0, "idle_power_watts": 70.0,
+                         "sources": {"fit": "ML.ENERGY leaderboard, Llama-3.1-8B on one H100 <vLLM>"}}
+
+
+def _simulated_timing(run_dir: Path, lag_seconds: dict[str, float]) -> None:
+    """Rewrite events.jsonl as a bench on simulated timing writes it: each regime's workload summary carries
+    ``simulated_device`` (training on 1b: 8b does not fit), and the mock's delay is recorded (1 s)."""
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    for event in events:
+        if event["type"] == "phase_end" and event["phase"] in lag_seconds:
+            training = event["phase"] == "training"
+            event["mock_lag_seconds"] = 1.0
+            event["workload_summary"] = dict(event.get("workload_summary") or {}, simulated_device={
+                "device": "H100 SXM", "timing_preset": "1b" if training else "8b", "computed_preset": "tiny",
+                "timing_note": "8b training does not fit one H100 SXM" if training else None,
+                "max_lag_seconds": lag_seconds[event["phase"]], "lagging_seconds": 0.0, "device_seconds": 9.0,
+                "device_busy_seconds": 9.0, "calibration": SIMULATED_CALIBRATION})
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_simulated_timing_is_in_the_summary_the_checks_the_report_and_the_table(tmp_path):
+    from wattledger.workloads.bench.analysis import KEPT_UP_CHECK, summarize
+    from wattledger.workloads.bench.economics import load_pricing
+    from wattledger.workloads.bench.rundata import load_run
+
+    made, _ = make_run_dir(tmp_path / "run")
+    _simulated_timing(made.run_dir, {"training": 0.02, "chat": 0.01, "agentic": 0.7})
+    run = load_run(made.run_dir)
+    summary = json.loads(json.dumps(summarize(run, load_pricing()), default=lambda v: v.item()))
+    validate(summary)
+    checks = {name: {c["check"]: c for c in r["validity"]} for name, r in summary["regimes"].items()}
+    assert checks["training"][KEPT_UP_CHECK]["passed"] and checks["chat"][KEPT_UP_CHECK]["passed"]
+    late = checks["agentic"][KEPT_UP_CHECK]
+    assert not late["passed"] and "0.700 s behind" in late["detail"] and "1 s delay" in late["detail"]
+    assert summary["regimes"]["training"]["simulated_device"]["timing_preset"] == "1b"
+
+    text = render_report(run, summary, tmp_path / "report.html").read_text(encoding="utf-8")
+    note = text.split("id='simulated-device'", 1)[1].split("</div>", 1)[0]
+    assert "Simulated device (SIMULATED)" in note and "H100 SXM" in note
+    assert "timing model 1b (8b training does not fit one H100 SXM), computed model tiny" in note
+    assert html.escape("ML.ENERGY leaderboard, Llama-3.1-8B on one H100 <vLLM>") in note
+    assert "compute efficiency (of dense bf16 peak) 0.6" in note
+
+    out = _closing_table(summary)
+    assert max(len(line) for line in out.splitlines()) <= 80
+    flat = " ".join(out.split())
+    assert "SIMULATED timing: H100 SXM device time of 8b work (training: 1b), tiny computed on the CPU" in flat
+    assert f"- {KEPT_UP_CHECK}: {' '.join(late['detail'].split())}" in flat  # the failure is shown, not hidden
+
+
+def test_without_simulated_timing_there_is_no_note_and_no_check(full):
+    _, summary, _, text = full
+    assert "simulated-device" not in text
+    assert all("simulated_device" not in r for r in summary["regimes"].values())

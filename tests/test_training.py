@@ -386,3 +386,157 @@ def test_torchrun_two_ranks_from_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:] + "\n" + _rank_logs(log_dir)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["tokens"]["trained"] == 2 * 2 * 2 * 16
+
+
+# -- on a simulated device's time (issue 14) ------------------------------------------------------------
+
+
+class _FakeDeviceTime:
+    """workloads/device_time.py's API (issue 14), for as long as the real one is not there: a step costs
+    1 ns per 1e6 FLOP plus 1 ns per 1e3 bytes, memory-bound at a fixed activity."""
+
+    from dataclasses import dataclass as _dataclass
+
+    @_dataclass(frozen=True)
+    class StepWork:
+        flops: float
+        hbm_bytes: float
+
+    @_dataclass(frozen=True)
+    class DeviceStep:
+        seconds: float
+        activity: object
+        bound: str
+
+    class SimulatedDevice:
+        name = "H100 SXM"
+        mock_preset = "h100-sxm-80gb"
+
+        def step(self, work):
+            from wattledger.probes.activity import Activity
+
+            seconds = work.flops / 1e15 + work.hbm_bytes / 1e12
+            return _FakeDeviceTime.DeviceStep(seconds, Activity(gpu=1.0, sm=0.9, tensor=0.7, dram=0.5), "compute")
+
+        def describe(self):
+            return {"name": self.name, "sources": ["a fake: tests/test_training.py"]}
+
+    @staticmethod
+    def simulated_device(mock_preset):
+        if mock_preset != "h100-sxm-80gb":
+            raise ValueError(f"unknown mock preset {mock_preset!r}")
+        return _FakeDeviceTime.SimulatedDevice()
+
+    @staticmethod
+    def training_step_work(config, batch, seq_len):
+        tokens = batch * seq_len
+        return _FakeDeviceTime.StepWork(config.training_flops_per_token(seq_len) * tokens,
+                                        16.0 * config.total_params())
+
+
+@pytest.fixture
+def device_time(monkeypatch):
+    """The real workloads.device_time when helper 1's module is in the tree, else the fake above."""
+    try:
+        from wattledger.workloads import device_time as module
+    except ImportError:
+        import wattledger.workloads as package
+
+        module = _FakeDeviceTime
+        monkeypatch.setitem(sys.modules, "wattledger.workloads.device_time", module)
+        monkeypatch.setattr(package, "device_time", module, raising=False)
+    return module
+
+
+class _FakeWall:
+    """An injected wall clock that moves only when slept on (so the CPU's own time never shows)."""
+
+    def __init__(self):
+        self.now_ns = 10**12
+        self.slept_s = 0.0
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def sleep(self, seconds: float) -> None:
+        self.slept_s += seconds
+        self.now_ns += round(seconds * 1e9)
+
+
+def _simulated_run(steps: int, **fields):
+    from wattledger.workloads.common import SimulatedTiming
+    from wattledger.workloads.paced_clock import PacedClock
+
+    wall = _FakeWall()
+    reporter = Reporter("training", [0], keep_spans=True)
+    options = RunOptions(preset="tiny", device="cpu", seed=0, duration_s=120.0,
+                         simulation=SimulatedTiming(device="h100-sxm-80gb", timing_preset="8b"))
+    summary = run(TrainingConfig(max_steps=steps, log_every=0, **fields), options, reporter,
+                  paced_clock=PacedClock(wall_ns=wall, sleep_s=wall.sleep))
+    return summary, reporter, wall
+
+
+def test_simulated_steps_take_the_device_time_and_count_the_simulated_tokens(device_time):
+    from wattledger.workloads.common import SimulatedTiming
+
+    sim = training.simulated_training(SimulatedTiming(device="h100-sxm-80gb", timing_preset="8b"))
+    summary, reporter, wall = _simulated_run(3)
+    compute = [s for s in reporter.spans if s.kind == "compute"]
+    assert len(compute) == 3
+    for span in compute:
+        assert span.end_ns - span.start_ns == round(sim.step.seconds * 1e9)
+        assert span.activity == sim.step.activity
+    assert [b.start_ns for b in compute[1:]] == [a.end_ns for a in compute[:-1]]  # back to back
+    # 8b does not fit one H100 for AdamW training: 1b at its default 4 x 2048 (x 8 micro-steps) is simulated,
+    # and said so; the tokens counted are the simulated step's.
+    assert (sim.timing_config.name, sim.batch_size, sim.seq_len, sim.grad_accum_steps) == ("1b", 4, 2048, 8)
+    assert reporter.tokens["trained"] == 3 * 4 * 2048 * 8 == summary["tokens"]["trained"]
+    # Headroom for a loaded CPU (SIMULATED_GRAD_ACCUM_STEPS' comment): a step well above 0.84 s of tiny CPU work.
+    assert 0.8 < sim.step.seconds < 0.95
+    simulated = summary["simulated_device"]
+    assert simulated["timing_preset"] == "1b" and simulated["timing_preset_requested"] == "8b"
+    assert "does not fit" in simulated["timing_note"] and simulated["computed_preset"] == "tiny"
+    assert simulated["shapes"] == ("computed: tiny 8 x 64 per step, timing and tokens: 1b 4 x 2048 x 8 accum on "
+                                   "H100 SXM")
+    assert simulated["device_busy_seconds"] == pytest.approx(3 * sim.step.seconds)
+    assert simulated["max_lag_seconds"] == 0 and wall.slept_s == pytest.approx(3 * sim.step.seconds, rel=1e-6)
+    assert summary["step_time_seconds"]["mean"] == pytest.approx(sim.step.seconds, rel=1e-6)
+    assert simulated["mfu_simulated"] == pytest.approx(summary["mfu"], rel=1e-6)
+
+
+def test_a_simulated_checkpoint_stalls_for_the_simulated_state_over_the_stated_bandwidth(device_time):
+    summary, reporter, _ = _simulated_run(2, checkpoint_every=2)
+    (stall,) = [s for s in reporter.spans if s.kind == "checkpoint"]
+    params = PRESETS["1b"].total_params()
+    expected_s = params * training.CHECKPOINT_BYTES_PER_PARAM / training.SIMULATED_CHECKPOINT_BYTES_PER_S["sync"]
+    assert (stall.end_ns - stall.start_ns) / 1e9 == pytest.approx(expected_s, abs=1e-9)
+    assert summary["checkpoint_stall_seconds"] == pytest.approx(expected_s, abs=1e-9)
+
+
+def test_a_simulated_run_ends_on_the_simulated_schedule(device_time):
+    from wattledger.workloads.common import SimulatedTiming
+    from wattledger.workloads.paced_clock import PacedClock
+
+    sim = training.simulated_training(SimulatedTiming())
+    wall = _FakeWall()
+    options = RunOptions(preset="tiny", device="cpu", seed=0, duration_s=3.5 * sim.step.seconds,
+                         simulation=SimulatedTiming())
+    summary = run(TrainingConfig(log_every=0), options, Reporter("training", [0]),
+                  paced_clock=PacedClock(wall_ns=wall, sleep_s=wall.sleep))
+    assert summary["steps"] == 4  # the step whose device time reaches the deadline is the last
+
+
+def test_the_simulated_memory_sizes_are_the_mock_presets():
+    from wattledger.probes.mock_presets import PRESETS as MOCK_PRESETS
+
+    assert training.SIMULATED_GPU_MEMORY_BYTES == {name: p.memory_total_bytes for name, p in MOCK_PRESETS.items()}
+
+
+def test_a_timing_preset_that_fits_is_simulated_as_asked_and_an_unknown_device_is_refused(device_time):
+    from wattledger.workloads.common import SimulatedTiming
+
+    fitting = training.simulated_training(SimulatedTiming(device="h100-sxm-80gb", timing_preset="125m"))
+    assert fitting.timing_config.name == "125m" and fitting.fit_note is None
+    assert (fitting.batch_size, fitting.seq_len) == training.DEFAULT_BATCH_SHAPE["125m"]
+    with pytest.raises(ValueError):
+        training.simulated_training(SimulatedTiming(device="a100-40gb", timing_preset="8b"))

@@ -18,7 +18,7 @@ The workload protocol (what :meth:`Regime.load` returns)::
     run(config, options, reporter, stop) -> dict  # runs until options.duration_s or stop; its summary
     <config_class>()                            # the config with its defaults (what the benchmark runs)
 
-``options`` is ``workloads.common.RunOptions`` (preset, duration_s, device, seed, compile, gpus);
+``options`` is ``workloads.common.RunOptions`` (preset, duration_s, device, seed, compile, gpus, simulation);
 ``reporter`` a ``workloads.reporter.Reporter`` (tokens and spans go there, never to the agent directly);
 ``stop`` a ``threading.Event``: return early, with a summary of what ran, once it is set.
 """
@@ -29,8 +29,8 @@ import importlib
 import importlib.util
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from types import ModuleType
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType, ModuleType
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ class Regime:
     main_token_kind: str  # the token kind joules per token is quoted for: "trained" or "generated"
     color: str  # its colour in the report's figures (hex)
     per_unit: PerUnitEnergy | None = None
+    # Config fields the benchmark sets (dataclasses.replace) only when the regime runs on a simulated
+    # device's time (run_as_benchmarked with simulated_device): its load on a simulated GPU differs from
+    # what suits the CPU's own time.
+    simulated_overrides: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
 
     def load(self) -> ModuleType:
         """The regime's module (imports torch)."""
@@ -75,25 +79,45 @@ class Regime:
         return config
 
     def run_as_benchmarked(self, reporter, stop: threading.Event, *, preset: str, duration_s: float, device: str,
-                           seed: int, gpus: Sequence[int]) -> dict:
+                           seed: int, gpus: Sequence[int], simulated_device: str | None = None,
+                           timing_preset: str = "8b") -> dict:
         """Run the regime as the benchmark measures it: its default config (quiet), for ``duration_s``
         seconds or until ``stop``, reporting through ``reporter`` (already started). Returns its summary.
+        ``simulated_device``: the mock preset whose device time the regime runs on, with ``timing_preset``
+        the model whose work sets it (``workloads.common.SimulatedTiming``, issue 14); None: the CPU's time.
 
         The run options are the regimes' own type (``workloads.common``, which imports torch), built here
         so that the measurement never imports a regime module itself."""
-        from wattledger.workloads.common import RunOptions, configure_cpu_threads
+        from wattledger.workloads.common import RunOptions, SimulatedTiming, configure_cpu_threads
 
-        options = RunOptions(preset=preset, duration_s=duration_s, device=device, seed=seed, gpus=list(gpus))
+        simulation = (SimulatedTiming(device=simulated_device, timing_preset=timing_preset)
+                      if simulated_device is not None else None)
+        options = RunOptions(preset=preset, duration_s=duration_s, device=device, seed=seed, gpus=list(gpus),
+                             simulation=simulation)
         configure_cpu_threads(options)
-        return self.load().run(self.default_config(), options, reporter, stop)
+        config = self.default_config()
+        if simulation is not None and self.simulated_overrides:
+            config = replace(config, **self.simulated_overrides)
+        return self.load().run(config, options, reporter, stop)
 
+
+# ASSUMPTION: one chat replica's mean arrival rate on a simulated GPU (requests/s, 8b on an H100 SXM with the
+# trace's real lengths: the token scale in workloads/simulated_serving.py). Azure 2023's 5.53 req/s
+# (ChatConfig's default) is the whole conversation service's traffic over an unknown number of replicas; a
+# replica is sized for the diurnal peak (2.5x the trough), so off-peak it is mostly idle. One 8b request
+# alone keeps the H100 busy about 1.5-2 s (a few hundred decode passes of ~7 ms), so the rate is set where a
+# 20 s quick run from the trough leaves it idle more than half the time on seeds 0, 1 and 2 (measured busy
+# fractions 0.19, 0.40, 0.04 at 0.25; 0.19, 0.50, 0.04 at 0.3; 0.37, 0.55, 0.08 at 0.5): 5.53 / 0.25 is
+# about 22 replicas for the service.
+CHAT_SIMULATED_RATE_PER_S = 0.25
 
 REGIMES: Mapping[str, Regime] = {regime.name: regime for regime in (
     Regime("training", "wattledger.workloads.training", "TrainingConfig",
            "sustained synchronised training steps (AdamW, bf16 autocast, DDP, checkpoints)", "trained", "#1f5fa8"),
     Regime("chat", "wattledger.workloads.chat", "ChatConfig",
            "human chat serving: diurnal, bursty arrivals served with continuous batching", "generated", "#d9731a",
-           PerUnitEnergy("joules_per_request", "request", "requests_completed", None, from_tokens=True)),
+           PerUnitEnergy("joules_per_request", "request", "requests_completed", None, from_tokens=True),
+           simulated_overrides=MappingProxyType({"mean_rate_per_s": CHAT_SIMULATED_RATE_PER_S})),
     Regime("agentic", "wattledger.workloads.agentic", "AgenticConfig",
            "agentic sessions: long contexts, tool calls that idle the GPU, KV spill to host", "generated",
            "#2a9150",

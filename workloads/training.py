@@ -29,16 +29,17 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from wattledger.workloads.common import RunOptions, percentiles, summary_header
+from wattledger.workloads.common import RunOptions, SimulatedTiming, percentiles, summary_header
 from wattledger.workloads.memory_plan import GIB, TrainingMemoryPlan, WontFitError, plan_training_memory
 from wattledger.workloads.model import ModelConfig, build_model, model_config, pick_device
+from wattledger.workloads.paced_clock import NS_PER_S, PacedClock
 from wattledger.workloads.reporter import TRAIN_ACTIVITY, Reporter
 
 CHECKPOINT_MODES = ("sync", "async")
@@ -459,6 +460,127 @@ def _distributed_env() -> tuple[int, int, int] | None:
     return None
 
 
+# -- simulated device time (issue 14) -----------------------------------------------------------------
+
+# Memory of the GPUs the mock simulates, bytes: what NVML reports as total on the real boards, the same
+# figures as probes/mock_presets.py's memory_total_bytes (the regimes may not import probes, see
+# tests/test_layers.py; tests/test_training.py checks the two agree). A simulated training shape must fit.
+SIMULATED_GPU_MEMORY_BYTES: dict[str, int] = {
+    "h100-sxm-80gb": 81559 * 2**20,  # NVIDIA H100 SXM5 80GB HBM3
+    "h200-141gb": 143771 * 2**20,  # NVIDIA H200 141GB HBM3e
+}
+# The shape simulated when the timing preset does not fit one simulated GPU (8b: 16 B/param of fp32
+# weights, gradients and AdamW state alone is 120 GiB).
+SIMULATED_FALLBACK_PRESET = "1b"
+# Micro-steps of the preset's DEFAULT_BATCH_SHAPE per simulated optimizer step (1b: 4 x 2048 x 8 = 65,536
+# tokens, 0.86 s on an H100 SXM). Chosen so the device time of a step stays above what this CPU takes for
+# one tiny step, with headroom for a loaded host: training never idles, so a CPU slower than the simulated
+# step would fall further behind at every step (the "CPU kept up" check). Measured: 0.57 s p50, 0.84 s p90
+# per tiny 8 x 64 step on 2 cores beside other test runs (load 5); a single 4 x 2048 micro-step (0.11 s)
+# was outrun there, and 4 micro-steps (0.43 s) sat below that p90. ASSUMPTION: 8 micro-steps (65K tokens
+# per optimizer step) is a usual 1b pretraining batch on one GPU (global batches of 0.5-4M tokens are
+# reached with more GPUs or more accumulation).
+SIMULATED_GRAD_ACCUM_STEPS = 8
+# Bytes a checkpoint writes per parameter: fp32 weights 4 + AdamW's two fp32 moments 8 (what
+# save_checkpoint writes: model and optimizer state, no gradients).
+CHECKPOINT_BYTES_PER_PARAM = 4 + 8
+# The bandwidth a simulated checkpoint blocks the loop at, B/s, by mode. ASSUMPTION: sync writes the state
+# to a local datacenter NVMe drive at ~2 GB/s sustained (PCIe Gen4 x4 drives' sequential-write class);
+# async blocks only while the state is copied to pinned host memory, ~50 GB/s (about 80 % of PCIe Gen5
+# x16's 64 GB/s per direction, the H100/H200 SXM host link), and its write then runs behind the steps.
+SIMULATED_CHECKPOINT_BYTES_PER_S: dict[str, float] = {"sync": 2e9, "async": 50e9}
+
+
+@dataclass(frozen=True)
+class SimulatedTraining:
+    """A training run on a simulated device's time: the shape whose work sets each step's device time
+    and tokens (which may be larger than the model the CPU computes), and what one step costs there."""
+
+    device: object  # workloads.device_time.SimulatedDevice
+    requested_preset: str  # SimulatedTiming.timing_preset
+    timing_config: ModelConfig  # the simulated shape's model: requested_preset, or the fallback
+    batch_size: int  # sequences per simulated micro-step
+    seq_len: int  # tokens per sequence
+    grad_accum_steps: int  # micro-steps per simulated optimizer step
+    step: object  # device_time.DeviceStep of one optimizer step (every step does the same work)
+    memory_bytes: int  # what the simulated run holds on its GPU (workloads/memory_plan.py), B
+    fit_note: str | None  # why the fallback shape is simulated; None when the requested one fits
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum_steps
+
+    @property
+    def step_ns(self) -> int:
+        return round(self.step.seconds * NS_PER_S)
+
+    def checkpoint_seconds(self, mode: str) -> float:
+        """Simulated stall of one checkpoint of the simulated model's state (s): bytes / stated bandwidth."""
+        return (self.timing_config.total_params() * CHECKPOINT_BYTES_PER_PARAM
+                / SIMULATED_CHECKPOINT_BYTES_PER_S[mode])
+
+
+def _simulated_plan(preset: str) -> TrainingMemoryPlan:
+    """The CUDA recipe's memory for ``preset`` at its default training shape, one GPU, no DDP."""
+    return plan_training_memory(model_config(preset), *DEFAULT_BATCH_SHAPE[preset], bf16_autocast=True, ddp=False)
+
+
+def simulated_training(timing: SimulatedTiming) -> SimulatedTraining:
+    """The simulated shape for ``timing`` (its timing preset at DEFAULT_BATCH_SHAPE when that fits the
+    simulated GPU's memory, else SIMULATED_FALLBACK_PRESET, with why) and one step's device cost.
+    ValueError (one line) for an unknown device or preset."""
+    from wattledger.workloads import device_time
+
+    device = device_time.simulated_device(timing.device)
+    if timing.device not in SIMULATED_GPU_MEMORY_BYTES:
+        raise ValueError(f"no memory size known for simulated device {timing.device!r}")
+    limit_bytes = SIMULATED_GPU_MEMORY_BYTES[timing.device]
+    preset, note = timing.timing_preset, None
+    plan = _simulated_plan(preset)
+    if plan.total_bytes > limit_bytes:
+        note = (f"{preset} training does not fit one {device.name} ({plan.total_bytes / GIB:.0f} GiB needed, "
+                f"{limit_bytes / GIB:.0f} GiB there): {SIMULATED_FALLBACK_PRESET} is simulated instead")
+        preset = SIMULATED_FALLBACK_PRESET
+        plan = _simulated_plan(preset)
+    config = model_config(preset)
+    batch_size, seq_len = DEFAULT_BATCH_SHAPE[preset]
+    # One step's work as one pass over all its micro-steps' sequences. ASSUMPTION: the weights' re-read by
+    # each further micro-step (bf16, 4 B/param forward and backward) is left out: under 2 % of a 1b step,
+    # which is compute-bound.
+    work = device_time.training_step_work(config, batch_size * SIMULATED_GRAD_ACCUM_STEPS, seq_len)
+    return SimulatedTraining(device=device, requested_preset=timing.timing_preset, timing_config=config,
+                             batch_size=batch_size, seq_len=seq_len, grad_accum_steps=SIMULATED_GRAD_ACCUM_STEPS,
+                             step=device.step(work), memory_bytes=plan.total_bytes, fit_note=note)
+
+
+def _simulated_summary(sim: SimulatedTraining, t: _Trainer, clock: PacedClock, steps: int) -> dict:
+    """The ``simulated_device`` summary key (workloads/common.py SimulatedTiming; issue 14); seconds are
+    simulated ones, ``device_busy_seconds`` this rank's GPU's."""
+    described = sim.device.describe()
+    peak = peak_bf16_flops_for(sim.device.name)
+    mfu = (sim.timing_config.training_flops_per_token(sim.seq_len) * sim.tokens_per_step / sim.step.seconds / peak
+           if peak and sim.step.seconds > 0 else None)
+    return {
+        "device": described.get("name", sim.device.name), "mock_preset": sim.device.mock_preset,
+        "timing_preset": sim.timing_config.name, "timing_preset_requested": sim.requested_preset,
+        "timing_note": sim.fit_note, "computed_preset": t.model_config.name, **clock.report(),
+        "device_busy_seconds": steps * sim.step.seconds,
+        "shapes": (f"computed: {t.model_config.name} {t.batch_size} x {t.seq_len} per step, timing and tokens: "
+                   f"{sim.timing_config.name} {sim.batch_size} x {sim.seq_len} x {sim.grad_accum_steps} accum on "
+                   f"{sim.device.name}"),
+        "batch_size": sim.batch_size, "seq_len": sim.seq_len, "grad_accum_steps": sim.grad_accum_steps,
+        "tokens_per_step": sim.tokens_per_step,
+        "step_seconds": sim.step.seconds, "bound": sim.step.bound,
+        "activity": {"sm": sim.step.activity.sm, "tensor": sim.step.activity.tensor,
+                     "dram": sim.step.activity.dram},
+        "memory_bytes": sim.memory_bytes,
+        "mfu_simulated": mfu,
+        "mfu_note": "SIMULATED: the roofline's fitted efficiency by construction, not a measurement",
+        "checkpoint_bytes_per_second": dict(SIMULATED_CHECKPOINT_BYTES_PER_S),
+        "calibration": described,
+    }
+
+
 # -- the run ------------------------------------------------------------------------------------------
 
 
@@ -489,6 +611,12 @@ class _Trainer:
     flops_per_token: float  # training FLOPs per token, forward and backward
     peak_flops: float | None  # per GPU, FLOP/s; None: no MFU
     mfu_note: str | None  # why there is no peak, when there is none
+    simulation: SimulatedTraining | None = None  # on a simulated device's time (issue 14); None: the CPU's
+
+    @property
+    def activity(self):
+        """The activity each compute span carries: the simulated step's, else the fixed training one."""
+        return self.simulation.step.activity if self.simulation is not None else TRAIN_ACTIVITY
 
     @property
     def master(self) -> bool:
@@ -515,12 +643,14 @@ class _Progress:
 
 
 def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
-        stop: threading.Event | None = None) -> dict:
+        stop: threading.Event | None = None, paced_clock: PacedClock | None = None) -> dict:
     """Train until ``config.max_steps`` or ``options.duration_s`` (or ``stop``); return the summary.
 
     Under torchrun every rank returns a summary, but only rank 0's is the run's (the others carry their
     own figures and ``"rank"``). A run that cannot fit on its device raises WontFitError (check_memory_fits)
-    before anything is built.
+    before anything is built. With ``options.simulation`` every step still runs on this device, but costs
+    the simulated device's time of the simulated shape's step (``simulated_training``), paced by
+    ``paced_clock`` (default: a PacedClock on the wall clock; tests inject one).
     """
     stop = stop or threading.Event()
     model_config, device, _ = options.resolve()
@@ -530,49 +660,91 @@ def run(config: TrainingConfig, options: RunOptions, reporter: Reporter,
         raise ValueError(f"seq_len {seq_len} exceeds the {model_config.name} model's {model_config.max_seq_len}")
     train_device = rank_device(device)
     check_memory_fits(config, model_config, train_device, batch_size, seq_len)
+    simulation = simulated_training(options.simulation) if options.simulation is not None else None
     if train_device.type == "cuda":
         # The peaks in the summary and the reporter are this run's, not an earlier regime's in the process.
         torch.cuda.reset_peak_memory_stats(train_device)
     setup_start = time.perf_counter()
-    t = _set_up(config, options, model_config, device, batch_size, seq_len)
+    t = _with_simulation(_set_up(config, options, model_config, device, batch_size, seq_len), simulation)
     progress = _Progress()
     setup_seconds = time.perf_counter() - setup_start
     if t.master and config.log_every:
         _log_start(t, config)
+    # The loop's clock: the simulated device's schedule (it moves only by the device time spent), or the CPU's.
+    clock = (paced_clock or PacedClock(stop=stop)) if simulation is not None else time.monotonic_ns
 
     step = t.first_step
-    loop_start_ns = time.monotonic_ns()
+    loop_start_ns = clock()
     deadline_ns = loop_start_ns + int(options.duration_s * 1e9)
     while config.max_steps is None or step < config.max_steps:
-        # The previous step ended on a device sync (loss.item()), so the CPU clock is true here.
-        step_start_ns = time.monotonic_ns()
-        # Announced now, so an in-process mock GPU counts the step while it runs: a step longer than the
-        # mock's lag (seen on a busy host) would otherwise reach it too late to count in full.
-        reporter.span_started("compute", step_start_ns, TRAIN_ACTIVITY)
         graphs_before = _dynamo_graph_count() if t.compiled else None
         lr = learning_rate(config, step)
-        loss_sum = _optimizer_step(t, config, step, lr)
-        wants_stop = stop.is_set() or (config.max_steps is None and time.monotonic_ns() >= deadline_ns)
-        loss_value, wants_stop = _read_loss(t, loss_sum, wants_stop)
-        step_end_ns = time.monotonic_ns()
-        reporter.span("compute", step_start_ns, step_end_ns, TRAIN_ACTIVITY)
-        reporter.add_tokens("trained", t.tokens_per_step)
+        loss_value, wants_stop = _train_one_step(t, config, reporter, clock, step, lr, progress,
+                                                 lambda: stop.is_set() or _past(t, clock, config, deadline_ns))
         step += 1
         compiled_now = graphs_before is not None and (_dynamo_graph_count() or 0) > graphs_before
-        progress.add_step((step_end_ns - step_start_ns) / 1e9, loss_value, compiled_now)
+        progress.compile_steps[-1] = compiled_now
         if len(progress.step_seconds) == 1:
-            reporter.set_memory(_memory_bytes(t.raw_model, t.optimizer, t.device))
+            reporter.set_memory(t.simulation.memory_bytes if t.simulation is not None
+                                else _memory_bytes(t.raw_model, t.optimizer, t.device))
         if t.master and config.log_every and (step % config.log_every == 0 or step == t.first_step + 1):
             _log_step(t, progress, step, loss_value, lr)
         if t.checkpointer is not None and step % config.checkpoint_every == 0:
-            _checkpoint_step(t, config, options, reporter, progress, step)
+            _checkpoint_step(t, config, options, reporter, progress, step, clock)
         if wants_stop:
             break
 
     _finish_checkpoints(t, reporter, progress)
-    wall_seconds = (time.monotonic_ns() - loop_start_ns) / 1e9
+    wall_seconds = (clock() - loop_start_ns) / 1e9
     checkpoint_last_path = _leave(t)
-    return _summary(config, options, t, progress, wall_seconds, setup_seconds, checkpoint_last_path)
+    summary = _summary(config, options, t, progress, wall_seconds, setup_seconds, checkpoint_last_path)
+    if simulation is not None:
+        summary["simulated_device"] = _simulated_summary(simulation, t, clock, len(progress.step_seconds))
+    return summary
+
+
+def _with_simulation(t: _Trainer, simulation: SimulatedTraining | None) -> _Trainer:
+    """``t`` as the loop sees it on a simulated device: the simulated shape's tokens per step, training
+    FLOPs per token and the simulated GPU's peak (so the summary's throughput and MFU are the simulated
+    step's, labelled so in ``simulated_device``); unchanged without a simulation."""
+    if simulation is None:
+        return t
+    peak = peak_bf16_flops_for(simulation.device.name)
+    return replace(
+        t, simulation=simulation, tokens_per_step=simulation.tokens_per_step,
+        flops_per_token=simulation.timing_config.training_flops_per_token(simulation.seq_len),
+        peak_flops=peak, mfu_note=None if peak else f"no peak FLOP/s known for {simulation.device.name!r}")
+
+
+def _past(t: _Trainer, clock, config: TrainingConfig, deadline_ns: int) -> bool:
+    """Whether the run's duration is over once this step ends (only without max_steps). On the CPU's
+    clock: the step's compute has just ended; on a simulated device: the step's device time ends there."""
+    if config.max_steps is not None:
+        return False
+    return clock() + (t.simulation.step_ns if t.simulation is not None else 0) >= deadline_ns
+
+
+def _train_one_step(t: _Trainer, config: TrainingConfig, reporter: Reporter, clock, step: int, lr: float,
+                    progress: _Progress, stop_requested) -> tuple[float, bool]:
+    """One optimizer step as a "compute" span, its tokens reported after it: (the loss, whether to stop).
+
+    ``stop_requested`` is a callable read once the step's compute has been queued (the previous step ended
+    on a device sync, so the CPU clock is true at the start). On a simulated device the span is the
+    device time of the simulated step, paced to the wall clock, whatever this CPU took."""
+    step_start_ns = clock()
+    # Announced now, so an in-process mock GPU counts the step while it runs: a step longer than the
+    # mock's lag (seen on a busy host) would otherwise reach it too late to count in full.
+    reporter.span_started("compute", step_start_ns, t.activity)
+    loss_sum = _optimizer_step(t, config, step, lr)
+    loss_value, wants_stop = _read_loss(t, loss_sum, stop_requested())
+    if t.simulation is not None:
+        step_start_ns, step_end_ns = clock.spend(t.simulation.step.seconds)
+    else:
+        step_end_ns = clock()
+    reporter.span("compute", step_start_ns, step_end_ns, t.activity)
+    reporter.add_tokens("trained", t.tokens_per_step)
+    progress.add_step((step_end_ns - step_start_ns) / 1e9, loss_value)
+    return loss_value, wants_stop
 
 
 def _set_up(config: TrainingConfig, options: RunOptions, model_config: ModelConfig, device: torch.device,
@@ -701,13 +873,18 @@ def _log_step(t: _Trainer, progress: _Progress, step: int, loss: float, lr: floa
 
 
 def _checkpoint_step(t: _Trainer, config: TrainingConfig, options: RunOptions, reporter: Reporter,
-                     progress: _Progress, step: int) -> None:
-    """Save at ``step``; the time the loop is blocked is a "checkpoint" span and counts as stall."""
-    stall_start_ns = time.monotonic_ns()
+                     progress: _Progress, step: int, clock=time.monotonic_ns) -> None:
+    """Save at ``step``; the time the loop is blocked is a "checkpoint" span and counts as stall. On a
+    simulated device the save still happens (the computed model's), but the stall is the simulated
+    model's state over SIMULATED_CHECKPOINT_BYTES_PER_S, spent idle on the paced clock."""
+    stall_start_ns = clock()
     t.checkpointer.save(t.raw_model, t.optimizer, step, {
         "seed": options.seed, "world_size": t.world, "batch_size": t.batch_size, "seq_len": t.seq_len,
         "grad_accum_steps": config.grad_accum_steps})
-    stall_end_ns = time.monotonic_ns()
+    if t.simulation is not None:
+        clock.wait_until(stall_start_ns + round(t.simulation.checkpoint_seconds(t.checkpointer.mode_used)
+                                                * NS_PER_S))
+    stall_end_ns = clock()
     reporter.span("checkpoint", stall_start_ns, stall_end_ns)
     progress.stall_seconds += (stall_end_ns - stall_start_ns) / 1e9
     progress.checkpoints.append({"step": step, "stall_seconds": (stall_end_ns - stall_start_ns) / 1e9})
@@ -717,7 +894,11 @@ def _finish_checkpoints(t: _Trainer, reporter: Reporter, progress: _Progress) ->
     """Wait for an async write still in flight, then close the checkpointer."""
     if t.checkpointer is None:
         return
-    if t.checkpointer.pending is not None:
+    if t.checkpointer.pending is not None and t.simulation is not None:
+        # ASSUMPTION: on a simulated device the last async write has finished behind the last steps (it
+        # takes its state's bytes over the disk's 2 GB/s); the computed model's write is waited for unseen.
+        t.checkpointer.wait()
+    elif t.checkpointer.pending is not None:
         # The run is not over until its last checkpoint is on disk: the loop is blocked, so it is stall.
         stall_start_ns = time.monotonic_ns()
         t.checkpointer.wait()
@@ -758,7 +939,10 @@ def _summary(config: TrainingConfig, options: RunOptions, t: _Trainer, progress:
     steps = len(progress.step_seconds)
     trained_tokens = steps * t.tokens_per_step * t.world
     busy_seconds = sum(progress.step_seconds)
-    m, checkpointer = t.model_config, t.checkpointer
+    checkpointer = t.checkpointer
+    # MFU's FLOPs are the simulated shape's on a simulated device (its tokens are the ones counted).
+    m, flops_seq_len = ((t.simulation.timing_config, t.simulation.seq_len) if t.simulation is not None
+                        else (t.model_config, t.seq_len))
     summary = summary_header("training", options, t.device, t.compute_dtype, wall_seconds,
                              {"trained": trained_tokens})
     summary.update({
@@ -783,11 +967,11 @@ def _summary(config: TrainingConfig, options: RunOptions, t: _Trainer, progress:
         "mfu_peak_flops": t.peak_flops,
         "mfu_formula": (f"mfu = flops_per_token * tokens_per_second / (peak_flops * world_size); "
                         f"flops_per_token = 6N + 12*L*H*Q*T = 6*{m.matmul_params()} + "
-                        f"12*{m.layers}*{m.heads}*{m.head_dim}*{t.seq_len} "
+                        f"12*{m.layers}*{m.heads}*{m.head_dim}*{flops_seq_len} "
                         f"(PaLM appendix B); tokens_per_second = trained tokens of all ranks / summed step "
                         f"time, over the steady steps: the first {WARMUP_STEPS} and any step in which "
                         f"torch.compile compiled a graph are left out (mfu_all_steps keeps them)"),
-        "memory_estimate_bytes": memory_plan(m, t.device, t.batch_size, t.seq_len).total_bytes,
+        "memory_estimate_bytes": memory_plan(t.model_config, t.device, t.batch_size, t.seq_len).total_bytes,
         "memory_peak_allocated_bytes": (torch.cuda.max_memory_allocated(t.device) if t.device.type == "cuda"
                                         else None),
         "checkpoint_mode": config.checkpoint_mode if checkpointer else None,

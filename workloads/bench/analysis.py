@@ -28,7 +28,7 @@ kind it produced most of. :func:`analyse` returns the typed results (workloads/b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,8 @@ MAX_DIVERGENCE = 0.10
 COMMAND_KIND_PREFERENCE = ("generated", "prompt", "trained")
 # The simulator's exact energy is known: the counter must land within this of it.
 MOCK_TRUTH_TOLERANCE = 0.01
+# On simulated timing (issue 14): the CPU ran the regime's steps at least as fast as the simulated device.
+KEPT_UP_CHECK = "CPU kept up with the simulated device"
 # The idle baselines: before the regimes (the one the dynamic figures subtract) and after them.
 IDLE_PHASE = "idle"
 IDLE_END_PHASE = "idle_end"
@@ -288,6 +290,35 @@ def _late_spans(run: RunData, name: str) -> Check | None:
     return _check("late spans", spans == 0,
                   f"every span reached the mock within {lag_text} lag" if spans == 0 else
                   f"{spans} span(s) reached the mock after {lag_text} lag: {seconds:.3f} s of activity not simulated")
+
+
+def simulated_device_of(workload) -> Mapping | None:
+    """The ``simulated_device`` key of a regime's workload summary (issue 14), or None: run on the CPU's
+    own time, or on a real GPU."""
+    simulated = workload.get("simulated_device") if isinstance(workload, Mapping) else None
+    return simulated if isinstance(simulated, Mapping) else None
+
+
+def _kept_up(run: RunData, name: str, simulated: Mapping | None) -> Check | None:
+    """"CPU kept up with the simulated device": the workload's schedule (workloads/paced_clock.py) never
+    fell half the mock's delay behind the wall clock. A span reaches the mock that much after its stamped
+    time; past the mock's delay it is late and its activity is not simulated, so half of it leaves room
+    for the reporter's own batching. None without simulated timing."""
+    if simulated is None:
+        return None
+    from wattledger.workloads.bench.session import MOCK_DELAY_SECONDS
+
+    end = run.event("phase_end", phase=name) or {}
+    delay = finite(end.get("mock_lag_seconds"))
+    delay = delay if delay is not None and delay > 0 else MOCK_DELAY_SECONDS
+    lag = finite(simulated.get("max_lag_seconds"))
+    limit = delay / 2
+    if lag is None:
+        return _check(KEPT_UP_CHECK, False, "the workload did not report how far it fell behind")
+    lagging = finite(simulated.get("lagging_seconds")) or 0.0
+    return _check(KEPT_UP_CHECK, lag < limit,
+                  f"at most {lag:.3f} s behind the simulated device ({lagging:.1f} s of its time lagging); "
+                  f"below half the mock's {delay:g} s delay ({limit:g} s) passes")
 
 
 def late_spans_check(run: RunData, name: str) -> dict | None:
@@ -587,6 +618,10 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
     if not energy_detail.rapl_joules:
         not_available["rapl_joules"] = _rapl_missing_reason(run)
     mock_truth, mock_checks = _mock_checks(run, name, a, b, gross, tokens.of(main_kind), charged)
+    simulated = simulated_device_of(workload)
+    kept_up = _kept_up(run, name, simulated)
+    if kept_up is not None:
+        mock_checks.append(kept_up)
     return RegimeResult(
         duration_seconds=seconds, phase_seconds=phase_seconds, phase=timing,
         window=Window((a - run.origin_ns) / NS_PER_S, (b - run.origin_ns) / NS_PER_S, exclusions),
@@ -603,6 +638,7 @@ def regime_summary(run: RunData, name: str, idle_power_watts: float | None, pric
         economics=regime_economics(pricing, gpus, seconds, gross, tokens.of(main_kind), utilization.mean,
                                    idle_power_watts),
         mock_truth=mock_truth, gpus=charged, gpu_attribution=attribution, idle_power_watts=idle_power_watts,
+        simulated_device=dict(simulated) if simulated is not None else None,
     )
 
 

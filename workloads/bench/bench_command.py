@@ -40,6 +40,10 @@ IDLE_PHASES = (IDLE_PHASE, IDLE_END_PHASE)
 END_IDLE_SHARE = 0.5
 # Lines of a failed workload's traceback kept in its phase_end (the end of the stack says where it broke).
 TRACEBACK_LINES = 30
+# The model whose work sets the device time on the mock (issue 14): the CPU computes the bench's preset
+# (tiny) for the tokens, the simulated GPU takes the time of an 8b model's steps (training: the largest
+# shape that fits one GPU, workloads/training.py).
+TIMING_PRESET = "8b"
 
 
 @dataclass
@@ -60,6 +64,9 @@ class BenchOptions:
     seed: int = 0
     pricing_file: str | None = None
     pricing_overrides: dict = field(default_factory=dict)
+    # On the mock: False runs every regime on the simulated GPU's time (its preset's device time of
+    # TIMING_PRESET's work, issue 14); True keeps the CPU's own time (--cpu-timing). Real GPUs: no effect.
+    cpu_timing: bool = False
 
     def resolved(self, has_cuda: bool) -> dict:
         """The settings the bench runs with (seconds); ``end_idle_s``: the closing idle baseline, half the
@@ -140,7 +147,7 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
     session = MeasurementSession.open(options.session_options())
     all_settings = {**settings, "workloads": list(options.workloads), "device": options.device,
                     "sampling_interval_seconds": options.interval_s, "quick": options.quick,
-                    "seed": options.seed, "versions": versions()}
+                    "seed": options.seed, "versions": versions(), **timing_settings(session, options)}
     session.record_run_start(all_settings)
     say = _Say(console)
     for note in session.notes:
@@ -170,6 +177,22 @@ def run_bench(options: BenchOptions, stop: threading.Event, pricing, console) ->
         session.close("partial" if stop.is_set() or failed else "complete",
                       **({"failed_regimes": failed} if failed else {}))
     return session.run_dir, session.publish(pricing, all_settings, regimes=tuple(options.workloads))
+
+
+def simulated_device_of(session: MeasurementSession, options: BenchOptions) -> str | None:
+    """The mock preset whose device time the regimes run on, or None: on real GPUs, and with --cpu-timing."""
+    return session.mock_preset if session.simulated and not options.cpu_timing else None
+
+
+def timing_settings(session: MeasurementSession, options: BenchOptions) -> dict:
+    """What run_start's settings record of the regimes' clock: "simulated" (with the GPU and the timing
+    model) or "cpu" (the mock driven by the CPU's own time); nothing on real GPUs."""
+    if not session.simulated:
+        return {}
+    device = simulated_device_of(session, options)
+    if device is None:
+        return {"timing": "cpu"}
+    return {"timing": "simulated", "simulated_device": device, "timing_preset": TIMING_PRESET}
 
 
 def _plan(settings: dict, regimes) -> list[tuple[str, float]]:
@@ -248,7 +271,8 @@ def _run_regime(session: MeasurementSession, phase: str, seconds: float, preset:
     try:
         return registry.regime(phase).run_as_benchmarked(
             reporter, stop, preset=preset, duration_s=seconds, device=options.device, seed=options.seed,
-            gpus=list(gpus)), {}
+            gpus=list(gpus), simulated_device=simulated_device_of(session, options),
+            timing_preset=TIMING_PRESET), {}
     except Exception as err:  # noqa: BLE001 - KeyboardInterrupt and SystemExit are not Exception: they stop the bench
         return {}, {"failed": True, "failure_reason": f"{type(err).__name__}: {first_line(err)}",
                     "failure_traceback": "".join(traceback.format_exception(err)[-TRACEBACK_LINES:])}

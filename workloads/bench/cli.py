@@ -64,6 +64,8 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, default=Path("runs"), help="parent of the run directory")
     parser.add_argument("--backend", choices=["auto", "nvml", "mock"], default="auto")
     parser.add_argument("--mock-gpus", type=int, default=1)
+    parser.add_argument("--cpu-timing", action="store_true", help="on the mock, time the regimes by this CPU's "
+                        "own compute instead of the simulated GPU's (default: an H100's device time of 8b work)")
     parser.add_argument("--address", default="127.0.0.1", help="where /metrics is served during the run")
     parser.add_argument("--port", type=port_arg, default=0, help="port for /metrics (default: any free port)")
     parser.add_argument("--interval", type=_duration, default=0.05, help="sampling interval (default 50ms)")
@@ -91,7 +93,7 @@ def bench_main(argv: list[str]) -> int:
         workloads=args.workloads or registry.DEFAULT_REGIMES, preset=args.preset, device=args.device,
         duration_s=args.duration, idle_s=args.idle, cooldown_s=args.cooldown, quick=args.quick,
         output_dir=args.output, address=args.address, port=args.port, interval_s=args.interval,
-        backend=args.backend, mock_gpus=args.mock_gpus, seed=args.seed)
+        backend=args.backend, mock_gpus=args.mock_gpus, seed=args.seed, cpu_timing=args.cpu_timing)
     stop = StopRequest()
     console = _console()
     try:

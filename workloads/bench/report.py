@@ -916,6 +916,47 @@ def _regime_notes(summary: RunSummary, names) -> str:
     return "<ul class='notes'>" + "".join(f"<li>Host CPU energy (RAPL): {_esc(r)}</li>" for r in reasons) + "</ul>"
 
 
+# What the report says of the simulated device's calibration (SimulatedDevice.describe()), in this order.
+_CALIBRATION_FIGURES = (("compute_efficiency", "compute efficiency (of dense bf16 peak)", "", 1),
+                        ("bandwidth_efficiency", "bandwidth efficiency (of datasheet HBM)", "", 1),
+                        ("overhead_s", "overhead per step", "ms", 1e3),
+                        ("peak_bf16_flops", "dense bf16 peak", "TFLOP/s", 1e-12),
+                        ("hbm_bytes_per_s", "HBM bandwidth", "TB/s", 1e-12),
+                        ("power_limit_watts", "power limit", "W", 1), ("idle_power_watts", "idle power", "W", 1))
+
+
+def _simulated_device_note(summary: RunSummary, names) -> str:
+    """The "Simulated device" note (issue 14): the GPU the regimes' time is simulated on, each regime's timing
+    and computed models, and the calibration with its sources; empty when no regime ran on simulated time."""
+    simulated = [(name, summary.regimes[name].simulated_device) for name in names
+                 if name in summary.regimes and summary.regimes[name].simulated_device]
+    if not simulated:
+        return ""
+    first = simulated[0][1]
+    # The same device for every regime: the calibration of the first regime that reports it.
+    calibration = next((sim["calibration"] for _, sim in simulated if isinstance(sim.get("calibration"), dict)), {})
+    rows = []
+    for name, sim in simulated:
+        timing = f"{sim.get('timing_preset', 'n/a')}" + (f" ({sim['timing_note']})" if sim.get("timing_note") else "")
+        shapes = f"; {sim['shapes']}" if sim.get("shapes") else ""
+        rows.append(f"<li><b>{_esc(name)}</b>: timing model {_esc(timing)}, computed model "
+                    f"{_esc(sim.get('computed_preset', 'n/a'))}{_esc(shapes)}; the CPU fell at most "
+                    f"{_esc(fmt(sim.get('max_lag_seconds'), 's'))} behind</li>")
+    figures = [f"{label} {fmt(calibration[key] * scale, unit)}" for key, label, unit, scale in _CALIBRATION_FIGURES
+               if isinstance(calibration.get(key), (int, float))]
+    sources = calibration.get("sources")
+    source_items = (sources.items() if isinstance(sources, dict)
+                    else enumerate(sources) if isinstance(sources, list) else ())
+    source_html = "".join(f"<li>{_esc(key)}: {_esc(text)}</li>" for key, text in source_items)
+    return (f"<div class='note sim' id='simulated-device'><h3>Simulated device (SIMULATED)</h3>"
+            f"<p>SIMULATED: every regime's device time and activity are those of "
+            f"{_esc(first.get('device', 'n/a'))} running the timing model's work (a calibrated roofline, "
+            f"workloads/device_time.py); the CPU ran the computed model for the tokens and the control flow.</p>"
+            f"<ul class='notes'>{''.join(rows)}</ul>"
+            + (f"<p>Calibration: {_esc('; '.join(figures))}.</p>" if figures else "")
+            + (f"<p>Sources:</p><ul class='notes'>{source_html}</ul>" if source_html else "") + "</div>")
+
+
 def _cell_class(cell: str) -> str:
     """'na' for a missing figure; 'na wrap' for one that says why (a sentence, allowed to wrap)."""
     if cell in ("n/a", "not measured", "—"):
@@ -1220,6 +1261,7 @@ def render_report(run: RunData, summary: RunSummary | dict, out_path: Path) -> P
     if not_measured:
         subtitle += f" · no summary for {', '.join(not_measured)} (phase cut short or not run)"
     regime_table = (_table(["", *names], _regime_rows(summary, names), "regimes") + _regime_notes(summary, names)
+                    + _simulated_device_note(summary, names)
                     if names else "<p class='na'>n/a: no regime was measured.</p>") + _failed_html(summary)
     body = f"""
 <header>

@@ -364,6 +364,9 @@ class RegimeResult:
     gpus: tuple[int, ...] | None = None
     gpu_attribution: str | None = None
     idle_power_watts: float | None = None
+    # On the mock with simulated timing (issue 14): the workload's ``simulated_device`` (the GPU, timing and
+    # computed models, how far the CPU fell behind, the calibration's sources); None otherwise.
+    simulated_device: Mapping[str, Any] | None = None
 
     @property
     def main_kind(self) -> str | None:
@@ -406,6 +409,8 @@ class RegimeResult:
                 del out[key]
         if self.mock_truth is not None:
             out["mock_truth"] = self.mock_truth.to_json()
+        if self.simulated_device is not None:
+            out["simulated_device"] = dict(self.simulated_device)
         return out
 
     @classmethod
@@ -438,6 +443,8 @@ class RegimeResult:
                            if isinstance(v, str)},
             economics=RegimeEconomics.from_json(data, economics),
             mock_truth=MockTruth.from_json(mock_truth) if isinstance(mock_truth, Mapping) else None,
+            simulated_device=(dict(data["simulated_device"]) if isinstance(data.get("simulated_device"), Mapping)
+                              else None),
             gpus=_read_indices(data.get("gpus")),
             gpu_attribution=_read_text(data.get("gpu_attribution")),
             idle_power_watts=_read_number(data.get("idle_power_watts")),

@@ -59,6 +59,7 @@ class SessionOptions:
     interval_s: float = 0.05  # sampling interval, seconds: counter edges are located within half of it
     address: str = "127.0.0.1"
     port: int = 0  # 0: any free port
+    mock_preset: str = "h100-sxm-80gb"  # the GPU model the mock simulates (probes/mock_presets.py)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ class MeasurementSession:
         """Build the agent (not started yet) and create the run directory; SessionError (one line) when
         there is no GPU backend (or, with ``require_devices``, no GPU found) or no directory."""
         config = build_config({
-            "backend": options.backend, "mock_gpus": options.mock_gpus, "mock_delay": MOCK_DELAY_SECONDS,
+            "backend": options.backend, "mock_gpus": options.mock_gpus, "mock_preset": options.mock_preset,
+            "mock_delay": MOCK_DELAY_SECONDS,
             "interval": options.interval_s, "address": options.address, "port": options.port,
         }, {})
         try:
@@ -204,6 +206,11 @@ class MeasurementSession:
     @property
     def simulated(self) -> bool:
         return self.agent.simulated
+
+    @property
+    def mock_preset(self) -> str | None:
+        """The GPU model the mock simulates ("h100-sxm-80gb"); None on real GPUs."""
+        return self.options.mock_preset if self.simulated else None
 
     def attribute(self, device: str) -> GpuAttribution:
         """The GPUs a workload run on ``device`` is charged for (``attribute_gpus``). Asks torch for the CUDA

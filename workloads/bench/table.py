@@ -63,6 +63,21 @@ def _idle_text(summary: RunSummary) -> str:
     return text
 
 
+def _timing_text(summary: RunSummary) -> str | None:
+    """The regimes' clock on simulated timing (issue 14): "SIMULATED timing: H100 SXM device time of 8b
+    work (training: 1b), tiny computed on the CPU"; None when no regime ran on it."""
+    simulated = {name: r.simulated_device for name, r in summary.regimes.items() if r.simulated_device}
+    if not simulated:
+        return None
+    timings = [sim.get("timing_preset", "?") for sim in simulated.values()]
+    usual = max(set(timings), key=timings.count)
+    others = ", ".join(f"{name}: {sim.get('timing_preset', '?')}" for name, sim in simulated.items()
+                       if sim.get("timing_preset", "?") != usual)
+    first = next(iter(simulated.values()))
+    return (f"SIMULATED timing: {first.get('device', '?')} device time of {usual} work"
+            + (f" ({others})" if others else "") + f", {first.get('computed_preset', '?')} computed on the CPU")
+
+
 def _say(console, text: str, indent: int = 0, hanging: int = 4) -> None:
     """One line, wrapped to the console's width (at most TABLE_WIDTH when it is not a terminal), continuation
     lines indented, so a long check detail never runs past the table's edge."""
@@ -95,6 +110,9 @@ def print_table(summary: RunSummary | dict, console) -> None:
     model = gpus[0].model_name if gpus else "no GPU"
     _say(console, f"{label}wattledger {summary.kind} {summary.status}")
     _say(console, f"{len(gpus)} x {model}, {_idle_text(summary)}")
+    timing = _timing_text(summary)
+    if timing:
+        _say(console, timing)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold", pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
     for header, _ in TABLE_COLUMNS:
