@@ -3,6 +3,8 @@ through simulated time."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 
 NS_PER_S = 1_000_000_000
@@ -69,3 +71,23 @@ class ClockedStop(threading.Event):
         if not self.is_set() and timeout:
             self.clock.advance(timeout)
         return self.is_set()
+
+
+@contextlib.contextmanager
+def scripted_mock_agent(tmp_path, processes: list[dict], gpus: int = 1, faults: tuple[str, ...] = ()):
+    """An Agent on the mock with attribution on, its processes scripted from ``processes`` (the
+    ``--mock-processes`` JSON, written under ``tmp_path``), no lag, no host probe, no HTTP, on a FakeClock:
+    yields (agent, clock) and stops the agent after."""
+    from wattledger.agent.config import build_config
+    from wattledger.agent.daemon import Agent
+
+    path = tmp_path / "processes.json"
+    path.write_text(json.dumps(processes))
+    clock = FakeClock()
+    config = build_config({"backend": "mock", "mock_gpus": gpus, "mock_delay": "0", "attribution": True,
+                           "mock_processes": str(path), "mock_faults": list(faults)}, {})
+    agent = Agent(config, host=None, clock_ns=clock.ns, serve_http=False)
+    try:
+        yield agent, clock
+    finally:
+        agent.stop()

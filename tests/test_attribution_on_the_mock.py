@@ -22,11 +22,9 @@ import signal
 import pytest
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from fakes import FakeClock, run_ticks
+from fakes import run_ticks, scripted_mock_agent
 from test_cli import get, start_agent, wait_for
 from test_attribution_wiring import owner_rows, scrape_metrics as scrape, total
-from wattledger.agent.config import build_config
-from wattledger.agent.daemon import Agent
 from wattledger.agent.http_api import make_app
 from wattledger.agent.ledger import ATTRIBUTION_OK
 
@@ -73,17 +71,9 @@ def energy_fraction(script, gpu: int, pid: int, start_s: float, end_s: float) ->
 
 @pytest.fixture
 def mock_agent(tmp_path):
-    path = tmp_path / "processes.json"
-    path.write_text(json.dumps(spec()))
-    clock = FakeClock()
-    config = build_config({"backend": "mock", "mock_gpus": 2, "mock_delay": "0", "attribution": True,
-                           "mock_processes": str(path),
-                           "mock_faults": [f"gpu_lost:gpu=1:at={LOST_FROM_S:g}:until={LOST_UNTIL_S:g}"]}, {})
-    agent = Agent(config, host=None, clock_ns=clock.ns, serve_http=False)
-    try:
+    with scripted_mock_agent(tmp_path, spec(), gpus=2,
+                             faults=(f"gpu_lost:gpu=1:at={LOST_FROM_S:g}:until={LOST_UNTIL_S:g}",)) as (agent, clock):
         yield agent, clock
-    finally:
-        agent.stop()
 
 
 def test_owners_plus_unattributed_is_the_gpus_energy_on_every_scrape_and_each_follows_its_share(mock_agent):

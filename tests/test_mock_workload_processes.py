@@ -10,17 +10,14 @@ timestamps and the shares are exact.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fakes import NS_PER_S, FakeClock, run_ticks
+from fakes import NS_PER_S, FakeClock, run_ticks, scripted_mock_agent
 from test_attribution_wiring import owner_rows, scrape_metrics as scrape, total
 from wattledger.agent.accounting import Accounting
-from wattledger.agent.config import build_config
-from wattledger.agent.daemon import Agent
 from wattledger.agent.http_api import make_app
 from wattledger.agent.span_activity import DEFAULT_SPAN_ACTIVITY, SpanActivitySource
 from wattledger.probes.activity import Activity, ScriptedTimeline
@@ -234,17 +231,9 @@ RUN_S = 12
 
 @pytest.fixture
 def shared_gpu_agent(tmp_path):
-    path = tmp_path / "processes.json"
-    path.write_text(json.dumps([{"gpu": 0, "pid": POD_PID, "sm_share": POD_SHARE, "memory_bytes": POD_MEMORY,
-                                 "labels": POD}]))
-    clock = FakeClock()
-    config = build_config({"backend": "mock", "mock_gpus": 1, "mock_delay": "0", "attribution": True,
-                           "mock_processes": str(path)}, {})
-    agent = Agent(config, host=None, clock_ns=clock.ns, serve_http=False)
-    try:
+    pod = {"gpu": 0, "pid": POD_PID, "sm_share": POD_SHARE, "memory_bytes": POD_MEMORY, "labels": POD}
+    with scripted_mock_agent(tmp_path, [pod]) as (agent, clock):
         yield agent, clock
-    finally:
-        agent.stop()
 
 
 def test_the_registered_workload_is_charged_its_share_on_a_shared_gpu(shared_gpu_agent):
