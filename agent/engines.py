@@ -56,6 +56,7 @@ from wattledger.probes.engine_counters import (
     TokenCounters,
     fetch_url,
 )
+from wattledger.probes.errors import bounded_line
 from wattledger.probes.listening_socket import (
     Listener,
     ListeningSocketError,
@@ -72,12 +73,6 @@ STATUS_OK = "ok"
 MODEL_LABEL = "model_name"  # vLLM's and SGLang's served-model label (probes/engine_counters.py)
 OwnerKey = tuple[str, str, str, str, str]  # (owner_kind, namespace, pod, container, group), as the ledger's
 MAX_REASON_CHARS = 200  # a status is a label value: bounded, as the attribution status's reason
-
-
-def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
-    """A status or log line: one line, at most ``limit`` characters."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -278,7 +273,7 @@ class EngineWatcher:
             try:
                 self.poll()
             except Exception as err:  # noqa: BLE001 - the thread must not die silently
-                log.warning("engine watcher: %s", one_line(f"{type(err).__name__}: {err}"))
+                log.warning("engine watcher: %s", bounded_line(f"{type(err).__name__}: {err}", MAX_REASON_CHARS))
             if self._stop.wait(self.interval_s):
                 return
 
@@ -333,7 +328,7 @@ class EngineWatcher:
         return state.listener
 
     def _set_status(self, state: EngineState, status: str) -> None:
-        status = one_line(status)
+        status = bounded_line(status, MAX_REASON_CHARS)
         if status != state.status:
             (log.info if status == STATUS_OK else log.warning)("engine %s: %s", state.target.url, status)
         state.status = status

@@ -51,6 +51,7 @@ from prometheus_client.registry import CollectorRegistry
 from wattledger.agent.accounting import MAX_SPANS_PER_CALL, TOKEN_KINDS, Accounting, AccountingError, Span
 from wattledger.agent.scrape_cache import ScrapeCache
 from wattledger.exporters.render import RowFamily, choose_renderer, compress
+from wattledger.probes.errors import bounded_line
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +113,13 @@ class HttpError(Exception):
         self.headers = list(headers)
 
 
-def _one_line(message: str) -> str:
-    line = " ".join(str(message).split())
-    if len(line) > _ERROR_MESSAGE_CHARS:
-        line = line[: _ERROR_MESSAGE_CHARS - 3] + "..."
-    return line
-
-
 def _json_response(status: int, value: object, headers: Iterable[tuple[str, str]] = ()) -> _Response:
     body = json.dumps(value, separators=(",", ":")).encode("ascii") + b"\n"
     return status, [("Content-Type", "application/json"), *headers], body
 
 
 def _error_response(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> _Response:
-    return _json_response(status, {"error": _one_line(message)}, headers)
+    return _json_response(status, {"error": bounded_line(message, _ERROR_MESSAGE_CHARS)}, headers)
 
 
 def is_loopback(remote_addr: str | None) -> bool:
@@ -702,7 +696,7 @@ class _QuietHandler(WSGIRequestHandler):
             phrase = HTTPStatus(code).phrase
         except ValueError:
             phrase = "Error"
-        body = json.dumps({"error": _one_line(message or phrase)}).encode("ascii") + b"\n"
+        body = json.dumps({"error": bounded_line(message or phrase, _ERROR_MESSAGE_CHARS)}).encode("ascii") + b"\n"
         self.close_connection = True
         if getattr(self, "request_version", "") == "HTTP/0.9":
             self.request_version = "HTTP/1.0"

@@ -69,6 +69,7 @@ from wattledger.agent.attribution import (
     quanta_joules,
 )
 from wattledger.probes.base import ENGINES, GpuInfo, GpuSample, HostSample, MigInstance, ProbeStats, direct_slot_init
+from wattledger.probes.errors import bounded_line
 
 NS_PER_S = 1_000_000_000
 
@@ -658,12 +659,6 @@ def workload_owner(name: str) -> OwnerKey:
     return (WORKLOAD_OWNER_KIND, "", "", "", name)
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    """A reason label: one line, bounded (a label value that grows without bound is a cardinality bug)."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
 @dataclass(frozen=True, slots=True)
 class OwnerFigures:
     """What one owner's series export: a keyed owner, or the "other" bucket (``OTHER_OWNER_LABELS``)."""
@@ -776,7 +771,7 @@ class OwnerAttribution:
                 resolver.refresh(now_ns)
                 self._refresh_error = None
             except Exception as err:  # noqa: BLE001 - the sampler must go on whatever the resolver does
-                self._refresh_error = _one_line(f"owner resolver failed: {type(err).__name__}: {err}")
+                self._refresh_error = bounded_line(f"owner resolver failed: {type(err).__name__}: {err}")
             self._idle_allocations = _idle_allocations(resolver)
         for sample in samples:
             if not sample.up:
@@ -805,7 +800,7 @@ class OwnerAttribution:
         try:
             return self._resolver.resolve(pid, gpu_uuid=gpu_uuid)
         except Exception as err:  # noqa: BLE001 - as in prepare: that pid is placed nowhere
-            self._resolve_errors[index] = _one_line(f"owner resolver failed: {type(err).__name__}: {err}")
+            self._resolve_errors[index] = bounded_line(f"owner resolver failed: {type(err).__name__}: {err}")
             return None
 
     # -- under the ledger's lock
@@ -923,13 +918,13 @@ class OwnerAttribution:
 
     def _status_reason(self) -> str:
         if self._unavailable_reason:
-            return _one_line(self._unavailable_reason)
+            return bounded_line(self._unavailable_reason)
         failure = self._refresh_error or next((e for e in self._resolve_errors.values() if e), None)
         if failure:
             return failure
         status = getattr(self._resolver, "status", None)
         text = status() if callable(status) else None
-        return _one_line(text) if text else ATTRIBUTION_OK
+        return bounded_line(text) if text else ATTRIBUTION_OK
 
 
 def _idle_allocations(resolver: object) -> tuple[IdleAllocation, ...]:

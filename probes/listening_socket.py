@@ -161,9 +161,6 @@ class ProcfsTree:
             current = stat.ppid
         return chain
 
-    def is_self_or_descendant(self, pid: int, ancestor: int) -> bool:
-        return pid == ancestor or ancestor in self.ancestors(pid)
-
     def pids(self) -> list[int]:
         try:
             return sorted(int(name) for name in os.listdir(self.root) if name.isdigit())

@@ -42,13 +42,7 @@ from uuid import NAMESPACE_URL, uuid5
 from wattledger.probes.activity import IDLE, Activity, ActivitySegment, ActivitySource
 from wattledger.probes.base import FieldStatus, FixedGpuBackend, GpuInfo, GpuSample, ProbeUnavailable
 from wattledger.probes.mock_processes import ProcessSimulation, ScriptedProcesses
-from wattledger.probes.mock_presets import (
-    POWER_WEIGHT_DRAM,
-    POWER_WEIGHT_SM,
-    POWER_WEIGHT_TENSOR,
-    MockPreset,
-    preset as lookup_preset,
-)
+from wattledger.probes.mock_presets import MockPreset, power_demand_watts, preset as lookup_preset
 
 NS_PER_S = 1_000_000_000
 ENERGY_COUNTER_PERIOD_NS = 100_000_000  # the counter advances in 100 ms steps
@@ -138,12 +132,6 @@ def parse_fault(text: str) -> Fault:
         )
     except ValueError as err:
         raise ValueError(f"bad fault {text!r}: {err}") from None
-
-
-def power_demand_watts(spec: MockPreset, activity: Activity) -> float:
-    """What the board would draw for this activity with no power limit."""
-    load = POWER_WEIGHT_SM * activity.sm + POWER_WEIGHT_TENSOR * activity.tensor + POWER_WEIGHT_DRAM * activity.dram
-    return spec.idle_power_watts + (spec.power_limit_watts - spec.idle_power_watts) * load
 
 
 def _throttle_reasons(idle: bool, capped: bool) -> frozenset[str]:

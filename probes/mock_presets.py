@@ -8,7 +8,10 @@ shapes, and every figure the mock produces is labelled simulated.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from wattledger.probes.activity import Activity
 
 _MIB = 1024**2
 
@@ -57,14 +60,25 @@ PRESETS: dict[str, MockPreset] = {
     ),
 }
 
-# Board power above idle grows with these activity weights (probes/mock.py power_demand_watts). FITTED
-# (python -m wattledger.workloads.device_time --fit; workloads/device_time.py keeps the same figures) so
+# Board power above idle grows with these activity weights (power_demand_watts below). FITTED
+# (python -m wattledger.workloads.device_time --fit, which reads them from here) so
 # that simulated Llama-3.1-8B serving on the H100 preset draws ML.ENERGY's published 486 / 669 / 688 W at
 # batch 8 / 128 / 512; the split between sm and dram is an ASSUMPTION (the points cannot separate them). A
 # fully loaded GPU asks for well over its limit, so heavy work is clipped at the limit as on real boards.
 POWER_WEIGHT_SM = 0.466
 POWER_WEIGHT_TENSOR = 1.025
 POWER_WEIGHT_DRAM = 0.278
+POWER_WEIGHTS: dict[str, float] = {"sm": POWER_WEIGHT_SM, "tensor": POWER_WEIGHT_TENSOR, "dram": POWER_WEIGHT_DRAM}
+
+
+def power_demand_watts(spec: MockPreset, activity: Activity, weights: Mapping[str, float] | None = None) -> float:
+    """What the board would draw for ``activity`` with no power limit (W): idle + (limit - idle) x the
+    weighted sm, tensor and dram activity. ``weights``: other weights than the mock's (the fit tries them)."""
+    if weights is None:
+        load = POWER_WEIGHT_SM * activity.sm + POWER_WEIGHT_TENSOR * activity.tensor + POWER_WEIGHT_DRAM * activity.dram
+    else:
+        load = weights["sm"] * activity.sm + weights["tensor"] * activity.tensor + weights["dram"] * activity.dram
+    return spec.idle_power_watts + (spec.power_limit_watts - spec.idle_power_watts) * load
 
 
 def preset(name: str) -> MockPreset:

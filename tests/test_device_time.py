@@ -52,15 +52,6 @@ def test_simulated_8b_decode_lands_within_25_percent_of_ml_energy(calibration, b
         assert math.copysign(1, miss) == direction, f"batch {batch} {key} now misses the other way: {miss:+.1%}"
 
 
-def test_the_power_weights_of_the_mock_are_the_fitted_ones():
-    assert dt.FITTED_POWER_WEIGHTS == {"sm": mock_presets.POWER_WEIGHT_SM,
-                                       "tensor": mock_presets.POWER_WEIGHT_TENSOR,
-                                       "dram": mock_presets.POWER_WEIGHT_DRAM}
-    for name, (limit, idle) in dt.MOCK_POWER_WATTS.items():
-        spec = mock_presets.preset(name)
-        assert (spec.power_limit_watts, spec.idle_power_watts) == (limit, idle)
-
-
 def test_the_device_power_law_is_the_mocks():
     device = dt.simulated_device("h100-sxm-80gb")
     spec = mock_presets.preset("h100-sxm-80gb")

@@ -21,13 +21,13 @@ import re
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
 import prometheus_server
+from metrics_server import MetricsServer
 from prometheus_server import REPO, Agent, PrometheusServer, http_get, parse_exposition, require_tools
 from test_prometheus_integration import concrete, dashboard_variables
 
@@ -58,30 +58,15 @@ PODS = {
 NAMESPACE = "llm"
 
 
-class FakeEngine:
+class FakeEngine(MetricsServer):
     """An HTTP server whose /metrics is an engine's fixture with its token counters growing linearly in
     time from the fixture's values (prompt tokens 4 per generated token)."""
 
     def __init__(self, fixture: Path, counter: str, prompt: str, tokens_per_s: float):
+        super().__init__(self.render)
         self.text = fixture.read_text()
         self.counter, self.prompt, self.tokens_per_s = counter, prompt, tokens_per_s
         self.started = time.monotonic()
-        engine = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the stdlib's name
-                body = engine.render().encode()
-                self.send_response(200 if self.path == "/metrics" else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
 
     def render(self) -> str:
         served = self.tokens_per_s * (time.monotonic() - self.started)
@@ -97,17 +82,9 @@ class FakeEngine:
 
     def generated(self) -> float:
         """The generated-token counter as the engine serves it now (summed over its series)."""
-        metrics = parse_exposition(http_get(f"http://{self.address}/metrics").decode())
+        metrics = parse_exposition(http_get(self.url).decode())
         family = self.counter.removesuffix("_total")
         return sum(v for (name, _), v in metrics.items() if name in (self.counter, family + "_total"))
-
-    def __enter__(self) -> "FakeEngine":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # The agent on the mock with attribution on and the scripted processes of a JSON file (argv[1]), started

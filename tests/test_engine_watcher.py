@@ -17,12 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from fakes import FakeClock, run_ticks
+from metrics_server import MetricsServer
 from test_attribution_wiring import owner_rows, scrape_metrics
 from test_listening_socket import FakeProc
 from wattledger.agent.config import ConfigError, build_config
@@ -48,42 +48,13 @@ def vllm_metrics(prompt: int, generated: int, created_s: float = 1.7646e9) -> st
     return text
 
 
-class FakeEngine:
-    """A /metrics endpoint on 127.0.0.1 whose body the test sets; ``stop()`` and ``start()`` take it down and
+class FakeEngine(MetricsServer):
+    """A /metrics endpoint whose body the test sets (``body``); ``stop()`` and ``start()`` take it down and
     bring it back on the same port."""
 
     def __init__(self, body: str = ""):
+        super().__init__(lambda: self.body)
         self.body = body
-        self.port = 0
-        self._server: ThreadingHTTPServer | None = None
-
-    def start(self) -> FakeEngine:
-        engine = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the stdlib's name
-                data = engine.body.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
 
 
 @pytest.fixture

@@ -49,10 +49,12 @@ RULE = {
     "exporters": Allowed(frozenset({"probes", "exporters"}),
                          frozenset({"wattledger.agent.ledger", "wattledger.agent.version"})),
     # The regimes talk to the agent only through its client API and its value parsers; the activity types
-    # come from probes.activity as long as agent.client does not re-export them.
+    # come from probes.activity as long as agent.client does not re-export them. The simulated device
+    # (workloads/device_time.py, issue 14) reads the mock GPU's presets and power law where the mock keeps
+    # them (plain data and arithmetic, no backend), so the two cannot drift apart.
     "regimes": Allowed(frozenset({"regimes"}),
                        frozenset({"wattledger.agent.client", "wattledger.agent.config",
-                                  "wattledger.probes.activity"})),
+                                  "wattledger.probes.activity", "wattledger.probes.mock_presets"})),
     # The measurement reaches the regimes only through the registry (Regime.load()), and may build an agent
     # through its public face (agent.daemon).
     "bench": Allowed(frozenset({"bench"}),

@@ -29,14 +29,6 @@ QUICK_SESSIONS = {"length_scale": 0.05, "steps_median": 5, "steps_sigma": 0.3, "
 SMALL_CONTEXT = {"compaction_threshold_tokens": 256, "compaction_keep_tokens": 64}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def options(duration_s: float, seed: int = 0) -> RunOptions:
     return RunOptions(preset="tiny", duration_s=duration_s, device="cpu", seed=seed, simulation=H100_8B)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import socket
 import threading
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from metrics_server import MetricsServer
 from wattledger.workloads.bench.token_sources import (
     ENGINE_PROBE,
     TokenPoller,
@@ -175,28 +175,8 @@ def test_connection_refused_is_one_line():
 def local_server():
     """A tiny HTTP server on 127.0.0.1: /metrics serves ``state["body"]``, anything else is 404."""
     state = {"body": fixture_text("tgi")}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path != "/metrics":
-                self.send_error(404)
-                return
-            body = state["body"].encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", state
-    server.shutdown()
-    server.server_close()
+    with MetricsServer(lambda: state["body"]) as server:
+        yield f"http://{server.address}", state
 
 
 def test_reads_over_http(local_server):

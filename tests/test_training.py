@@ -391,60 +391,10 @@ def test_torchrun_two_ranks_from_the_command_line(tmp_path):
 # -- on a simulated device's time (issue 14) ------------------------------------------------------------
 
 
-class _FakeDeviceTime:
-    """workloads/device_time.py's API (issue 14), for as long as the real one is not there: a step costs
-    1 ns per 1e6 FLOP plus 1 ns per 1e3 bytes, memory-bound at a fixed activity."""
-
-    from dataclasses import dataclass as _dataclass
-
-    @_dataclass(frozen=True)
-    class StepWork:
-        flops: float
-        hbm_bytes: float
-
-    @_dataclass(frozen=True)
-    class DeviceStep:
-        seconds: float
-        activity: object
-        bound: str
-
-    class SimulatedDevice:
-        name = "H100 SXM"
-        mock_preset = "h100-sxm-80gb"
-
-        def step(self, work):
-            from wattledger.probes.activity import Activity
-
-            seconds = work.flops / 1e15 + work.hbm_bytes / 1e12
-            return _FakeDeviceTime.DeviceStep(seconds, Activity(gpu=1.0, sm=0.9, tensor=0.7, dram=0.5), "compute")
-
-        def describe(self):
-            return {"name": self.name, "sources": ["a fake: tests/test_training.py"]}
-
-    @staticmethod
-    def simulated_device(mock_preset):
-        if mock_preset != "h100-sxm-80gb":
-            raise ValueError(f"unknown mock preset {mock_preset!r}")
-        return _FakeDeviceTime.SimulatedDevice()
-
-    @staticmethod
-    def training_step_work(config, batch, seq_len):
-        tokens = batch * seq_len
-        return _FakeDeviceTime.StepWork(config.training_flops_per_token(seq_len) * tokens,
-                                        16.0 * config.total_params())
-
-
 @pytest.fixture
-def device_time(monkeypatch):
-    """The real workloads.device_time when helper 1's module is in the tree, else the fake above."""
-    try:
-        from wattledger.workloads import device_time as module
-    except ImportError:
-        import wattledger.workloads as package
+def device_time():
+    from wattledger.workloads import device_time as module
 
-        module = _FakeDeviceTime
-        monkeypatch.setitem(sys.modules, "wattledger.workloads.device_time", module)
-        monkeypatch.setattr(package, "device_time", module, raising=False)
     return module
 
 
@@ -524,12 +474,6 @@ def test_a_simulated_run_ends_on_the_simulated_schedule(device_time):
     summary = run(TrainingConfig(log_every=0), options, Reporter("training", [0]),
                   paced_clock=PacedClock(wall_ns=wall, sleep_s=wall.sleep))
     assert summary["steps"] == 4  # the step whose device time reaches the deadline is the last
-
-
-def test_the_simulated_memory_sizes_are_the_mock_presets():
-    from wattledger.probes.mock_presets import PRESETS as MOCK_PRESETS
-
-    assert training.SIMULATED_GPU_MEMORY_BYTES == {name: p.memory_total_bytes for name, p in MOCK_PRESETS.items()}
 
 
 def test_a_timing_preset_that_fits_is_simulated_as_asked_and_an_unknown_device_is_refused(device_time):

@@ -3,7 +3,7 @@
 A step costs max(FLOPs / (dense bf16 peak x compute efficiency), HBM bytes / (bandwidth x bandwidth
 efficiency)) + a fixed per-step overhead: the roofline (workloads/roofline.py) with the efficiencies a
 real serving stack reaches, plus the time between kernels (launches, sampling, vLLM's scheduler; with CUDA
-graphs). Its activity is what the mock GPU's power law reads (probes/mock.py ``power_demand_watts``):
+graphs). Its activity is what the mock GPU's power law reads (probes/mock_presets.py ``power_demand_watts``):
 gpu = 1, tensor = achieved FLOP/s over the peak, dram = achieved bytes/s over the datasheet bandwidth, sm
 = the share of the step its kernels run (none run in the overhead).
 
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from wattledger.probes.activity import Activity
+from wattledger.probes.mock_presets import POWER_WEIGHTS, PRESETS, power_demand_watts
 from wattledger.workloads import calibration_data as cal
 from wattledger.workloads.model import ModelConfig, model_config
 from wattledger.workloads.roofline import (BF16_BYTES, GPU_SPECS, GpuSpec, attention_flops_per_position,
@@ -79,20 +80,17 @@ FITTED_TIMING = TimingConstants(compute_efficiency=0.60, bandwidth_efficiency=0.
 FIT_BOUNDS = {"bandwidth_efficiency": (0.40, 0.90), "overhead_s": (0.2e-3, 4e-3)}
 ASSUMED_COMPUTE_EFFICIENCY = 0.60
 
-# FITTED with the timing: the mock's power weights (probes/mock_presets.py POWER_WEIGHT_SM / _TENSOR / _DRAM
-# hold the same values; tests/test_device_time.py checks they agree). The workloads may not import probes'
-# presets (tests/test_layers.py), so the fit's figures live here too.
-FITTED_POWER_WEIGHTS = {"sm": 0.466, "tensor": 1.025, "dram": 0.278}
+# FITTED with the timing: the mock's power weights, kept where the mock reads them (probes/mock_presets.py
+# POWER_WEIGHTS); --fit prints what the fit gives beside them.
+FITTED_POWER_WEIGHTS = POWER_WEIGHTS
 # The three points fix the tensor weight (their tensor share goes 0.04 -> 0.4) and one mix of sm and dram
 # (every point runs its kernels back to back at the same DRAM share): the fit is a ridge regression toward
 # the simulator's earlier ASSUMPTION weights, so the split between sm and dram stays theirs.
 PRIOR_POWER_WEIGHTS = {"sm": 0.5, "tensor": 0.4, "dram": 0.3}
 RIDGE_STRENGTH = 1e-3
 
-# The mock presets' GPUs: probes/mock_presets.py names, GPU_SPECS keys, and (for the power law) the
-# presets' power limit and idle power in W (the same figures as there; the test checks them).
+# The mock presets' GPUs: probes/mock_presets.py names -> GPU_SPECS keys.
 MOCK_GPUS: dict[str, str] = {"h100-sxm-80gb": "H100 SXM", "h200-141gb": "H200 SXM"}
-MOCK_POWER_WATTS: dict[str, tuple[float, float]] = {"h100-sxm-80gb": (700.0, 70.0), "h200-141gb": (700.0, 75.0)}
 
 TIMING_SOURCES = {
     "ceilings": "workloads/roofline.py GPU_SPECS (NVIDIA datasheets, dense bf16 = half the sparse figure)",
@@ -135,19 +133,17 @@ class SimulatedDevice:
         return DeviceStep(seconds, activity, bound)
 
     def power_watts(self, activity: Activity) -> float:
-        """The mock's power law for ``activity`` (probes/mock.py ``power_demand_watts``), capped at the limit."""
-        limit, idle = MOCK_POWER_WATTS[self.mock_preset]
-        w = self.power_weights
-        load = w["sm"] * activity.sm + w["tensor"] * activity.tensor + w["dram"] * activity.dram
-        return min(limit, idle + (limit - idle) * load)
+        """The mock's power law for ``activity`` with this device's weights, capped at the limit (W)."""
+        spec = PRESETS[self.mock_preset]
+        return min(spec.power_limit_watts, power_demand_watts(spec, activity, self.power_weights))
 
     def describe(self) -> dict:
         """Everything a summary or report needs to say what was simulated, with sources."""
-        limit, idle = MOCK_POWER_WATTS[self.mock_preset]
+        spec = PRESETS[self.mock_preset]
         return {"name": self.name, "mock_preset": self.mock_preset,
                 "hbm_bytes_per_s": self.gpu.hbm_bytes_per_s, "peak_bf16_flops": self.gpu.peak_bf16_flops,
                 **asdict(self.timing), "power_weights": dict(self.power_weights),
-                "power_limit_watts": limit, "idle_power_watts": idle,
+                "power_limit_watts": spec.power_limit_watts, "idle_power_watts": spec.idle_power_watts,
                 "sources": {**TIMING_SOURCES, "gpu": self.gpu.source}}
 
 
@@ -284,34 +280,22 @@ def fit_timing(states: Sequence[SteadyState], gpu: GpuSpec) -> TimingConstants:
     return best
 
 
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve a small dense system a x = b by Gauss-Jordan elimination with partial pivoting."""
-    n = len(b)
-    m = [row[:] + [rhs] for row, rhs in zip(a, b)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(n):
-            if r != col:
-                factor = m[r][col] / m[col][col]
-                m[r] = [x - factor * y for x, y in zip(m[r], m[col])]
-    return [m[i][n] / m[i][i] for i in range(n)]
-
-
 def fit_power_weights(device: SimulatedDevice, states: Sequence[SteadyState]) -> dict[str, float]:
     """sm/tensor/dram weights giving the published W: ridge least squares toward PRIOR_POWER_WEIGHTS.
 
     Minimises sum (load(w) - published load)^2 + RIDGE_STRENGTH x |w - prior|^2, where a point's published
     load is (W - idle) / (limit - idle), the mock's law read backwards (no point is at the cap)."""
-    limit, idle = MOCK_POWER_WATTS[device.mock_preset]
+    spec = PRESETS[device.mock_preset]
+    limit, idle = spec.power_limit_watts, spec.idle_power_watts
+    import numpy as np  # the workloads extra's (with the bench); only the fit needs it
+
     names = ("sm", "tensor", "dram")
-    rows = [[getattr(device.step(s.work).activity, n) for n in names] for s in states]
-    loads = [(s.point.watts - idle) / (limit - idle) for s in states]
-    prior = [PRIOR_POWER_WEIGHTS[n] for n in names]
-    normal = [[sum(r[i] * r[j] for r in rows) + (RIDGE_STRENGTH if i == j else 0.0) for j in range(3)]
-              for i in range(3)]
-    rhs = [sum(r[i] * t for r, t in zip(rows, loads)) + RIDGE_STRENGTH * prior[i] for i in range(3)]
-    weights = _solve(normal, rhs)
+    rows = np.array([[getattr(device.step(s.work).activity, n) for n in names] for s in states])
+    loads = np.array([(s.point.watts - idle) / (limit - idle) for s in states])
+    prior = np.array([PRIOR_POWER_WEIGHTS[n] for n in names])
+    # The ridge's normal equations: (A^T A + lambda I) w = A^T b + lambda prior.
+    normal = rows.T @ rows + RIDGE_STRENGTH * np.eye(len(names))
+    weights = [float(w) for w in np.linalg.solve(normal, rows.T @ loads + RIDGE_STRENGTH * prior)]
     if any(w < 0 for w in weights):
         raise ValueError(f"the power fit gave a negative weight {dict(zip(names, weights))}")
     return dict(zip(names, weights))

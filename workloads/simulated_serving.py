@@ -20,6 +20,7 @@ is the one place that multiplies by k.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from wattledger.workloads.device_time import DeviceStep, serving_step_work, simu
 from wattledger.workloads.model import model_config
 from wattledger.workloads.paced_clock import PacedClock
 
-_ACTIVITY_FIELDS = ("gpu", "sm", "tensor", "dram", "pcie_transmit_bytes_per_second", "pcie_receive_bytes_per_second")
+_ACTIVITY_FIELDS = tuple(f.name for f in dataclasses.fields(Activity))
 
 
 def token_scale_for(length_scale: float) -> int:
@@ -128,7 +129,7 @@ class SimulatedServing:
         return self.clock.spend(seconds)
 
     def summary(self, scheduled_seconds: float, tokens: dict[str, int]) -> dict:
-        """The ``simulated_device`` summary key (i14_interface.md): device, presets, pacing, token scale, rates
+        """The ``simulated_device`` summary key (docs/summary.schema.json): device, presets, pacing, token scale, rates
         (simulated tokens per scheduled second)."""
         per_s = {kind: (count / scheduled_seconds if scheduled_seconds > 0 else None) for kind, count in tokens.items()}
         return {"device": self.device.describe()["name"], "timing_preset": self.simulation.timing_preset,

@@ -462,13 +462,6 @@ def _distributed_env() -> tuple[int, int, int] | None:
 
 # -- simulated device time (issue 14) -----------------------------------------------------------------
 
-# Memory of the GPUs the mock simulates, bytes: what NVML reports as total on the real boards, the same
-# figures as probes/mock_presets.py's memory_total_bytes (the regimes may not import probes, see
-# tests/test_layers.py; tests/test_training.py checks the two agree). A simulated training shape must fit.
-SIMULATED_GPU_MEMORY_BYTES: dict[str, int] = {
-    "h100-sxm-80gb": 81559 * 2**20,  # NVIDIA H100 SXM5 80GB HBM3
-    "h200-141gb": 143771 * 2**20,  # NVIDIA H200 141GB HBM3e
-}
 # The shape simulated when the timing preset does not fit one simulated GPU (8b: 16 B/param of fp32
 # weights, gradients and AdamW state alone is 120 GiB).
 SIMULATED_FALLBACK_PRESET = "1b"
@@ -529,12 +522,11 @@ def simulated_training(timing: SimulatedTiming) -> SimulatedTraining:
     """The simulated shape for ``timing`` (its timing preset at DEFAULT_BATCH_SHAPE when that fits the
     simulated GPU's memory, else SIMULATED_FALLBACK_PRESET, with why) and one step's device cost.
     ValueError (one line) for an unknown device or preset."""
+    from wattledger.probes import mock_presets
     from wattledger.workloads import device_time
 
-    device = device_time.simulated_device(timing.device)
-    if timing.device not in SIMULATED_GPU_MEMORY_BYTES:
-        raise ValueError(f"no memory size known for simulated device {timing.device!r}")
-    limit_bytes = SIMULATED_GPU_MEMORY_BYTES[timing.device]
+    device = device_time.simulated_device(timing.device)  # ValueError for a device the mock has no preset of
+    limit_bytes = mock_presets.PRESETS[timing.device].memory_total_bytes  # what NVML reports as total
     preset, note = timing.timing_preset, None
     plan = _simulated_plan(preset)
     if plan.total_bytes > limit_bytes:
